@@ -1,0 +1,1 @@
+"""The fused DPM-Solver++ step as a C++/CUDA extension (the cpp_ext issue fills this in)."""

@@ -1,0 +1,3 @@
+from glyph_engine.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Denoiser backends; each one implements `glyph_engine.denoiser.Denoiser`."""

@@ -1,0 +1,79 @@
+"""DPM-Solver++ sampling with classifier-free guidance, as stateless functions.
+
+The solver state is just ``(x, x0_prev)``; each step takes one step's tensors plus host
+scalars from `glyph_engine.schedule`, so a fused kernel can replace `dpmpp_step` and be
+checked against it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from glyph_engine.schedule import StepCoefficients
+
+# predict(x, timestep) -> (eps_cond, eps_uncond); eps_uncond is None when guidance is off.
+Predictor = Callable[[Tensor, int], tuple[Tensor, Tensor | None]]
+StepFn = Callable[..., tuple[Tensor, Tensor]]
+
+
+def dpmpp_step(
+    x: Tensor,
+    eps_cond: Tensor,
+    eps_uncond: Tensor | None,
+    x0_prev: Tensor | None,
+    coef: StepCoefficients,
+    guidance: float,
+    clamp: tuple[float, float] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One DPM-Solver++ step: guidance combine, x0 prediction, optional x0 clamp, update.
+
+    Returns ``(x_next, x0)``; math in x's dtype, the noise predictions are cast to it.
+    """
+    eps = eps_cond.to(x.dtype)
+    if eps_uncond is not None:
+        eps_uncond = eps_uncond.to(x.dtype)
+        eps = eps_uncond + guidance * (eps - eps_uncond)
+    x0 = coef.x_scale * x - coef.eps_scale * eps
+    if clamp is not None:
+        x0 = x0.clamp(*clamp)
+    x_next = coef.a * x + coef.b * x0
+    if coef.c != 0.0:
+        if x0_prev is None:
+            raise ValueError("a second-order step needs the previous step's x0")
+        x_next = x_next + coef.c * x0_prev
+    return x_next, x0
+
+
+def sample_dpmpp(
+    predict: Predictor,
+    x: Tensor,
+    coefficients: Sequence[StepCoefficients],
+    guidance: float = 1.0,
+    clamp: tuple[float, float] | None = None,
+    step: StepFn = dpmpp_step,
+    callback: Callable[[int], None] | None = None,
+) -> Tensor:
+    """Samples with DPM-Solver++ (1S/2M) from noise `x` along precomputed coefficients."""
+    x0_prev = None
+    for i, coef in enumerate(coefficients):
+        eps_cond, eps_uncond = predict(x, coef.timestep)
+        x, x0_prev = step(x, eps_cond, eps_uncond, x0_prev, coef, guidance, clamp)
+        if callback is not None:
+            callback(i)
+    return x
+
+
+def initial_noise(seeds: Sequence[int], shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
+    """Standard normal noise, one independent CPU generator per sample.
+
+    Each image's noise depends only on its own seed, so the same seeds give the same images
+    whatever the batch size or device.
+    """
+    out = torch.empty((len(seeds), *shape), dtype=dtype)
+    for i, seed in enumerate(seeds):
+        gen = torch.Generator().manual_seed(seed)
+        out[i] = torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype)
+    return out

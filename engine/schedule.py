@@ -1,0 +1,135 @@
+"""DPM-Solver++ (multistep, data prediction) per-step coefficients, computed once on the host.
+
+Every scalar a sampling step needs depends only on the training noise schedule and the
+number of steps, so it is computed here in float64 and the step on the device is a single
+elementwise pass: ``x_next = a * x + b * x0 + c * x0_prev`` with
+``x0 = x_scale * x - eps_scale * eps``.
+
+Timestep selection and sigma handling follow diffusers' ``DPMSolverMultistepScheduler``
+(``algorithm_type="dpmsolver++"``, ``solver_type="midpoint"``), the glyffuser's sampler.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+Spacing = Literal["linspace", "leading", "trailing"]
+FinalSigma = Literal["zero", "sigma_min"]
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """How the solver walks the noise schedule. Defaults match the glyffuser's sampler."""
+
+    order: Literal[1, 2] = 2  # 2 = DPM-Solver++(2M); 1 = DDIM-equivalent, more steps needed
+    spacing: Spacing = "linspace"  # how timesteps are picked from the training schedule
+    karras_sigmas: bool = False  # rho=7 ramp; spends more steps at low noise
+    lower_order_final: bool = True  # first-order last steps when fewer than 15: stabler
+    final_sigma: FinalSigma = "zero"  # "zero" ends exactly on the predicted x0
+    steps_offset: int = 0  # added to "leading" timesteps, as in the training scheduler config
+
+
+@dataclass(frozen=True)
+class StepCoefficients:
+    """The host scalars of one solver step."""
+
+    timestep: int  # what the U-Net is conditioned on
+    x_scale: float  # 1 / alpha_s
+    eps_scale: float  # sigma_s / alpha_s
+    a: float  # weight of x (sigma_t_next / sigma_t_s)
+    b: float  # weight of this step's x0
+    c: float  # weight of the previous step's x0 (0 for a first-order step)
+
+
+def _timesteps(spacing: Spacing, num_steps: int, num_train: int, steps_offset: int) -> np.ndarray:
+    if spacing == "linspace":
+        t = np.linspace(0, num_train - 1, num_steps + 1).round()[::-1][:-1]
+    elif spacing == "leading":
+        ratio = num_train // (num_steps + 1)
+        t = (np.arange(0, num_steps + 1) * ratio).round()[::-1][:-1] + steps_offset
+    elif spacing == "trailing":
+        t = np.arange(num_train, 0, -num_train / num_steps).round() - 1
+    else:
+        raise ValueError(f"unknown timestep spacing {spacing!r}")
+    return t.astype(np.int64)
+
+
+def _sigma_to_timestep(sigma: float, log_sigmas: np.ndarray) -> float:
+    """Fractional training timestep whose sigma is `sigma` (log-linear interpolation)."""
+    log_sigma = math.log(max(sigma, 1e-10))
+    # log_sigmas increases with t; find the bracketing pair.
+    low = int(np.clip(np.searchsorted(log_sigmas, log_sigma, side="right") - 1, 0, len(log_sigmas) - 2))
+    w = (log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1])
+    w = min(max(w, 0.0), 1.0)
+    return (1 - w) * low + w * (low + 1)
+
+
+def _karras(sigma_min: float, sigma_max: float, num_steps: int, rho: float = 7.0) -> np.ndarray:
+    ramp = np.linspace(0, 1, num_steps)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+def timesteps_and_sigmas(
+    alphas_cumprod: np.ndarray, num_steps: int, config: SamplerConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """The model timesteps (length N) and sigmas (length N + 1, ending at the final sigma)."""
+    abar = np.asarray(alphas_cumprod, dtype=np.float64)
+    train_sigmas = np.sqrt((1 - abar) / abar)
+    if config.karras_sigmas:
+        log_sigmas = np.log(train_sigmas)
+        sigmas = _karras(train_sigmas[0], train_sigmas[-1], num_steps)
+        timesteps = np.array([_sigma_to_timestep(s, log_sigmas) for s in sigmas]).round().astype(np.int64)
+    else:
+        timesteps = _timesteps(config.spacing, num_steps, len(abar), config.steps_offset)
+        sigmas = np.interp(timesteps, np.arange(len(abar)), train_sigmas)
+    final = 0.0 if config.final_sigma == "zero" else train_sigmas[0]
+    return timesteps, np.append(sigmas, final)
+
+
+def dpmpp_coefficients(
+    alphas_cumprod: np.ndarray, num_steps: int, config: SamplerConfig = SamplerConfig()
+) -> list[StepCoefficients]:
+    """Per-step scalars of DPM-Solver++ (order 1 or 2M midpoint), epsilon prediction."""
+    if num_steps < 1:
+        raise ValueError("num_steps must be at least 1")
+    timesteps, sigmas = timesteps_and_sigmas(alphas_cumprod, num_steps, config)
+    alphas = 1.0 / np.sqrt(sigmas**2 + 1.0)
+    with np.errstate(divide="ignore"):  # the final sigma may be 0: lambda = +inf there
+        lambdas = np.log(alphas) - np.log(sigmas * alphas)
+
+    coefficients = []
+    for i, t in enumerate(timesteps):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        alpha_s, alpha_next = alphas[i], alphas[i + 1]
+        h = lambdas[i + 1] - lambdas[i]
+        # alpha_next * (1 - e^-h): the x0 weight of the first-order (DDIM) update. At a zero
+        # final sigma h = inf and the update lands exactly on x0.
+        phi = alpha_next * -math.expm1(-h)
+        last = i == num_steps - 1
+        first_order = (
+            config.order == 1
+            or i == 0  # no previous x0 yet
+            or (last and (config.final_sigma == "zero" or (config.lower_order_final and num_steps < 15)))
+        )
+        if first_order:
+            b, c = phi, 0.0
+        else:
+            r0 = (lambdas[i] - lambdas[i - 1]) / h
+            # D0 + D1/2 with D1 = (x0 - x0_prev) / r0
+            b, c = phi * (1 + 0.5 / r0), -phi * 0.5 / r0
+        coefficients.append(
+            StepCoefficients(
+                timestep=int(t),
+                x_scale=float(1.0 / alpha_s),
+                eps_scale=float(s),  # sigma_t / alpha_t = sigma
+                a=float((s_next * alpha_next) / (s * alpha_s)),  # sigma_t ratio, sigma_t = sigma * alpha
+                b=float(b),
+                c=float(c),
+            )
+        )
+    return coefficients

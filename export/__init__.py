@@ -1,0 +1,1 @@
+"""ONNX and TensorRT export of glyffuser components (the export issue fills this in)."""
