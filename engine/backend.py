@@ -1,0 +1,28 @@
+"""The one interface every inference backend (PyTorch, ONNX Runtime, TensorRT) implements.
+
+The pipeline and the sampler only ever see this: they never know which backend runs.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+
+class Backend(Protocol):
+    name: str
+    device: torch.device  # where the backend wants its inputs and leaves its outputs
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """T5 encoder last hidden state, (P, L, D) float32, padded positions zeroed."""
+        ...
+
+    def denoise(self, x: Tensor, timestep: int, text: Tensor, mask: Tensor) -> Tensor:
+        """Noise prediction eps for images x (B, C, H, W) at one timestep.
+
+        `text` is (B, L, D) and `mask` (B, L) with 1 for real tokens; the output has x's
+        shape, in the backend's compute dtype.
+        """
+        ...

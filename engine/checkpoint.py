@@ -1,0 +1,293 @@
+"""Loading glyffusers from either supported format, and writing glyph-engine checkpoints.
+
+Two formats:
+- the glyffuser's own: a diffusers folder (`model_index.json`, `unet/`, `scheduler/`) with
+  the T5 encoder given separately (hub id or local folder);
+- glyph-engine's single file (`ckpt.pt`): U-Net and T5 configs and weights, tokenizer files,
+  training schedule, pixel range and guidance settings; everything needed offline.
+
+Neither path executes code from the files: checkpoints go through
+``torch.load(weights_only=True)`` and diffusers weights must be safetensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5Config, T5EncoderModel
+
+from glyph_engine.errors import GlyphEngineError
+from glyph_engine.files import atomic_path, sha256_file
+from glyph_engine.model import DEFAULT_TEXT_ENCODER, Glyffuser, validate_configs
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "glyph-engine-checkpoint"
+FORMAT_VERSION = 1
+
+
+def load_model(source: str | Path, text_encoder: str | None = None) -> Glyffuser:
+    """Loads a glyffuser from a glyph-engine checkpoint file or a diffusers folder."""
+    path = Path(source)
+    if not path.exists():
+        raise GlyphEngineError(
+            f"checkpoint {path} does not exist; pass a glyph-engine checkpoint (.pt) or a glyffuser diffusers folder."
+        )
+    if path.is_dir():
+        return load_diffusers_folder(path, text_encoder or DEFAULT_TEXT_ENCODER)
+    if text_encoder is not None:
+        raise GlyphEngineError(
+            "--text-encoder applies to diffusers folders only; a glyph-engine checkpoint carries its own T5."
+        )
+    return load_checkpoint(path)
+
+
+# --- glyph-engine checkpoint -------------------------------------------------------------
+
+
+def load_checkpoint(path: Path) -> Glyffuser:
+    payload = _read_payload(path)
+    try:
+        unet_config = json.loads(payload["unet"]["config"])
+        text_config = json.loads(payload["text_encoder"]["config"])
+        scheduler_config = json.loads(payload["scheduler"]["config"])
+        tokenizer_files = payload["tokenizer"]["files"]
+        unet_state = payload["unet"]["state_dict"]
+        text_state = payload["text_encoder"]["state_dict"]
+        low, high = (float(v) for v in payload["pixel_range"])
+        unconditional = payload["unconditional"]
+        default_guidance = float(payload["default_guidance"])
+        max_length = int(payload["tokenizer"]["max_length"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise GlyphEngineError(f"{path} is an incomplete glyph-engine checkpoint (bad or missing field {e}).") from None
+    if unconditional not in ("zeros", "empty"):
+        raise GlyphEngineError(f"{path}: unknown unconditional embedding kind {unconditional!r}.")
+    validate_configs(unet_config, text_config, scheduler_config)
+    return Glyffuser(
+        unet=_build_unet(unet_config, unet_state, path),
+        text_encoder=_build_text_encoder(text_config, text_state, path),
+        tokenizer=_tokenizer_from_files(tokenizer_files),
+        scheduler_config=scheduler_config,
+        alphas_cumprod=_alphas_cumprod(scheduler_config),
+        source=str(path),
+        sha256=sha256_file(path),
+        pixel_range=(low, high),
+        unconditional=unconditional,
+        default_guidance=default_guidance,
+        max_text_length=max_length,
+        metadata=dict(payload.get("metadata", {})),
+    )
+
+
+def _read_payload(path: Path) -> dict[str, Any]:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except PermissionError:
+        raise GlyphEngineError(f"cannot read {path}: permission denied.") from None
+    except IsADirectoryError:
+        raise GlyphEngineError(f"{path} is a folder, not a checkpoint file.") from None
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower():
+            raise GlyphEngineError(
+                f"{path} holds Python objects other than tensors and plain data; glyph-engine refuses to "
+                "unpickle them (it never executes code from a checkpoint)."
+            ) from None
+        raise GlyphEngineError(f"{path} is not a PyTorch checkpoint, or it is corrupt ({e}).") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise GlyphEngineError(f"{path} is truncated or corrupt and cannot be read ({reason}).") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise GlyphEngineError(
+            f"{path} is a PyTorch file but not a glyph-engine checkpoint; make one from a glyffuser "
+            "diffusers folder with `glyph-engine convert FOLDER -o ckpt.pt`."
+        )
+    version = payload.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise GlyphEngineError(
+            f"{path} has checkpoint format version {version!r}, newer than this glyph-engine reads "
+            f"({FORMAT_VERSION}); upgrade glyph-engine."
+        )
+    return payload
+
+
+def save_checkpoint(model: Glyffuser, path: str | Path, dtype: torch.dtype | None = None) -> str:
+    """Writes `model` as a single-file checkpoint (atomically); returns its sha256.
+
+    `dtype` (e.g. torch.float16) casts floating-point weights to halve the file; loading
+    casts them back to float32 for CPU inference.
+    """
+
+    def weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        state = module.state_dict()
+        if dtype is None:
+            return {k: v.detach().clone() for k, v in state.items()}
+        return {k: v.detach().to(dtype) if v.is_floating_point() else v.detach().clone() for k, v in state.items()}
+
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "unet": {"config": json.dumps(_plain_config(model.unet.config)), "state_dict": weights(model.unet)},
+        "text_encoder": {
+            "config": json.dumps(model.text_encoder.config.to_dict()),
+            "state_dict": weights(model.text_encoder),
+        },
+        "tokenizer": {"files": _tokenizer_files(model.tokenizer), "max_length": model.max_text_length},
+        "scheduler": {"config": json.dumps(model.scheduler_config)},
+        "pixel_range": list(model.pixel_range),
+        "unconditional": model.unconditional,
+        "default_guidance": float(model.default_guidance),
+        "metadata": dict(model.metadata),
+    }
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return sha256_file(path)
+
+
+def _plain_config(config: Any) -> dict[str, Any]:
+    """A diffusers config as JSON-safe data; private keys (source paths, versions) dropped."""
+    return json.loads(json.dumps({k: v for k, v in config.items() if not k.startswith("_")}))
+
+
+def _tokenizer_files(tokenizer: PreTrainedTokenizerBase) -> dict[str, bytes]:
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
+
+
+def _tokenizer_from_files(files: dict[str, bytes]) -> PreTrainedTokenizerBase:
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, data in files.items():
+            if Path(name).name != name:
+                raise GlyphEngineError(f"tokenizer file name {name!r} in the checkpoint is not a plain file name.")
+            (Path(tmp) / name).write_bytes(data)
+        return AutoTokenizer.from_pretrained(tmp)
+
+
+def _build_unet(config: dict[str, Any], state: dict[str, torch.Tensor], path: Path) -> UNet2DConditionModel:
+    # Built on the meta device and filled by assignment: skips random initialisation, which
+    # costs seconds for the full-size U-Net.
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    _assign(unet, state, path, "U-Net")
+    return unet.float().eval()
+
+
+def _build_text_encoder(config: dict[str, Any], state: dict[str, torch.Tensor], path: Path) -> T5EncoderModel:
+    with torch.device("meta"):
+        encoder = T5EncoderModel(T5Config.from_dict(config))
+    _assign(encoder, state, path, "text encoder")
+    encoder.tie_weights()
+    return encoder.float().eval()
+
+
+def _assign(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, what: str) -> None:
+    try:
+        module.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())[:300]
+        raise GlyphEngineError(f"the {what} weights in {path} do not match its config ({detail}).") from None
+    left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if left:
+        raise GlyphEngineError(f"the {what} in {path} lacks weights for {', '.join(left[:5])}.")
+
+
+def _alphas_cumprod(scheduler_config: dict[str, Any]) -> np.ndarray:
+    # diffusers' own training scheduler defines the schedule (float32, as the glyffuser
+    # pipeline's sampler sees it); the solver math then runs in float64.
+    try:
+        scheduler = DDPMScheduler.from_config(scheduler_config)
+    except (ValueError, NotImplementedError, TypeError) as e:
+        raise GlyphEngineError(f"unsupported training noise schedule: {e}") from None
+    return scheduler.alphas_cumprod.numpy().astype(np.float64)
+
+
+# --- glyffuser diffusers folder ----------------------------------------------------------
+
+
+def load_diffusers_folder(folder: Path, text_encoder: str = DEFAULT_TEXT_ENCODER) -> Glyffuser:
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise GlyphEngineError(
+            f"{folder} is a folder but not a diffusers model (no model_index.json); pass a glyffuser "
+            "diffusers folder or a glyph-engine checkpoint file."
+        )
+    unet_dir, scheduler_file = folder / "unet", folder / "scheduler" / "scheduler_config.json"
+    for needed in (unet_dir / "config.json", scheduler_file):
+        if not needed.is_file():
+            raise GlyphEngineError(f"{folder} lacks {needed.relative_to(folder)}; is the download complete?")
+    unet_config = json.loads((unet_dir / "config.json").read_text())
+    scheduler_config = _read_json(scheduler_file)
+    weights = sorted(unet_dir.glob("*.safetensors"))
+    if not weights:
+        raise GlyphEngineError(
+            f"{unet_dir} has no .safetensors weights; glyph-engine does not unpickle .bin files. "
+            "Convert them to safetensors first."
+        )
+
+    encoder, tokenizer = load_text_encoder(text_encoder)
+    validate_configs(unet_config, encoder.config.to_dict(), scheduler_config)
+    try:
+        unet = UNet2DConditionModel.from_pretrained(unet_dir, use_safetensors=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise GlyphEngineError(f"cannot load the U-Net from {unet_dir}: {str(e).splitlines()[0]}") from None
+
+    digest = hashlib.sha256()
+    for part in (unet_dir / "config.json", scheduler_file, *weights):
+        digest.update(sha256_file(part).encode())
+    digest.update(text_encoder.encode())
+    return Glyffuser(
+        unet=unet.float().eval(),
+        text_encoder=encoder,
+        tokenizer=tokenizer,
+        scheduler_config={k: v for k, v in scheduler_config.items() if not k.startswith("_")},
+        alphas_cumprod=_alphas_cumprod(scheduler_config),
+        source=str(folder),
+        sha256=digest.hexdigest(),
+        metadata={"converted_from": str(folder), "text_encoder": text_encoder},
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise GlyphEngineError(f"cannot read {path}: {e}") from None
+
+
+def load_text_encoder(name_or_path: str) -> tuple[T5EncoderModel, PreTrainedTokenizerBase]:
+    """The T5 encoder and its tokenizer, from a Hugging Face hub id or a local folder."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        encoder = T5EncoderModel.from_pretrained(name_or_path, use_safetensors=True)
+    except (OSError, ValueError) as e:
+        raise GlyphEngineError(
+            f"cannot load the T5 text encoder {name_or_path!r} ({str(e).splitlines()[0]}). Without access to "
+            "the Hugging Face hub, pass --text-encoder with a local folder holding config.json, "
+            "model.safetensors and the tokenizer files."
+        ) from None
+    return encoder.float().eval(), tokenizer
+
+
+def convert_diffusers_folder(
+    folder: Path,
+    out: Path,
+    text_encoder: str = DEFAULT_TEXT_ENCODER,
+    default_guidance: float = 1.0,
+    dtype: torch.dtype | None = None,
+) -> str:
+    """Writes a glyffuser diffusers folder plus its T5 as one checkpoint; returns its sha256."""
+    model = load_diffusers_folder(folder, text_encoder)
+    model.default_guidance = default_guidance
+    return save_checkpoint(model, out, dtype=dtype)
+

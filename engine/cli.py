@@ -1,0 +1,174 @@
+"""The `glyph-engine` command line: argument parsing only; the work lives in the library."""
+
+from __future__ import annotations
+
+import enum
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from glyph_engine import __version__
+from glyph_engine.errors import GlyphEngineError
+
+app = typer.Typer(
+    name="glyph-engine",
+    help="Fast inference for glyffuser-style text-to-glyph diffusion models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+class BackendChoice(str, enum.Enum):
+    auto = "auto"
+    torch = "torch"
+
+
+class SpacingChoice(str, enum.Enum):
+    linspace = "linspace"
+    leading = "leading"
+    trailing = "trailing"
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turns GlyphEngineError into one line on stderr and exit code 2, never a traceback."""
+    try:
+        yield
+    except GlyphEngineError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _quiet_libraries() -> None:
+    # Loading prints progress bars and advice from transformers/diffusers; ours suffice.
+    import diffusers
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    diffusers.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+
+
+@app.callback()
+def _setup(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more detail to stderr.")] = False,
+) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s: %(message)s", stream=sys.stderr
+    )
+
+
+@app.command()
+def generate(
+    prompts: Annotated[list[str], typer.Argument(help="English definitions to draw, e.g. \"metal\".")],
+    num_images: Annotated[int, typer.Option("-n", "--num-images", min=1, max=4096, help="Glyphs per prompt.")] = 16,
+    steps: Annotated[int, typer.Option(min=1, max=1000, help="DPM-Solver++ steps; 20 looks good, 10 is usable.")] = 20,
+    guidance: Annotated[
+        Optional[float],
+        typer.Option(help="Classifier-free guidance scale; 1 turns it off. Default: the checkpoint's."),
+    ] = None,
+    seed: Annotated[int, typer.Option(min=0, help="Seed; image i's noise depends only on (seed, i).")] = 0,
+    ckpt: Annotated[
+        Optional[Path], typer.Option(help="glyph-engine checkpoint (.pt) or glyffuser diffusers folder.")
+    ] = None,
+    text_encoder: Annotated[
+        Optional[str], typer.Option(help="T5 hub id or folder, for diffusers folders [default: google-t5/t5-small].")
+    ] = None,
+    backend: Annotated[BackendChoice, typer.Option(help="Inference backend; auto picks the fastest here.")] = (
+        BackendChoice.auto
+    ),
+    batch_size: Annotated[
+        Optional[int], typer.Option(min=1, help="Images per U-Net call (x2 with guidance). Default: all at once.")
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Grid PNG to write.")] = Path("glyphs.png"),
+    out_dir: Annotated[Optional[Path], typer.Option(help="Also write each glyph as a PNG in this folder.")] = None,
+    spacing: Annotated[SpacingChoice, typer.Option(help="How timesteps are spread.")] = SpacingChoice.linspace,
+    karras: Annotated[bool, typer.Option(help="Karras sigmas (more steps at low noise).")] = False,
+    order: Annotated[int, typer.Option(min=1, max=2, help="Solver order: 2 (DPM-Solver++ 2M) or 1.")] = 2,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Draw glyphs for one or more prompts and write them as a PNG grid (and single PNGs)."""
+    with user_errors():
+        from glyph_engine.service import GenerateRequest, run_generate
+
+        request = GenerateRequest(
+            prompts=prompts,
+            num_images=num_images,
+            steps=steps,
+            guidance=guidance,
+            seed=seed,
+            ckpt=ckpt,
+            text_encoder=text_encoder,
+            backend=backend.value,
+            batch_size=batch_size,
+            out=out,
+            out_dir=out_dir,
+            spacing=spacing.value,
+            karras=karras,
+            order=order,
+            progress=not quiet and sys.stderr.isatty(),
+        )
+        _quiet_libraries()
+        written = run_generate(request)
+        if not quiet:
+            for path in written:
+                typer.echo(f"wrote {path}", err=True)
+
+
+@app.command()
+def info(
+    ckpt: Annotated[Path, typer.Argument(help="glyph-engine checkpoint (.pt) or glyffuser diffusers folder.")],
+    text_encoder: Annotated[Optional[str], typer.Option(help="T5 hub id or folder, for diffusers folders.")] = None,
+) -> None:
+    """Print what a checkpoint holds: architecture, sizes, pixel range, text encoder."""
+    with user_errors():
+        from glyph_engine.checkpoint import load_model
+        from glyph_engine.service import describe
+
+        _quiet_libraries()
+        for key, value in describe(load_model(ckpt, text_encoder)):
+            typer.echo(f"{key:<18} {value}")
+
+
+@app.command()
+def convert(
+    folder: Annotated[Path, typer.Argument(help="glyffuser diffusers folder (model_index.json, unet/, scheduler/).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint file to write.")] = Path("ckpt.pt"),
+    text_encoder: Annotated[str, typer.Option(help="T5 hub id or local folder.")] = "google-t5/t5-small",
+    default_guidance: Annotated[
+        float, typer.Option(min=0.0, help="Guidance `generate` uses by default; 1 for models trained without CFG.")
+    ] = 1.0,
+    fp16: Annotated[bool, typer.Option(help="Store weights in FP16 (half the size).")] = False,
+) -> None:
+    """Pack a glyffuser diffusers folder and its T5 encoder into one offline checkpoint."""
+    with user_errors():
+        import torch
+
+        from glyph_engine.checkpoint import convert_diffusers_folder
+        from glyph_engine.files import check_writable_file
+
+        if not folder.is_dir():
+            raise GlyphEngineError(f"{folder} is not a folder; convert takes a glyffuser diffusers folder.")
+        check_writable_file(out)
+        _quiet_libraries()
+        digest = convert_diffusers_folder(
+            folder, out, text_encoder, default_guidance, dtype=torch.float16 if fp16 else None
+        )
+        typer.echo(f"wrote {out} (sha256 {digest[:16]})")
+
+
+@app.command()
+def version() -> None:
+    """Print glyph-engine's version."""
+    typer.echo(__version__)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,51 @@
+"""File helpers: atomic writes and content hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from glyph_engine.errors import GlyphEngineError
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary path beside `path`; renames it over `path` only on success.
+
+    A crash or exception leaves `path` as it was and removes the temporary file, so readers
+    never see a half-written output.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def check_writable_file(path: str | os.PathLike) -> Path:
+    """Fails early, before minutes of work, if `path` cannot be written."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise GlyphEngineError(f"output path {path} is a folder; give a file name such as {path / 'glyphs.png'}.")
+    if not parent.is_dir():
+        raise GlyphEngineError(f"cannot write {path}: folder {parent} does not exist; create it first.")
+    if not os.access(parent, os.W_OK):
+        raise GlyphEngineError(f"cannot write {path}: folder {parent} is not writable; choose another output path.")
+    return path
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

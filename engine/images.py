@@ -1,0 +1,76 @@
+"""Glyph images out: uint8 conversion, grids, PNG files with generation metadata."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+from torch import Tensor
+
+from glyph_engine.files import atomic_path
+
+
+def to_uint8(images: Tensor) -> np.ndarray:
+    """(N, C, H, W) floats in [0, 1] to (N, H, W) or (N, H, W, C) uint8."""
+    pixels = (images.clamp(0, 1) * 255).round().to("cpu").numpy().astype(np.uint8)
+    pixels = pixels.transpose(0, 2, 3, 1)
+    return pixels[..., 0] if pixels.shape[-1] == 1 else pixels
+
+
+def grid(pixels: np.ndarray, rows_of: int, pad: int = 2) -> np.ndarray:
+    """Tiles images into a grid; every `rows_of` images (one prompt) start a new row block.
+
+    Padding is white, the glyphs' background.
+    """
+    n, h, w = pixels.shape[:3]
+    cols = math.ceil(math.sqrt(rows_of))
+    rows_per_group = math.ceil(rows_of / cols)
+    groups = math.ceil(n / rows_of)
+    out = np.full(
+        ((h + pad) * rows_per_group * groups + pad, (w + pad) * cols + pad, *pixels.shape[3:]), 255, np.uint8
+    )
+    for i, image in enumerate(pixels):
+        group, k = divmod(i, rows_of)
+        r, c = group * rows_per_group + k // cols, k % cols
+        y, x = pad + r * (h + pad), pad + c * (w + pad)
+        out[y : y + h, x : x + w] = image
+    return out
+
+
+def save_png(pixels: np.ndarray, path: Path, metadata: dict[str, object]) -> None:
+    """Writes one PNG atomically, with `metadata` as text chunks (non-strings as JSON)."""
+    info = PngInfo()
+    for key, value in metadata.items():
+        info.add_text(key, value if isinstance(value, str) else json.dumps(value))
+    with atomic_path(path) as tmp:
+        Image.fromarray(pixels).save(tmp, format="PNG", pnginfo=info)
+
+
+def save_folder(pixels: np.ndarray, folder: Path, metadata: list[dict[str, object]]) -> list[Path]:
+    """Writes one PNG per image into `folder` (created if missing) as 0000.png, 0001.png, ...
+
+    The files are written into a hidden staging folder beside `folder` first, then moved in,
+    so a failure part-way leaves `folder` as it was.
+    """
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        names = []
+        for i, (image, meta) in enumerate(zip(pixels, metadata)):
+            save_png(image, staging / f"{i:04d}.png", meta)
+            names.append(f"{i:04d}.png")
+        if not folder.exists():
+            staging.rename(folder)
+        else:
+            for name in names:
+                os.replace(staging / name, folder / name)
+        return [folder / name for name in names]
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

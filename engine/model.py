@@ -1,0 +1,102 @@
+"""The loaded glyffuser: U-Net, T5 text encoder, tokenizer and how they are to be used."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from diffusers import UNet2DConditionModel
+from transformers import PreTrainedTokenizerBase, T5EncoderModel
+
+from glyph_engine.errors import GlyphEngineError
+
+# How the unconditional (guidance-free) text embedding is made:
+# "zeros": an all-zero embedding, as the glyffuser's author trains condition dropout;
+# "empty": the encoding of the empty prompt, as Stable Diffusion does.
+Unconditional = Literal["zeros", "empty"]
+
+# The published glyffuser's U-Net (yuewu/glyffuser, unet/config.json), about 131M parameters.
+GLYFFUSER_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 128,
+    "in_channels": 1,
+    "out_channels": 1,
+    "layers_per_block": 2,
+    "block_out_channels": (128, 256, 512, 512),
+    "down_block_types": ("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+    "cross_attention_dim": 512,
+    "encoder_hid_dim": 512,
+    "encoder_hid_dim_type": "text_proj",
+    "addition_embed_type": "text",
+}
+
+# The glyffuser's training schedule (DDPMScheduler(num_train_timesteps=1000) defaults).
+GLYFFUSER_SCHEDULER_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "prediction_type": "epsilon",
+}
+
+DEFAULT_TEXT_ENCODER = "google-t5/t5-small"
+MAX_TEXT_LENGTH = 256  # the glyffuser's tokenizer max_length
+
+
+@dataclass
+class Glyffuser:
+    """Everything needed to turn prompts into glyphs, whatever the file it came from."""
+
+    unet: UNet2DConditionModel
+    text_encoder: T5EncoderModel
+    tokenizer: PreTrainedTokenizerBase
+    scheduler_config: dict[str, Any]  # the training noise schedule (DDPMScheduler config)
+    alphas_cumprod: np.ndarray  # of that schedule, as diffusers computes it
+    source: str  # where it was loaded from, for messages
+    sha256: str  # content hash of the weights, recorded in every output
+    pixel_range: tuple[float, float] = (0.0, 1.0)  # glyffuser: white 1, ink 0
+    unconditional: Unconditional = "zeros"
+    default_guidance: float = 1.0  # 1.0 = no guidance; CFG-trained models want 5-15
+    max_text_length: int = MAX_TEXT_LENGTH
+    metadata: dict[str, str] = field(default_factory=dict)  # free-form notes from the file
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        c = self.unet.config
+        size = c.sample_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return (c.in_channels, h, w)
+
+
+def unet_parameter_count(model: Glyffuser) -> int:
+    return sum(p.numel() for p in model.unet.parameters())
+
+
+def validate_configs(unet_config: dict[str, Any], text_config: dict[str, Any], scheduler_config: dict[str, Any]) -> None:
+    """Refuses configurations glyph-engine cannot serve, with a reason a user can act on."""
+    name = unet_config.get("_class_name", "UNet2DConditionModel")
+    if name != "UNet2DConditionModel":
+        raise GlyphEngineError(f"the U-Net is a {name}; glyph-engine serves diffusers' UNet2DConditionModel only.")
+    if unet_config.get("in_channels") != unet_config.get("out_channels", unet_config.get("in_channels")):
+        raise GlyphEngineError(
+            "the U-Net's in_channels and out_channels differ; an epsilon-predicting glyffuser needs them equal."
+        )
+    hid_type = unet_config.get("encoder_hid_dim_type")
+    if hid_type not in (None, "text_proj"):
+        raise GlyphEngineError(f"encoder_hid_dim_type={hid_type!r} is not supported (use 'text_proj' or none).")
+    add_type = unet_config.get("addition_embed_type")
+    if add_type not in (None, "text"):
+        raise GlyphEngineError(f"addition_embed_type={add_type!r} is not supported (use 'text' or none).")
+    d_model = text_config.get("d_model")
+    expected = unet_config.get("encoder_hid_dim") if hid_type == "text_proj" else unet_config.get("cross_attention_dim")
+    if d_model != expected:
+        raise GlyphEngineError(
+            f"the text encoder's width (d_model={d_model}) does not match what the U-Net expects ({expected}); "
+            "pair the U-Net with the T5 encoder it was trained with."
+        )
+    prediction = scheduler_config.get("prediction_type", "epsilon")
+    if prediction != "epsilon":
+        raise GlyphEngineError(
+            f"the model predicts {prediction!r}; glyph-engine's sampler supports epsilon prediction only."
+        )

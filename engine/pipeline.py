@@ -1,0 +1,124 @@
+"""Prompts to glyphs: text encoding, batched guided DPM-Solver++ sampling, pixels out."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from glyph_engine.backend import Backend
+from glyph_engine.model import Glyffuser
+from glyph_engine.sampler import initial_noise, sample_dpmpp
+from glyph_engine.schedule import SamplerConfig, dpmpp_coefficients
+from glyph_engine.text import tokenize
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    steps: int = 20  # the glyffuser author's choice; 10 is usable, 50 barely better
+    guidance: float | None = None  # None: the checkpoint's default; 1.0 skips the unconditional pass
+    seed: int = 0
+    batch_size: int | None = None  # images per U-Net call (x2 with guidance); None: all at once
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    clamp_x0: bool = False  # clamp each step's x0 to the pixel range (not in the original)
+
+
+@dataclass(frozen=True)
+class Generation:
+    images: Tensor  # (N, C, H, W) float32 in [0, 1], white background 1
+    prompts: list[str]  # per image
+    seeds: list[int]  # per image: its noise depends only on this
+    guidance: float
+
+
+def image_seeds(seed: int, count: int) -> list[int]:
+    """Independent per-image seeds derived from one user seed.
+
+    Image i's noise depends on (seed, i) only: the same seed gives the same images
+    whatever the batch size, and seeds s and s + 1 share no images.
+    """
+    return [int(np.random.SeedSequence([seed, i]).generate_state(1, np.uint64)[0]) for i in range(count)]
+
+
+def encode_prompts(model: Glyffuser, backend: Backend, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
+    """Encodes the distinct prompts once, together: ``(text (P, L, D), mask (P, L))``.
+
+    All prompts of a call share one padded length, so a prompt's images do not depend on
+    how the call is split into batches (the U-Net's pooled text embedding sees padding).
+    """
+    input_ids, mask = tokenize(model.tokenizer, prompts, model.max_text_length)
+    return backend.encode_text(input_ids, mask), mask.to(backend.device)
+
+
+def unconditional_text(model: Glyffuser, backend: Backend, like: Tensor) -> tuple[Tensor, Tensor]:
+    """The guidance-free embedding for one prompt slot, shaped like `like` (1, L, D)."""
+    length = like.shape[1]
+    if model.unconditional == "zeros":
+        # All keys equal: the mask has no effect, so attend to every position.
+        return torch.zeros_like(like), torch.ones(1, length, dtype=torch.long, device=like.device)
+    input_ids, mask = tokenize(model.tokenizer, [""], model.max_text_length)
+    pad = length - input_ids.shape[1]
+    input_ids = torch.nn.functional.pad(input_ids, (0, pad), value=model.tokenizer.pad_token_id)
+    mask = torch.nn.functional.pad(mask, (0, pad), value=0)
+    return backend.encode_text(input_ids, mask), mask.to(like.device)
+
+
+def generate(
+    model: Glyffuser,
+    backend: Backend,
+    prompts: Sequence[str],
+    num_per_prompt: int,
+    settings: GenerationSettings = GenerationSettings(),
+    on_step: Callable[[], None] | None = None,
+) -> Generation:
+    """Generates `num_per_prompt` glyphs for each prompt, prompt-major.
+
+    `on_step` is called after every solver step of every batch (progress bars).
+    """
+    guidance = model.default_guidance if settings.guidance is None else settings.guidance
+    distinct = list(dict.fromkeys(prompts))
+    text, mask = encode_prompts(model, backend, distinct)
+    prompt_index = torch.tensor([distinct.index(p) for p in prompts for _ in range(num_per_prompt)])
+    total = len(prompt_index)
+    seeds = image_seeds(settings.seed, total)
+    noise = initial_noise(seeds, model.image_shape)
+    guided = guidance != 1.0
+    if guided:
+        uncond_text, uncond_mask = unconditional_text(model, backend, text[:1])
+
+    coefficients = dpmpp_coefficients(model.alphas_cumprod, settings.steps, settings.sampler)
+    clamp = model.pixel_range if settings.clamp_x0 else None
+    batch = settings.batch_size or total
+    outputs = []
+    for start in range(0, total, batch):
+        idx = prompt_index[start : start + batch].to(text.device)
+        b = len(idx)
+        cond_text, cond_mask = text[idx], mask[idx]
+        if guided:
+            # One U-Net call per step: [unconditional; conditional].
+            batch_text = torch.cat([uncond_text.expand(b, -1, -1), cond_text])
+            batch_mask = torch.cat([uncond_mask.expand(b, -1), cond_mask])
+
+            def predict(x: Tensor, t: int) -> tuple[Tensor, Tensor | None]:
+                eps_uncond, eps_cond = backend.denoise(torch.cat([x, x]), t, batch_text, batch_mask).chunk(2)
+                return eps_cond, eps_uncond
+        else:
+
+            def predict(x: Tensor, t: int) -> tuple[Tensor, Tensor | None]:
+                return backend.denoise(x, t, cond_text, cond_mask), None
+
+        x = noise[start : start + b].to(backend.device, torch.float32)
+        x = sample_dpmpp(
+            predict, x, coefficients, guidance, clamp, callback=(lambda _: on_step()) if on_step else None
+        )
+        outputs.append(x.float().cpu())
+
+    low, high = model.pixel_range
+    images = ((torch.cat(outputs) - low) / (high - low)).clamp(0.0, 1.0)
+    return Generation(images=images, prompts=[distinct[i] for i in prompt_index], seeds=seeds, guidance=guidance)

@@ -1,0 +1,146 @@
+"""What the CLI commands do, as plain functions: validate, load, run, write files."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from glyph_engine import __version__
+from glyph_engine.errors import GlyphEngineError
+from glyph_engine.files import check_writable_file
+from glyph_engine.model import Glyffuser, unet_parameter_count
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    prompts: list[str]
+    ckpt: Path | None
+    num_images: int = 16
+    steps: int = 20
+    guidance: float | None = None
+    seed: int = 0
+    text_encoder: str | None = None
+    backend: str = "auto"
+    batch_size: int | None = None
+    out: Path | None = Path("glyphs.png")  # grid; None: no grid
+    out_dir: Path | None = None  # one PNG per glyph
+    spacing: str = "linspace"
+    karras: bool = False
+    order: int = 2
+    progress: bool = False
+
+
+def _validate(request: GenerateRequest) -> None:
+    """Checks everything that can be checked before minutes of model loading and sampling."""
+    if not request.prompts or any(not p.strip() for p in request.prompts):
+        raise GlyphEngineError('a prompt is empty; give each prompt some text, e.g. glyph-engine generate "metal".')
+    if request.num_images < 1:
+        raise GlyphEngineError(f"-n must be at least 1 (got {request.num_images}).")
+    if request.steps < 1:
+        raise GlyphEngineError(f"--steps must be at least 1 (got {request.steps}).")
+    if request.guidance is not None and not request.guidance >= 0:  # also catches NaN
+        raise GlyphEngineError(f"--guidance must be 0 or more (got {request.guidance}); 1 turns guidance off.")
+    if request.batch_size is not None and request.batch_size < 1:
+        raise GlyphEngineError(f"--batch-size must be at least 1 (got {request.batch_size}).")
+    if request.ckpt is None:
+        raise GlyphEngineError(
+            "no model given; pass --ckpt with a glyph-engine checkpoint (.pt) or a glyffuser diffusers folder."
+        )
+    if request.out is None and request.out_dir is None:
+        raise GlyphEngineError("nothing to write; give --out and/or --out-dir.")
+    if request.out is not None:
+        check_writable_file(request.out)
+    if request.out_dir is not None:
+        if request.out_dir.exists() and not request.out_dir.is_dir():
+            raise GlyphEngineError(f"--out-dir {request.out_dir} exists and is not a folder.")
+        check_writable_file(request.out_dir / "0000.png" if request.out_dir.is_dir() else request.out_dir)
+
+
+def run_generate(request: GenerateRequest) -> list[Path]:
+    """Generates glyphs as `request` says and writes them; returns the files written."""
+    from glyph_engine.backends import create_backend
+    from glyph_engine.checkpoint import load_model
+    from glyph_engine.images import grid, save_folder, save_png, to_uint8
+    from glyph_engine.pipeline import GenerationSettings, generate
+    from glyph_engine.schedule import SamplerConfig
+
+    _validate(request)
+    model = load_model(request.ckpt, request.text_encoder)
+    num_train = len(model.alphas_cumprod)
+    if request.steps > num_train:
+        raise GlyphEngineError(f"--steps must be at most {num_train}, the model's training timesteps.")
+    sampler = SamplerConfig(
+        order=request.order,
+        spacing=request.spacing,
+        karras_sigmas=request.karras,
+        steps_offset=int(model.scheduler_config.get("steps_offset", 0)),
+    )
+    settings = GenerationSettings(
+        steps=request.steps,
+        guidance=request.guidance,
+        seed=request.seed,
+        batch_size=request.batch_size,
+        sampler=sampler,
+    )
+    backend = create_backend(request.backend, model)
+    total = len(request.prompts) * request.num_images
+    batches = -(-total // (request.batch_size or total))
+    with tqdm(
+        total=batches * request.steps, desc="sampling", unit="step", file=sys.stderr, disable=not request.progress
+    ) as bar:
+        result = generate(model, backend, request.prompts, request.num_images, settings, on_step=bar.update)
+
+    common = {
+        "steps": request.steps,
+        "guidance": result.guidance,
+        "seed": request.seed,
+        "sampler": f"dpmsolver++ order {sampler.order}, {sampler.spacing}{', karras' if sampler.karras_sigmas else ''}",
+        "model_sha256": model.sha256,
+        "backend": backend.name,
+        "software": f"glyph-engine {__version__}",
+    }
+    pixels = to_uint8(result.images)
+    written = []
+    if request.out is not None:
+        save_png(grid(pixels, request.num_images), request.out, {"prompts": list(request.prompts), **common})
+        written.append(request.out)
+    if request.out_dir is not None:
+        per_image = [
+            {"prompt": prompt, "index": i, "image_seed": image_seed, **common}
+            for i, (prompt, image_seed) in enumerate(zip(result.prompts, result.seeds))
+        ]
+        save_folder(pixels, request.out_dir, per_image)
+        written.append(request.out_dir)
+    return written
+
+
+def describe(model: Glyffuser) -> list[tuple[str, str]]:
+    """What `glyph-engine info` prints: (field, value) rows."""
+    unet, t5 = model.unet.config, model.text_encoder.config
+    channels, height, width = model.image_shape
+    schedule = model.scheduler_config
+    text_params = sum(p.numel() for p in model.text_encoder.parameters())
+    attention = [b for b in unet.down_block_types if "CrossAttn" in b]
+    return [
+        ("source", model.source),
+        ("sha256", model.sha256),
+        ("U-Net", f"UNet2DConditionModel, {unet_parameter_count(model) / 1e6:.1f}M parameters"),
+        ("image", f"{height}x{width}, {channels} channel(s)"),
+        ("blocks", f"{tuple(unet.block_out_channels)}, {unet.layers_per_block} layers each"),
+        ("cross-attention", f"dim {unet.cross_attention_dim} in {len(attention)} of {len(unet.down_block_types)} levels"),
+        ("text encoder", f"T5 encoder, {t5.num_layers} layers, d_model {t5.d_model}, {text_params / 1e6:.1f}M parameters"),
+        ("tokenizer", f"vocab {len(model.tokenizer)}, max length {model.max_text_length}"),
+        (
+            "noise schedule",
+            f"{schedule.get('num_train_timesteps', 1000)} steps, {schedule.get('beta_schedule', 'linear')} betas "
+            f"{schedule.get('beta_start', 0.0001)}..{schedule.get('beta_end', 0.02)}, "
+            f"{schedule.get('prediction_type', 'epsilon')} prediction",
+        ),
+        ("pixel range", f"[{model.pixel_range[0]:g}, {model.pixel_range[1]:g}] (white = high)"),
+        ("unconditional", model.unconditional),
+        ("default guidance", f"{model.default_guidance:g}"),
+        *[(k, v) for k, v in model.metadata.items()],
+    ]

@@ -1,0 +1,105 @@
+"""Small glyffuser-format models with random weights, for tests and benchmarks.
+
+No pretrained weights can be downloaded on this project's machines, so tests build folders
+in the real formats from configs: a diffusers glyffuser folder (the original's block
+structure at reduced width) and a T5 encoder folder with a sentencepiece tokenizer trained
+on a few definitions.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+from glyph_engine.model import GLYFFUSER_SCHEDULER_CONFIG, GLYFFUSER_UNET_CONFIG
+
+DEFINITIONS = [
+    "metal; gold; money",
+    "water; liquid; river; stream",
+    "wood; tree; timber; forest",
+    "fire; flame; burn; heat",
+    "heart; mind; feeling; emotion",
+    "speech; words; to say; to talk",
+    "hand; to grasp; to hold",
+    "grass; plants; herbs; flowers",
+    "a kind of fish found in the southern seas",
+    "to shine brightly, as the sun at noon",
+]
+
+# The glyffuser's block structure at a width and size a CPU test runs in a fraction of a second.
+TINY_UNET_CONFIG: dict[str, Any] = {
+    **GLYFFUSER_UNET_CONFIG,
+    "sample_size": 32,
+    "block_out_channels": (32, 32, 64, 64),
+    "cross_attention_dim": 64,
+    "encoder_hid_dim": 64,
+}
+
+TINY_T5_CONFIG: dict[str, Any] = {
+    "d_model": 64,
+    "d_kv": 16,
+    "d_ff": 128,
+    "num_layers": 2,
+    "num_heads": 4,
+    "relative_attention_num_buckets": 8,
+    "feed_forward_proj": "relu",
+}
+
+
+def make_tokenizer(sentences: list[str] = DEFINITIONS, vocab_size: int = 120) -> T5Tokenizer:
+    """A T5 tokenizer over a sentencepiece unigram model trained on `sentences`."""
+    import sentencepiece as spm  # only tests and training need the trainer
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences * 10),
+        model_writer=model,
+        vocab_size=vocab_size,
+        hard_vocab_limit=False,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,  # T5's layout: <pad>=0, </s>=1, <unk>=2, no <s>
+        minloglevel=2,
+    )
+    processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    vocab = [(processor.id_to_piece(i), processor.get_score(i)) for i in range(processor.get_piece_size())]
+    return T5Tokenizer(vocab=vocab)
+
+
+def make_text_encoder_folder(folder: Path, config: dict[str, Any] = TINY_T5_CONFIG, seed: int = 0) -> Path:
+    """A T5 encoder folder as `T5EncoderModel.from_pretrained` and `AutoTokenizer` read it."""
+    tokenizer = make_tokenizer()
+    torch.manual_seed(seed)
+    encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), **config))
+    encoder.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def make_glyffuser_folder(folder: Path, unet_config: dict[str, Any] = TINY_UNET_CONFIG, seed: int = 0) -> Path:
+    """A diffusers folder in the glyffuser's layout: model_index.json, unet/, scheduler/."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**unet_config)
+    # Random init leaves the output conv at zero-ish scale; give every weight some signal
+    # so the tests compare non-trivial outputs.
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    unet.save_pretrained(folder / "unet", safe_serialization=True)
+    DDPMScheduler(**GLYFFUSER_SCHEDULER_CONFIG).save_pretrained(folder / "scheduler")
+    index = {
+        "_class_name": "GlyffuserPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "scheduler": ["diffusers", "DDPMScheduler"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
