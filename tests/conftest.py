@@ -1,0 +1,36 @@
+"""Shared fixtures: a tiny glyffuser in the real formats, built once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from glyph_engine.testing import make_glyffuser_folder, make_text_encoder_folder
+
+
+@pytest.fixture(scope="session")
+def t5_folder(tmp_path_factory) -> Path:
+    return make_text_encoder_folder(tmp_path_factory.mktemp("t5"))
+
+
+@pytest.fixture(scope="session")
+def glyffuser_folder(tmp_path_factory) -> Path:
+    return make_glyffuser_folder(tmp_path_factory.mktemp("glyffuser"))
+
+
+@pytest.fixture(scope="session")
+def ckpt_path(tmp_path_factory, glyffuser_folder, t5_folder) -> Path:
+    from glyph_engine.checkpoint import convert_diffusers_folder
+
+    path = tmp_path_factory.mktemp("ckpt") / "ckpt.pt"
+    convert_diffusers_folder(glyffuser_folder, path, str(t5_folder), default_guidance=4.0)
+    return path
+
+
+@pytest.fixture
+def model(ckpt_path):
+    """A freshly loaded model (tests may move or modify it)."""
+    from glyph_engine.checkpoint import load_model
+
+    return load_model(ckpt_path)
