@@ -38,8 +38,13 @@ def check_writable_file(path: str | os.PathLike) -> Path:
         raise GlyphEngineError(f"output path {path} is a folder; give a file name such as {path / 'glyphs.png'}.")
     if not parent.is_dir():
         raise GlyphEngineError(f"cannot write {path}: folder {parent} does not exist; create it first.")
-    if not os.access(parent, os.W_OK):
-        raise GlyphEngineError(f"cannot write {path}: folder {parent} is not writable; choose another output path.")
+    # A real probe rather than os.access: root passes access checks on read-only mounts.
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=parent)
+    except OSError as e:
+        raise GlyphEngineError(f"cannot write {path}: {e.strerror}; choose another output path.") from None
+    os.close(fd)
+    os.unlink(probe)
     return path
 
 

@@ -9,9 +9,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from glyph_engine import __version__
+from glyph_engine.backends import create_backend
+from glyph_engine.checkpoint import load_model
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.files import check_writable_file
+from glyph_engine.images import grid, save_folder, save_png, to_uint8
 from glyph_engine.model import Glyffuser, unet_parameter_count
+from glyph_engine.pipeline import Generation, GenerationSettings, generate
+from glyph_engine.schedule import SamplerConfig
 
 
 @dataclass(frozen=True)
@@ -61,12 +66,6 @@ def _validate(request: GenerateRequest) -> None:
 
 def run_generate(request: GenerateRequest) -> list[Path]:
     """Generates glyphs as `request` says and writes them; returns the files written."""
-    from glyph_engine.backends import create_backend
-    from glyph_engine.checkpoint import load_model
-    from glyph_engine.images import grid, save_folder, save_png, to_uint8
-    from glyph_engine.pipeline import GenerationSettings, generate
-    from glyph_engine.schedule import SamplerConfig
-
     _validate(request)
     model = load_model(request.ckpt, request.text_encoder)
     num_train = len(model.alphas_cumprod)
@@ -102,6 +101,13 @@ def run_generate(request: GenerateRequest) -> list[Path]:
         "backend": backend.name,
         "software": f"glyph-engine {__version__}",
     }
+    try:
+        return _write_outputs(request, result, common)
+    except OSError as e:
+        raise GlyphEngineError(f"cannot write the glyphs: {e}") from None
+
+
+def _write_outputs(request: GenerateRequest, result: Generation, common: dict[str, object]) -> list[Path]:
     pixels = to_uint8(result.images)
     written = []
     if request.out is not None:

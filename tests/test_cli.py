@@ -1,0 +1,175 @@
+"""The command line, in process: every command, and every bad input, with exit codes."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from glyph_engine.checkpoint import load_model
+from glyph_engine.cli import app
+from glyph_engine.images import to_uint8
+from glyph_engine.pipeline import image_seeds
+from glyph_engine.sampler import initial_noise
+
+from test_pipeline import glyffuser_loop
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_generate_writes_grid_and_images(ckpt_path, tmp_path, glyffuser_folder, t5_folder):
+    grid_path, folder = tmp_path / "grid.png", tmp_path / "glyphs"
+    result = run(
+        "generate", "metal", "water", "-n", 3, "--steps", 5, "--guidance", 1, "--seed", 7,
+        "--ckpt", ckpt_path, "-o", grid_path, "--out-dir", folder,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    grid = Image.open(grid_path)
+    assert json.loads(grid.text["prompts"]) == ["metal", "water"]
+    assert grid.text["model_sha256"] == load_model(ckpt_path).sha256
+    files = sorted(folder.iterdir())
+    assert [f.name for f in files] == [f"{i:04d}.png" for i in range(6)]
+    meta = Image.open(files[4]).text
+    assert (meta["prompt"], meta["seed"], meta["steps"]) == ("water", "7", "5")
+
+    # The PNGs hold the glyffuser loop's images, to uint8 rounding.
+    noise = initial_noise(image_seeds(7, 6), (1, 32, 32))
+    ref = glyffuser_loop(glyffuser_folder, t5_folder, ["metal"] * 3 + ["water"] * 3, noise, 5)
+    ours = np.stack([np.asarray(Image.open(f)) for f in files])
+    assert np.abs(ours.astype(int) - to_uint8(ref).astype(int)).max() <= 1
+    assert ours.std() > 10  # not blank
+
+
+def test_generate_same_seed_same_files_whatever_batch_size(ckpt_path, tmp_path):
+    args = ["generate", "fire", "-n", 4, "--steps", 3, "--ckpt", ckpt_path, "--seed", 5]
+    assert run(*args, "-o", tmp_path / "a.png").exit_code == 0
+    assert run(*args, "-o", tmp_path / "b.png", "--batch-size", 3).exit_code == 0
+    a, b = (np.asarray(Image.open(tmp_path / n)).astype(int) for n in ("a.png", "b.png"))
+    assert np.abs(a - b).max() <= 1
+
+
+def test_generate_with_diffusers_folder(glyffuser_folder, t5_folder, tmp_path):
+    result = run(
+        "generate", "wood", "-n", 2, "--steps", 2, "--ckpt", glyffuser_folder,
+        "--text-encoder", t5_folder, "-o", tmp_path / "g.png",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert Image.open(tmp_path / "g.png").size[0] > 32
+
+
+def test_info(ckpt_path):
+    result = run("info", ckpt_path)
+    assert result.exit_code == 0, result.output
+    assert "UNet2DConditionModel, 2.3M parameters" in result.output
+    assert "32x32, 1 channel(s)" in result.output
+    assert "[0, 1]" in result.output and "d_model 64" in result.output
+
+
+def test_convert_round_trip(glyffuser_folder, t5_folder, tmp_path):
+    out = tmp_path / "c.pt"
+    result = run("convert", glyffuser_folder, "--text-encoder", t5_folder, "-o", out, "--fp16", "--default-guidance", 6)
+    assert result.exit_code == 0, result.output
+    model = load_model(out)
+    assert model.default_guidance == 6.0
+    assert torch.load(out, weights_only=True)["unet"]["state_dict"]["conv_in.weight"].dtype == torch.float16
+
+
+@pytest.mark.parametrize("command", [[], ["generate"], ["info"], ["convert"]])
+def test_help(command):
+    result = run(*command, "--help")
+    assert result.exit_code == 0
+    assert "Usage" in result.output
+
+
+def corrupt(tmp_path, ckpt_path):
+    path = tmp_path / "bad.pt"
+    path.write_bytes(ckpt_path.read_bytes()[:1000])
+    return path
+
+
+def not_a_checkpoint(tmp_path, ckpt_path):
+    path = tmp_path / "weights.pt"
+    torch.save({"w": torch.zeros(1)}, path)
+    return path
+
+
+def unsupported(tmp_path, ckpt_path):
+    payload = torch.load(ckpt_path, weights_only=True)
+    payload["scheduler"]["config"] = json.dumps({"prediction_type": "sample"})
+    path = tmp_path / "sample.pt"
+    torch.save(payload, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["metal", "--ckpt", "{tmp}/nope.pt"], "does not exist"),
+        (["metal", "--ckpt", "{corrupt}"], "truncated or corrupt"),
+        (["metal", "--ckpt", "{not_a_checkpoint}"], "not a glyph-engine checkpoint"),
+        (["metal", "--ckpt", "{unsupported}"], "epsilon prediction only"),
+        (["metal"], "no model given"),
+        (["", "--ckpt", "{ckpt}"], "prompt is empty"),
+        (["metal", "  ", "--ckpt", "{ckpt}"], "prompt is empty"),
+        (["metal", "-n", "0", "--ckpt", "{ckpt}"], "-n"),
+        (["metal", "-n", "5000", "--ckpt", "{ckpt}"], "-n"),
+        (["metal", "--steps", "0", "--ckpt", "{ckpt}"], "--steps"),
+        (["metal", "--steps", "1001", "--ckpt", "{ckpt}"], "--steps"),
+        (["metal", "--guidance", "-1", "--ckpt", "{ckpt}"], "--guidance must be 0 or more"),
+        (["metal", "--guidance", "nan", "--ckpt", "{ckpt}"], "--guidance must be 0 or more"),
+        (["metal", "--batch-size", "0", "--ckpt", "{ckpt}"], "--batch-size"),
+        (["metal", "--ckpt", "{ckpt}", "-o", "{tmp}/no/such/dir/g.png"], "does not exist"),
+        (["metal", "--ckpt", "{ckpt}", "-o", "{tmp}"], "is a folder"),
+        (["metal", "--ckpt", "{ckpt}", "-o", "/proc/g.png"], "cannot write"),
+        (["metal", "--ckpt", "{ckpt}", "--out-dir", "{ckpt}"], "not a folder"),
+        (["metal", "--ckpt", "{ckpt}", "--backend", "tpu"], "--backend"),
+        (["metal", "--ckpt", "{ckpt}", "--text-encoder", "t5-small"], "diffusers folders only"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_generate_bad_input(args, message, tmp_path, ckpt_path):
+    values = {
+        "tmp": tmp_path,
+        "ckpt": ckpt_path,
+        "corrupt": corrupt(tmp_path, ckpt_path),
+        "not_a_checkpoint": not_a_checkpoint(tmp_path, ckpt_path),
+        "unsupported": unsupported(tmp_path, ckpt_path),
+    }
+    out = tmp_path / "out.png"
+    full = ["generate", *(a.format(**values) for a in args)]
+    if "-o" not in args:
+        full += ["-o", str(out)]
+    before = set(tmp_path.rglob("*"))
+    result = runner.invoke(app, full)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert set(tmp_path.rglob("*")) == before  # nothing written, not even half
+
+
+def test_one_line_errors(tmp_path):
+    result = run("generate", "metal", "--ckpt", tmp_path / "nope.pt")
+    assert result.output.strip().count("\n") == 0
+    assert result.output.startswith("error: ")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["info", "{tmp}/nope.pt"], "does not exist"),
+        (["info", "{tmp}"], "no model_index.json"),
+        (["convert", "{tmp}/nope"], "not a folder"),
+        (["convert", "{tmp}"], "no model_index.json"),
+    ],
+)
+def test_info_and_convert_bad_input(args, message, tmp_path):
+    result = run(*(a.format(tmp=tmp_path) for a in args), *(["-o", tmp_path / "c.pt"] if args[0] == "convert" else []))
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not (tmp_path / "c.pt").exists()
