@@ -34,3 +34,14 @@ def model(ckpt_path):
     from glyph_engine.checkpoint import load_model
 
     return load_model(ckpt_path)
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; this machine has none")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -173,3 +173,19 @@ def test_info_and_convert_bad_input(args, message, tmp_path):
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert not (tmp_path / "c.pt").exists()
+
+
+def test_progress_bar_on_stderr(ckpt_path, tmp_path, capsys):
+    from glyph_engine.service import GenerateRequest, run_generate
+
+    request = GenerateRequest(["metal"], ckpt_path, num_images=2, steps=3, out=tmp_path / "g.png", progress=True)
+    run_generate(request)
+    err = capsys.readouterr().err
+    assert "sampling" in err and "3/3" in err
+
+
+def test_version():
+    from glyph_engine import __version__
+
+    result = run("version")
+    assert result.exit_code == 0 and result.output.strip() == __version__
