@@ -26,7 +26,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5Config, T5EncoderModel
 
 from glyph_engine.errors import GlyphEngineError
-from glyph_engine.files import atomic_path, sha256_file
+from glyph_engine.files import atomic_path, check_writable_file, sha256_file
 from glyph_engine.model import DEFAULT_TEXT_ENCODER, Glyffuser, validate_configs
 
 logger = logging.getLogger(__name__)
@@ -286,6 +286,11 @@ def convert_diffusers_folder(
     dtype: torch.dtype | None = None,
 ) -> str:
     """Writes a glyffuser diffusers folder plus its T5 as one checkpoint; returns its sha256."""
+    if not folder.is_dir():
+        raise GlyphEngineError(f"{folder} is not a folder; convert takes a glyffuser diffusers folder.")
+    if not default_guidance >= 0:
+        raise GlyphEngineError(f"--default-guidance must be 0 or more (got {default_guidance}).")
+    check_writable_file(out)
     model = load_diffusers_folder(folder, text_encoder)
     model.default_guidance = default_guidance
     return save_checkpoint(model, out, dtype=dtype)

@@ -19,6 +19,9 @@ from glyph_engine.pipeline import Generation, GenerationSettings, generate
 from glyph_engine.schedule import SamplerConfig
 
 
+MAX_IMAGES = 4096  # per prompt; more is a typo more often than a plan
+
+
 @dataclass(frozen=True)
 class GenerateRequest:
     prompts: list[str]
@@ -42,10 +45,14 @@ def _validate(request: GenerateRequest) -> None:
     """Checks everything that can be checked before minutes of model loading and sampling."""
     if not request.prompts or any(not p.strip() for p in request.prompts):
         raise GlyphEngineError('a prompt is empty; give each prompt some text, e.g. glyph-engine generate "metal".')
-    if request.num_images < 1:
-        raise GlyphEngineError(f"-n must be at least 1 (got {request.num_images}).")
+    if not 1 <= request.num_images <= MAX_IMAGES:
+        raise GlyphEngineError(f"-n must be from 1 to {MAX_IMAGES} glyphs per prompt (got {request.num_images}).")
     if request.steps < 1:
         raise GlyphEngineError(f"--steps must be at least 1 (got {request.steps}).")
+    if request.seed < 0:
+        raise GlyphEngineError(f"--seed must be 0 or more (got {request.seed}).")
+    if request.order not in (1, 2):
+        raise GlyphEngineError(f"--order must be 1 or 2 (got {request.order}).")
     if request.guidance is not None and not request.guidance >= 0:  # also catches NaN
         raise GlyphEngineError(f"--guidance must be 0 or more (got {request.guidance}); 1 turns guidance off.")
     if request.batch_size is not None and request.batch_size < 1:

@@ -124,6 +124,9 @@ def unsupported(tmp_path, ckpt_path):
         (["metal", "--guidance", "-1", "--ckpt", "{ckpt}"], "--guidance must be 0 or more"),
         (["metal", "--guidance", "nan", "--ckpt", "{ckpt}"], "--guidance must be 0 or more"),
         (["metal", "--batch-size", "0", "--ckpt", "{ckpt}"], "--batch-size"),
+        (["metal", "--seed", "-1", "--ckpt", "{ckpt}"], "--seed"),
+        (["metal", "--order", "3", "--ckpt", "{ckpt}"], "--order"),
+        (["metal", "-n", "x", "--ckpt", "{ckpt}"], "-n"),
         (["metal", "--ckpt", "{ckpt}", "-o", "{tmp}/no/such/dir/g.png"], "does not exist"),
         (["metal", "--ckpt", "{ckpt}", "-o", "{tmp}"], "is a folder"),
         (["metal", "--ckpt", "{ckpt}", "-o", "/proc/g.png"], "cannot write"),
@@ -153,10 +156,11 @@ def test_generate_bad_input(args, message, tmp_path, ckpt_path):
     assert set(tmp_path.rglob("*")) == before  # nothing written, not even half
 
 
-def test_one_line_errors(tmp_path):
-    result = run("generate", "metal", "--ckpt", tmp_path / "nope.pt")
+@pytest.mark.parametrize("option", [["-n", "0"], ["--steps", "0"], ["--guidance", "-1"]])
+def test_one_line_errors(tmp_path, option):
+    result = run("generate", "metal", *option, "--ckpt", tmp_path / "nope.pt")
     assert result.output.strip().count("\n") == 0
-    assert result.output.startswith("error: ")
+    assert result.output.startswith(f"error: {option[0]}")
 
 
 @pytest.mark.parametrize(
@@ -166,6 +170,7 @@ def test_one_line_errors(tmp_path):
         (["info", "{tmp}"], "no model_index.json"),
         (["convert", "{tmp}/nope"], "not a folder"),
         (["convert", "{tmp}"], "no model_index.json"),
+        (["convert", "{tmp}", "--default-guidance", "-2"], "--default-guidance"),
     ],
 )
 def test_info_and_convert_bad_input(args, message, tmp_path):
