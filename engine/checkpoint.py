@@ -51,6 +51,25 @@ def load_model(source: str | Path, text_encoder: str | None = None) -> Glyffuser
     return load_checkpoint(path)
 
 
+def source_sha256(source: str | Path, text_encoder: str | None = None) -> str:
+    """The content hash `load_model` records, computed without loading any weights.
+
+    A checkpoint file's own sha256; for a diffusers folder, a hash over the U-Net config and
+    weights, the scheduler config and the text encoder's name.
+    """
+    path = Path(source)
+    if not path.is_dir():
+        return sha256_file(path)
+    digest = hashlib.sha256()
+    unet_dir = path / "unet"
+    for part in (unet_dir / "config.json", path / "scheduler" / "scheduler_config.json"):
+        digest.update(sha256_file(part).encode())
+    for weights in sorted(unet_dir.glob("*.safetensors")):
+        digest.update(sha256_file(weights).encode())
+    digest.update((text_encoder or DEFAULT_TEXT_ENCODER).encode())
+    return digest.hexdigest()
+
+
 # --- glyph-engine checkpoint -------------------------------------------------------------
 
 
@@ -241,10 +260,6 @@ def load_diffusers_folder(folder: Path, text_encoder: str = DEFAULT_TEXT_ENCODER
     except (OSError, ValueError, RuntimeError) as e:
         raise GlyphEngineError(f"cannot load the U-Net from {unet_dir}: {str(e).splitlines()[0]}") from None
 
-    digest = hashlib.sha256()
-    for part in (unet_dir / "config.json", scheduler_file, *weights):
-        digest.update(sha256_file(part).encode())
-    digest.update(text_encoder.encode())
     return Glyffuser(
         unet=unet.float().eval(),
         text_encoder=encoder,
@@ -252,7 +267,7 @@ def load_diffusers_folder(folder: Path, text_encoder: str = DEFAULT_TEXT_ENCODER
         scheduler_config={k: v for k, v in scheduler_config.items() if not k.startswith("_")},
         alphas_cumprod=_alphas_cumprod(scheduler_config),
         source=str(folder),
-        sha256=digest.hexdigest(),
+        sha256=source_sha256(folder, text_encoder),
         metadata={"converted_from": str(folder), "text_encoder": text_encoder},
     )
 

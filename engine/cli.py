@@ -29,6 +29,7 @@ app = typer.Typer(
 class BackendChoice(str, enum.Enum):
     auto = "auto"
     torch = "torch"
+    onnxruntime = "onnxruntime"
 
 
 class SpacingChoice(str, enum.Enum):
@@ -86,6 +87,9 @@ def generate(
     backend: Annotated[BackendChoice, typer.Option(help="Inference backend; auto picks the fastest here.")] = (
         BackendChoice.auto
     ),
+    export_dir: Annotated[
+        Optional[Path], typer.Option(help="ONNX export folder [default: beside the checkpoint, NAME-export/].")
+    ] = None,
     batch_size: Annotated[
         Optional[int], typer.Option(help="Images per U-Net call (x2 with guidance). Default: all at once.")
     ] = None,
@@ -109,6 +113,7 @@ def generate(
             ckpt=ckpt,
             text_encoder=text_encoder,
             backend=backend.value,
+            export_dir=export_dir,
             batch_size=batch_size,
             out=out,
             out_dir=out_dir,
@@ -160,6 +165,39 @@ def convert(
             folder, out, text_encoder, default_guidance, dtype=torch.float16 if fp16 else None
         )
         typer.echo(f"wrote {out} (sha256 {digest[:16]})")
+
+
+@app.command("export")
+def export_(
+    ckpt: Annotated[Path, typer.Argument(help="glyph-engine checkpoint (.pt) or glyffuser diffusers folder.")],
+    out: Annotated[
+        Optional[Path], typer.Option("--out", "-o", help="Export folder [default: beside the checkpoint, NAME-export/].")
+    ] = None,
+    text_encoder: Annotated[Optional[str], typer.Option(help="T5 hub id or folder, for diffusers folders.")] = None,
+    precision: Annotated[str, typer.Option(help="Comma-separated precisions to export: fp32, fp16.")] = "fp32,fp16",
+    opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
+    max_batch: Annotated[int, typer.Option(help="Largest image batch the exported shapes cover.")] = 64,
+    force: Annotated[bool, typer.Option(help="Rebuild even if an up-to-date export exists.")] = False,
+) -> None:
+    """Export the U-Net and T5 encoder to ONNX (FP32 and FP16), checked against PyTorch.
+
+    Re-running with the same checkpoint and options reuses the folder without work.
+    """
+    with user_errors():
+        from glyph_engine.service import ExportRequest, run_export
+
+        _quiet_libraries()
+        request = ExportRequest(
+            ckpt=ckpt,
+            out=out,
+            text_encoder=text_encoder,
+            precisions=tuple(p.strip() for p in precision.split(",") if p.strip()),
+            opset=opset,
+            max_batch=max_batch,
+            force=force,
+        )
+        for line in run_export(request, report=lambda message: typer.echo(message, err=True)):
+            typer.echo(line)
 
 
 @app.command()

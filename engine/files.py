@@ -25,9 +25,23 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        tmp_path.chmod(0o666 & ~current_umask())  # mkstemp makes 0600; outputs get the usual mode
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def make_staging_dir(target: Path, suffix: str) -> Path:
+    """An empty hidden folder beside `target`, with the usual permissions (not mkdtemp's 0700)."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent))
+    staging.chmod(0o777 & ~current_umask())
+    return staging
 
 
 def check_writable_file(path: str | os.PathLike) -> Path:

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from torch import Tensor
 
-from glyph_engine.files import atomic_path
+from glyph_engine.files import atomic_path, make_staging_dir
 
 
 def to_uint8(images: Tensor) -> np.ndarray:
@@ -60,7 +59,7 @@ def save_folder(pixels: np.ndarray, folder: Path, metadata: list[dict[str, objec
     so a failure part-way leaves `folder` as it was.
     """
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    staging = make_staging_dir(folder, ".partial")
     try:
         names = []
         for i, (image, meta) in enumerate(zip(pixels, metadata)):

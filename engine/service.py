@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
 from glyph_engine import __version__
+from glyph_engine.artifacts import default_export_dir
 from glyph_engine.backends import create_backend
-from glyph_engine.checkpoint import load_model
+from glyph_engine.checkpoint import load_model, source_sha256
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.files import check_writable_file
 from glyph_engine.images import grid, save_folder, save_png, to_uint8
@@ -32,6 +34,7 @@ class GenerateRequest:
     seed: int = 0
     text_encoder: str | None = None
     backend: str = "auto"
+    export_dir: Path | None = None  # None: beside the checkpoint
     batch_size: int | None = None
     out: Path | None = Path("glyphs.png")  # grid; None: no grid
     out_dir: Path | None = None  # one PNG per glyph
@@ -91,7 +94,7 @@ def run_generate(request: GenerateRequest) -> list[Path]:
         batch_size=request.batch_size,
         sampler=sampler,
     )
-    backend = create_backend(request.backend, model)
+    backend = create_backend(request.backend, model, request.export_dir or default_export_dir(request.ckpt))
     total = len(request.prompts) * request.num_images
     batches = -(-total // (request.batch_size or total))
     with tqdm(
@@ -157,3 +160,56 @@ def describe(model: Glyffuser) -> list[tuple[str, str]]:
         ("default guidance", f"{model.default_guidance:g}"),
         *[(k, v) for k, v in model.metadata.items()],
     ]
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    ckpt: Path
+    out: Path | None = None  # None: beside the checkpoint
+    text_encoder: str | None = None
+    precisions: tuple[str, ...] = ("fp32", "fp16")
+    opset: int = 17
+    max_batch: int = 64
+    force: bool = False
+
+
+def run_export(request: ExportRequest, report: Callable[[str], None]) -> list[str]:
+    """Exports (or reuses) the ONNX folder; returns the summary lines to print."""
+    try:
+        from glyph_engine.export.exporter import ExportOptions, export_model
+    except ImportError as e:
+        raise GlyphEngineError(f"export needs ONNX and ONNX Runtime ({e.name} is missing): pip install 'glyph-engine[onnx]'.") from None
+
+    options = ExportOptions(
+        opset=request.opset,
+        precisions=request.precisions,
+        max_images=request.max_batch,
+        opt_images=max(1, min(16, request.max_batch)),
+        max_prompts=request.max_batch,
+    )
+    options.validate()
+    out = request.out or default_export_dir(request.ckpt)
+    if not request.ckpt.exists():
+        raise GlyphEngineError(f"checkpoint {request.ckpt} does not exist.")
+    manifest, reused = export_model(
+        source_sha256(request.ckpt, request.text_encoder),
+        lambda: load_model(request.ckpt, request.text_encoder),
+        out,
+        options,
+        force=request.force,
+        report=report,
+    )
+    lines = [f"{'reused' if reused else 'exported'} {out}"]
+    for name, component in manifest["components"].items():
+        for precision, result in component["validation"].items():
+            lines.append(
+                f"{name:<13} {precision}  max abs error {result['max_abs_error']:.3g}  "
+                f"cosine {result['min_cosine']:.6f}  ({len(result['cases'])} shapes vs PyTorch FP32)"
+            )
+    bench = manifest.get("cpu_benchmark")
+    if bench:
+        lines.append(
+            f"U-Net on this CPU (batch {bench['batch']}): torch {bench['torch_ms']:.1f} ms, "
+            f"onnxruntime {bench['onnxruntime_ms']:.1f} ms -> auto uses {bench['preferred']}"
+        )
+    return lines

@@ -1,1 +1,1 @@
-"""ONNX and TensorRT export of glyffuser components (the export issue fills this in)."""
+"""Export of glyffuser components: ONNX files, checked against PyTorch, in an artifact folder."""

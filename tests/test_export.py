@@ -1,0 +1,253 @@
+"""ONNX export: validity, agreement with PyTorch, FP16 islands, the artifact folder's reuse."""
+
+import json
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from glyph_engine.artifacts import default_export_dir, read_manifest
+from glyph_engine.backends import create_backend
+from glyph_engine.backends.onnx_runtime import OnnxRuntimeBackend
+from glyph_engine.backends.pytorch import TorchBackend
+from glyph_engine.checkpoint import load_model, save_checkpoint
+from glyph_engine.cli import app
+from glyph_engine.errors import GlyphEngineError
+from glyph_engine.export.exporter import ExportOptions, export_model
+from glyph_engine.export.specs import text_encoder_spec, unet_spec
+from glyph_engine.export.to_onnx import TextEncoderForExport, UNetForExport
+from glyph_engine.export.validate import compare
+from glyph_engine.pipeline import GenerationSettings, generate
+
+runner = CliRunner()
+
+
+def export(ckpt_path, out, options=ExportOptions(), **kwargs):
+    return export_model(load_model(ckpt_path).sha256, lambda: load_model(ckpt_path), out, options, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def exported(ckpt_path):
+    out = default_export_dir(ckpt_path)
+    manifest, reused = export(ckpt_path, out)
+    assert not reused
+    return out, manifest
+
+
+def run_onnx(path, inputs):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
+
+
+def test_manifest_records_what_was_made(exported, ckpt_path):
+    out, manifest = exported
+    assert out == ckpt_path.parent / "ckpt-export"
+    assert manifest["source"]["sha256"] == load_model(ckpt_path).sha256
+    assert manifest["options"]["opset"] == 17
+    assert set(manifest["versions"]) >= {"torch", "onnx", "onnxruntime", "glyph-engine"}
+    unet = manifest["components"]["unet"]
+    assert [t["name"] for t in unet["inputs"]] == [
+        "sample", "timestep", "encoder_hidden_states", "encoder_attention_mask"
+    ]  # fmt: skip
+    assert unet["ranges"]["batch"] == [1, 32, 128]  # 2x images: guidance
+    for component in manifest["components"].values():
+        for precision in ("fp32", "fp16"):
+            assert (out / component["files"][precision]["path"]).is_file()
+            validation = component["validation"][precision]
+            assert validation["min_cosine"] >= (0.99999 if precision == "fp32" else 0.999)
+    assert read_manifest(out) == manifest
+
+
+@pytest.mark.parametrize("component", ["unet", "text_encoder"])
+def test_onnx_is_valid_with_named_dynamic_axes(exported, component):
+    out, _ = exported
+    model = onnx.load(str(out / f"{component}.fp32.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    first = model.graph.input[0].type.tensor_type.shape.dim[0]
+    assert first.dim_param == "batch"
+
+
+def test_fp32_matches_pytorch_at_untraced_shapes(exported, model):
+    out, _ = exported
+    spec = unet_spec(model, 64, 16, 256)
+    inputs = spec.sample_inputs({"batch": 5, "text_length": 23}, seed=9)
+    with torch.no_grad():
+        reference = UNetForExport(model.unet)(*inputs.values()).numpy()
+    max_abs, cosine = compare(reference, run_onnx(out / "unet.fp32.onnx", inputs))
+    assert max_abs < 1e-4 and cosine > 0.999999
+
+    spec = text_encoder_spec(model, 64, 256)
+    inputs = spec.sample_inputs({"batch": 4, "text_length": 40}, seed=9)
+    with torch.no_grad():
+        reference = TextEncoderForExport(model.text_encoder)(*inputs.values()).numpy()
+    actual = run_onnx(out / "text_encoder.fp32.onnx", inputs)
+    assert np.abs(reference - actual).max() < 1e-4
+    assert np.all(actual[inputs["attention_mask"].numpy() == 0] == 0)  # padding zeroed in-graph
+
+
+def test_fp16_text_encoder_on_longest_prompts(exported, model):
+    out, _ = exported
+    spec = text_encoder_spec(model, 64, 256)
+    inputs = spec.sample_inputs({"batch": 2, "text_length": 256}, seed=4)
+    inputs["attention_mask"][:] = 1  # every one of the 256 tokens real
+    with torch.no_grad():
+        reference = TextEncoderForExport(model.text_encoder)(*inputs.values()).numpy()
+    actual = run_onnx(out / "text_encoder.fp16.onnx", inputs)
+    assert np.isfinite(actual).all()
+    assert compare(reference, actual)[1] >= 0.999
+
+
+def weight_types(path, op_type):
+    """Element types of the weight initializers feeding nodes of `op_type`."""
+    model = onnx.load(str(path))
+    initializers = {i.name: i.data_type for i in model.graph.initializer}
+    casts = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Cast"}
+    types = {}
+    for node in model.graph.node:
+        if node.op_type == op_type:
+            for name in node.input[1:2]:
+                types[node.name] = initializers.get(name, initializers.get(casts.get(name)))
+    return types
+
+
+def test_fp16_islands(exported):
+    out, manifest = exported
+    t5 = weight_types(out / "text_encoder.fp16.onnx", "MatMul")
+    wo = {k: v for k, v in t5.items() if "/DenseReluDense/wo/" in k}
+    attention = {k: v for k, v in t5.items() if "/SelfAttention/q/" in k}
+    assert wo and set(wo.values()) == {onnx.TensorProto.FLOAT}  # overflow-prone: FP32
+    assert attention and set(attention.values()) == {onnx.TensorProto.FLOAT16}
+    assert manifest["components"]["text_encoder"]["fp32_nodes_in_fp16"] > 0
+    for op in ("Conv", "MatMul"):
+        unet = weight_types(out / "unet.fp16.onnx", op)
+        assert unet and set(t for t in unet.values() if t is not None) == {onnx.TensorProto.FLOAT16}
+
+
+def psnr(a, b):
+    mse = float(((a - b) ** 2).mean())
+    return 10 * np.log10(1.0 / max(mse, 1e-20))
+
+
+def test_onnxruntime_generation_matches_torch(exported, model):
+    out, _ = exported
+    settings = GenerationSettings(steps=20, guidance=4.0, seed=2)
+    onnx_images = generate(model, OnnxRuntimeBackend(model, out), ["metal", "water"], 4, settings).images
+    torch_images = generate(model, TorchBackend(model), ["metal", "water"], 4, settings).images
+    assert torch_images.std() > 0.05
+    assert psnr(onnx_images, torch_images) >= 40
+
+
+def test_second_export_does_no_work(exported, ckpt_path):
+    out, manifest = exported
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.iterdir()}
+
+    def must_not_load():
+        raise AssertionError("an up-to-date export loaded the model")
+
+    again, reused = export_model(manifest["source"]["sha256"], must_not_load, out)
+    assert reused and again == manifest
+    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.iterdir()} == before
+
+
+def test_changed_options_or_checkpoint_rebuild(ckpt_path, tmp_path, model):
+    out = tmp_path / "export"
+    first, _ = export(ckpt_path, out, ExportOptions(precisions=("fp32",)))
+    assert not (out / "unet.fp16.onnx").exists()
+    second, reused = export(ckpt_path, out, ExportOptions(precisions=("fp32",), max_images=8, opt_images=8))
+    assert not reused and second["components"]["unet"]["ranges"]["batch"] == [1, 16, 16]
+
+    with torch.no_grad():
+        model.unet.conv_out.bias.add_(0.5)
+    changed = tmp_path / "changed.pt"
+    save_checkpoint(model, changed)
+    third, reused = export(changed, out, ExportOptions(precisions=("fp32",), max_images=8, opt_images=8))
+    assert not reused and third["source"]["sha256"] != second["source"]["sha256"]
+
+
+def test_truncated_onnx_is_detected(ckpt_path, tmp_path, model):
+    out = tmp_path / "export"
+    options = ExportOptions(precisions=("fp32",))
+    export(ckpt_path, out, options)
+    path = out / "unet.fp32.onnx"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+    with pytest.raises(GlyphEngineError, match="truncated"):
+        OnnxRuntimeBackend(model, out)
+    assert create_backend("auto", model, out).name == "torch"  # auto falls back, never crashes
+
+    messages = []
+    _, reused = export(ckpt_path, out, options, report=messages.append)
+    assert not reused and any("damaged" in m for m in messages)
+    OnnxRuntimeBackend(model, out)  # rebuilt and usable
+
+
+def test_failed_export_leaves_nothing(ckpt_path, tmp_path, monkeypatch):
+    import glyph_engine.export.exporter as exporter
+
+    def broken(*args, **kwargs):
+        raise GlyphEngineError("validation failed")
+
+    monkeypatch.setattr(exporter, "validate", broken)
+    with pytest.raises(GlyphEngineError):
+        export(ckpt_path, tmp_path / "export")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_foreign_folder_is_refused(ckpt_path, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(GlyphEngineError, match="not a glyph-engine export"):
+        export(ckpt_path, out)
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_auto_follows_the_measured_winner(exported, model, tmp_path):
+    out, manifest = exported
+    assert create_backend("auto", model, out).name == manifest["cpu_benchmark"]["preferred"]
+    copy = tmp_path / "export"
+    copy.mkdir()
+    for p in out.iterdir():
+        os.link(p, copy / p.name)
+    for preferred in ("torch", "onnxruntime"):
+        edited = dict(manifest, cpu_benchmark={**manifest["cpu_benchmark"], "preferred": preferred})
+        (copy / "manifest.json").unlink()
+        (copy / "manifest.json").write_text(json.dumps(edited))
+        assert create_backend("auto", model, copy).name == preferred
+    assert create_backend("auto", model, tmp_path / "none").name == "torch"
+
+
+def test_export_cli(ckpt_path, tmp_path, exported):
+    result = runner.invoke(app, ["export", str(ckpt_path)])
+    assert result.exit_code == 0, result.output
+    assert "reused" in result.output
+    assert "unet          fp16  max abs error" in result.output
+
+
+def test_generate_cli_onnxruntime(ckpt_path, tmp_path, exported):
+    result = runner.invoke(
+        app, ["generate", "fire", "-n", "2", "--steps", "3", "--ckpt", str(ckpt_path), "--backend", "onnxruntime",
+              "-o", str(tmp_path / "g.png")],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["export", "{tmp}/nope.pt"], "does not exist"),
+        (["export", "{ckpt}", "--precision", "fp8"], "unknown precision"),
+        (["export", "{ckpt}", "--max-batch", "0"], "--max-batch"),
+        (["export", "{ckpt}", "--opset", "3"], "--opset"),
+        (["export", "{ckpt}", "-o", "{ckpt}"], "is a file"),
+        (["generate", "x", "--ckpt", "{ckpt}", "--backend", "onnxruntime", "--export-dir", "{tmp}/none"], "no export"),
+    ],
+)
+def test_bad_export_input(args, message, tmp_path, ckpt_path):
+    result = runner.invoke(app, [a.format(tmp=tmp_path, ckpt=ckpt_path) for a in args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
