@@ -141,6 +141,25 @@ def test_onnxruntime_generation_matches_torch(exported, model):
     assert psnr(onnx_images, torch_images) >= 40
 
 
+def test_sessions_are_created_once_per_process(exported, model):
+    out, _ = exported
+    first, second = OnnxRuntimeBackend(model, out), OnnxRuntimeBackend(model, out)
+    assert first.sessions["unet"] is second.sessions["unet"]
+
+
+@pytest.mark.gpu
+def test_onnxruntime_gpu_fp16_matches_torch(exported, model):
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("needs onnxruntime-gpu (pip install 'glyph-engine[onnx-gpu]')")
+    out, _ = exported
+    backend = OnnxRuntimeBackend(model, out)
+    assert backend.device.type == "cuda" and backend.precision == "fp16"
+    settings = GenerationSettings(steps=20, guidance=4.0, seed=2)
+    gpu = generate(model, backend, ["metal"], 4, settings).images.cpu()
+    cpu = generate(model, TorchBackend(model, "cpu"), ["metal"], 4, settings).images
+    assert psnr(gpu, cpu) >= 30
+
+
 def test_second_export_does_no_work(exported, ckpt_path):
     out, manifest = exported
     before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.iterdir()}

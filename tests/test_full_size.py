@@ -1,4 +1,7 @@
-"""The full-size glyffuser configuration (about 131M U-Net parameters, 128x128)."""
+"""The full-size glyffuser configuration (about 131M U-Net parameters, 128x128).
+
+Random weights in the real formats; marked `slow` (a few minutes on 2 CPU cores).
+"""
 
 import numpy as np
 import pytest
@@ -9,13 +12,20 @@ from glyph_engine.cli import app
 from glyph_engine.model import GLYFFUSER_UNET_CONFIG
 from glyph_engine.testing import T5_SMALL_CONFIG, make_glyffuser_folder, make_text_encoder_folder
 
+pytestmark = pytest.mark.slow
+runner = CliRunner()
 
-@pytest.mark.slow
-def test_full_size_loads_and_generates(tmp_path):
-    folder = make_glyffuser_folder(tmp_path / "glyffuser", GLYFFUSER_UNET_CONFIG)
-    t5 = make_text_encoder_folder(tmp_path / "t5", T5_SMALL_CONFIG)
-    runner = CliRunner()
 
+@pytest.fixture(scope="module")
+def full_size(tmp_path_factory):
+    root = tmp_path_factory.mktemp("full")
+    return make_glyffuser_folder(root / "glyffuser", GLYFFUSER_UNET_CONFIG), make_text_encoder_folder(
+        root / "t5", T5_SMALL_CONFIG
+    )
+
+
+def test_full_size_loads_and_generates(full_size, tmp_path):
+    folder, t5 = full_size
     info = runner.invoke(app, ["info", str(folder), "--text-encoder", str(t5)])
     assert info.exit_code == 0, info.output
     params = float(info.output.split("UNet2DConditionModel, ")[1].split("M")[0])
@@ -25,9 +35,26 @@ def test_full_size_loads_and_generates(tmp_path):
     out = tmp_path / "g.png"
     result = runner.invoke(
         app,
-        ["generate", "metal", "-n", "1", "--steps", "2", "--guidance", "3",
+        ["generate", "metal", "-n", "1", "--steps", "2", "--guidance", "3", "--backend", "torch",
          "--ckpt", str(folder), "--text-encoder", str(t5), "-o", str(out)],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     pixels = np.asarray(Image.open(out))
     assert pixels.shape == (128 + 4, 128 + 4)  # one glyph and the grid's border
+
+
+def test_full_size_exports_and_validates(full_size, tmp_path):
+    folder, t5 = full_size
+    out = tmp_path / "export"
+    result = runner.invoke(app, ["export", str(folder), "--text-encoder", str(t5), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    print(result.output)  # the validation table, for the record (pytest -s)
+    lines = {tuple(line.split()[:2]): line for line in result.output.splitlines() if "max abs error" in line}
+    assert set(lines) == {(c, p) for c in ("unet", "text_encoder") for p in ("fp32", "fp16")}
+    for (component, precision), line in lines.items():
+        max_abs = float(line.split("max abs error")[1].split()[0])
+        cosine = float(line.split("cosine")[1].split()[0])
+        assert cosine >= (0.99999 if precision == "fp32" else 0.999)
+        if precision == "fp32":
+            assert max_abs < 1e-4
+    assert (out / "unet.fp16.onnx").stat().st_size < 0.6 * (out / "unet.fp32.onnx").stat().st_size

@@ -31,8 +31,12 @@ def _providers() -> list[str]:
 
 
 @lru_cache(maxsize=8)
-def _session(path: str, providers: tuple[str, ...]) -> ort.InferenceSession:
-    """One session per file and provider list for the life of the process (creation is slow)."""
+def _session(path: str, sha256: str, providers: tuple[str, ...]) -> ort.InferenceSession:
+    """One session per file content and provider list for the life of the process.
+
+    Creating a session (graph optimisation, kernel selection) is slow; keying by the
+    manifest's sha256 too means a re-exported file at the same path gets a new session.
+    """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # intra-op threads: ORT's default, one per physical core. Inter-op parallelism only
@@ -60,7 +64,8 @@ class OnnxRuntimeBackend:
                 raise GlyphEngineError(
                     f"the export in {export_dir} has no {precision} {component}; re-export with that precision."
                 )
-            self.sessions[component] = _session(str(export_dir / files[precision]["path"]), providers)
+            entry = files[precision]
+            self.sessions[component] = _session(str(export_dir / entry["path"]), entry["sha256"], providers)
         logger.info("onnxruntime: %s, %s", ", ".join(providers), precision)
 
     def _run(self, component: str, inputs: dict[str, Tensor]) -> Tensor:
