@@ -11,10 +11,9 @@ import pytest
 import torch
 
 from glyph_engine.artifacts import MANIFEST
-from glyph_engine.files import sha256_file
-
 from glyph_engine.backends.onnx_runtime import OnnxRuntimeBackend
 from glyph_engine.backends.pytorch import TorchBackend
+from glyph_engine.files import sha256_file
 
 CASES = [("tiny", 1), ("tiny", 16), ("tiny", 64), ("full", 1)]
 

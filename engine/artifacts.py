@@ -47,9 +47,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
 def recorded_files(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     """Every file entry ({"path", "bytes", "sha256"}) the manifest lists."""
     return [
-        entry
-        for component in manifest.get("components", {}).values()
-        for entry in component.get("files", {}).values()
+        entry for component in manifest.get("components", {}).values() for entry in component.get("files", {}).values()
     ]
 
 

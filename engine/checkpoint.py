@@ -309,4 +309,3 @@ def convert_diffusers_folder(
     model = load_diffusers_folder(folder, text_encoder)
     model.default_guidance = default_guidance
     return save_checkpoint(model, out, dtype=dtype)
-

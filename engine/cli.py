@@ -70,7 +70,7 @@ def _setup(
 
 @app.command()
 def generate(
-    prompts: Annotated[list[str], typer.Argument(help="English definitions to draw, e.g. \"metal\".")],
+    prompts: Annotated[list[str], typer.Argument(help='English definitions to draw, e.g. "metal".')],
     num_images: Annotated[int, typer.Option("-n", "--num-images", help="Glyphs per prompt (1-4096).")] = 16,
     steps: Annotated[int, typer.Option(help="DPM-Solver++ steps; 20 looks good, 10 is usable.")] = 20,
     guidance: Annotated[
@@ -171,7 +171,8 @@ def convert(
 def export_(
     ckpt: Annotated[Path, typer.Argument(help="glyph-engine checkpoint (.pt) or glyffuser diffusers folder.")],
     out: Annotated[
-        Optional[Path], typer.Option("--out", "-o", help="Export folder [default: beside the checkpoint, NAME-export/].")
+        Optional[Path],
+        typer.Option("--out", "-o", help="Export folder [default: beside the checkpoint, NAME-export/]."),
     ] = None,
     text_encoder: Annotated[Optional[str], typer.Option(help="T5 hub id or folder, for diffusers folders.")] = None,
     precision: Annotated[str, typer.Option(help="Comma-separated precisions to export: fp32, fp16.")] = "fp32,fp16",

@@ -32,9 +32,7 @@ def grid(pixels: np.ndarray, rows_of: int, pad: int = 2) -> np.ndarray:
     cols = math.ceil(math.sqrt(rows_of))
     rows_per_group = math.ceil(rows_of / cols)
     groups = math.ceil(n / rows_of)
-    out = np.full(
-        ((h + pad) * rows_per_group * groups + pad, (w + pad) * cols + pad, *pixels.shape[3:]), 255, np.uint8
-    )
+    out = np.full(((h + pad) * rows_per_group * groups + pad, (w + pad) * cols + pad, *pixels.shape[3:]), 255, np.uint8)
     for i, image in enumerate(pixels):
         group, k = divmod(i, rows_of)
         r, c = group * rows_per_group + k // cols, k % cols
@@ -62,7 +60,7 @@ def save_folder(pixels: np.ndarray, folder: Path, metadata: list[dict[str, objec
     staging = make_staging_dir(folder, ".partial")
     try:
         names = []
-        for i, (image, meta) in enumerate(zip(pixels, metadata)):
+        for i, (image, meta) in enumerate(zip(pixels, metadata, strict=True)):
             save_png(image, staging / f"{i:04d}.png", meta)
             names.append(f"{i:04d}.png")
         if not folder.exists():

@@ -73,7 +73,9 @@ def unet_parameter_count(model: Glyffuser) -> int:
     return sum(p.numel() for p in model.unet.parameters())
 
 
-def validate_configs(unet_config: dict[str, Any], text_config: dict[str, Any], scheduler_config: dict[str, Any]) -> None:
+def validate_configs(
+    unet_config: dict[str, Any], text_config: dict[str, Any], scheduler_config: dict[str, Any]
+) -> None:
     """Refuses configurations glyph-engine cannot serve, with a reason a user can act on."""
     name = unet_config.get("_class_name", "UNet2DConditionModel")
     if name != "UNet2DConditionModel":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -12,11 +11,9 @@ from torch import Tensor
 
 from glyph_engine.backend import Backend
 from glyph_engine.model import Glyffuser
-from glyph_engine.sampler import initial_noise, sample_dpmpp
+from glyph_engine.sampler import Predictor, initial_noise, sample_dpmpp
 from glyph_engine.schedule import SamplerConfig, dpmpp_coefficients
 from glyph_engine.text import tokenize
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -69,6 +66,25 @@ def unconditional_text(model: Glyffuser, backend: Backend, like: Tensor) -> tupl
     return backend.encode_text(input_ids, mask), mask.to(like.device)
 
 
+def _predictor(backend: Backend, text: Tensor, mask: Tensor, guided: bool) -> Predictor:
+    """The sampler's view of the backend: x, t -> (eps_cond, eps_uncond or None).
+
+    With guidance, `text` and `mask` hold the unconditional rows first, then the conditional.
+    """
+    if guided:
+
+        def predict(x: Tensor, t: int) -> tuple[Tensor, Tensor | None]:
+            eps_uncond, eps_cond = backend.denoise(torch.cat([x, x]), t, text, mask).chunk(2)
+            return eps_cond, eps_uncond
+
+    else:
+
+        def predict(x: Tensor, t: int) -> tuple[Tensor, Tensor | None]:
+            return backend.denoise(x, t, text, mask), None
+
+    return predict
+
+
 def generate(
     model: Glyffuser,
     backend: Backend,
@@ -102,21 +118,11 @@ def generate(
         cond_text, cond_mask = text[idx], mask[idx]
         if guided:
             # One U-Net call per step: [unconditional; conditional].
-            batch_text = torch.cat([uncond_text.expand(b, -1, -1), cond_text])
-            batch_mask = torch.cat([uncond_mask.expand(b, -1), cond_mask])
-
-            def predict(x: Tensor, t: int) -> tuple[Tensor, Tensor | None]:
-                eps_uncond, eps_cond = backend.denoise(torch.cat([x, x]), t, batch_text, batch_mask).chunk(2)
-                return eps_cond, eps_uncond
-        else:
-
-            def predict(x: Tensor, t: int) -> tuple[Tensor, Tensor | None]:
-                return backend.denoise(x, t, cond_text, cond_mask), None
-
+            cond_text = torch.cat([uncond_text.expand(b, -1, -1), cond_text])
+            cond_mask = torch.cat([uncond_mask.expand(b, -1), cond_mask])
+        predict = _predictor(backend, cond_text, cond_mask, guided)
         x = noise[start : start + b].to(backend.device, torch.float32)
-        x = sample_dpmpp(
-            predict, x, coefficients, guidance, clamp, callback=(lambda _: on_step()) if on_step else None
-        )
+        x = sample_dpmpp(predict, x, coefficients, guidance, clamp, callback=(lambda _: on_step()) if on_step else None)
         outputs.append(x.float().cpu())
 
     low, high = model.pixel_range

@@ -20,7 +20,6 @@ from glyph_engine.model import Glyffuser, unet_parameter_count
 from glyph_engine.pipeline import Generation, GenerationSettings, generate
 from glyph_engine.schedule import SamplerConfig
 
-
 MAX_IMAGES = 4096  # per prompt; more is a typo more often than a plan
 
 
@@ -126,7 +125,7 @@ def _write_outputs(request: GenerateRequest, result: Generation, common: dict[st
     if request.out_dir is not None:
         per_image = [
             {"prompt": prompt, "index": i, "image_seed": image_seed, **common}
-            for i, (prompt, image_seed) in enumerate(zip(result.prompts, result.seeds))
+            for i, (prompt, image_seed) in enumerate(zip(result.prompts, result.seeds, strict=True))
         ]
         save_folder(pixels, request.out_dir, per_image)
         written.append(request.out_dir)
@@ -146,8 +145,14 @@ def describe(model: Glyffuser) -> list[tuple[str, str]]:
         ("U-Net", f"UNet2DConditionModel, {unet_parameter_count(model) / 1e6:.1f}M parameters"),
         ("image", f"{height}x{width}, {channels} channel(s)"),
         ("blocks", f"{tuple(unet.block_out_channels)}, {unet.layers_per_block} layers each"),
-        ("cross-attention", f"dim {unet.cross_attention_dim} in {len(attention)} of {len(unet.down_block_types)} levels"),
-        ("text encoder", f"T5 encoder, {t5.num_layers} layers, d_model {t5.d_model}, {text_params / 1e6:.1f}M parameters"),
+        (
+            "cross-attention",
+            f"dim {unet.cross_attention_dim} in {len(attention)} of {len(unet.down_block_types)} levels",
+        ),
+        (
+            "text encoder",
+            f"T5 encoder, {t5.num_layers} layers, d_model {t5.d_model}, {text_params / 1e6:.1f}M parameters",
+        ),
         ("tokenizer", f"vocab {len(model.tokenizer)}, max length {model.max_text_length}"),
         (
             "noise schedule",
@@ -178,7 +183,9 @@ def run_export(request: ExportRequest, report: Callable[[str], None]) -> list[st
     try:
         from glyph_engine.export.exporter import ExportOptions, export_model
     except ImportError as e:
-        raise GlyphEngineError(f"export needs ONNX and ONNX Runtime ({e.name} is missing): pip install 'glyph-engine[onnx]'.") from None
+        raise GlyphEngineError(
+            f"export needs ONNX and ONNX Runtime ({e.name} is missing): pip install 'glyph-engine[onnx]'."
+        ) from None
 
     options = ExportOptions(
         opset=request.opset,

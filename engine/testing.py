@@ -104,6 +104,7 @@ def make_glyffuser_folder(folder: Path, unet_config: dict[str, Any] = TINY_UNET_
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     return folder
 
+
 # google-t5/t5-small's encoder shape (d_model 512), with the tokenizer above.
 T5_SMALL_CONFIG: dict[str, Any] = {
     "d_model": 512,

@@ -88,4 +88,3 @@ def summarize(results: list[CheckResult]) -> dict[str, object]:
         "min_cosine": min(r.cosine for r in results),
         "cases": [asdict(r) for r in results],
     }
-

@@ -98,9 +98,15 @@ def write_bytes(path, data):
         (lambda d, c: write_bytes(d / "text.pt", b"hello, not a checkpoint\n" * 10), "corrupt"),
         (lambda d, c: write_bytes(d / "empty.pt", b""), "corrupt"),
         (lambda d, c: write_bytes(d / "evil.pt", pickle.dumps(Evil())), "refuses to unpickle"),
-        (lambda d, c: (torch.save({"weights": torch.zeros(2)}, d / "other.pt"), d / "other.pt")[1], "not a glyph-engine"),
+        (
+            lambda d, c: (torch.save({"weights": torch.zeros(2)}, d / "other.pt"), d / "other.pt")[1],
+            "not a glyph-engine",
+        ),
         (lambda d, c: (torch.save({"format": FORMAT, "format_version": 99}, d / "new.pt"), d / "new.pt")[1], "newer"),
-        (lambda d, c: (torch.save({"format": FORMAT, "format_version": 1}, d / "part.pt"), d / "part.pt")[1], "incomplete"),
+        (
+            lambda d, c: (torch.save({"format": FORMAT, "format_version": 1}, d / "part.pt"), d / "part.pt")[1],
+            "incomplete",
+        ),
         (lambda d, c: (d / "folder").mkdir() or d / "folder", "no model_index.json"),
     ],
     ids=["missing", "truncated", "text", "empty", "pickle-code", "other-torch", "future", "incomplete", "plain-folder"],

@@ -26,7 +26,8 @@ from glyph_engine.pipeline import GenerationSettings, generate
 runner = CliRunner()
 
 
-def export(ckpt_path, out, options=ExportOptions(), **kwargs):
+def export(ckpt_path, out, options=None, **kwargs):
+    options = options or ExportOptions()
     return export_model(load_model(ckpt_path).sha256, lambda: load_model(ckpt_path), out, options, **kwargs)
 
 

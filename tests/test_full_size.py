@@ -51,7 +51,7 @@ def test_full_size_exports_and_validates(full_size, tmp_path):
     print(result.output)  # the validation table, for the record (pytest -s)
     lines = {tuple(line.split()[:2]): line for line in result.output.splitlines() if "max abs error" in line}
     assert set(lines) == {(c, p) for c in ("unet", "text_encoder") for p in ("fp32", "fp16")}
-    for (component, precision), line in lines.items():
+    for (_, precision), line in lines.items():
         max_abs = float(line.split("max abs error")[1].split()[0])
         cosine = float(line.split("cosine")[1].split()[0])
         assert cosine >= (0.99999 if precision == "fp32" else 0.999)
