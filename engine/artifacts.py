@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from glyph_engine.errors import GlyphEngineError
-from glyph_engine.files import sha256_file
+from glyph_engine.files import atomic_path, sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT = "glyph-engine-export"
@@ -44,17 +44,20 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def recorded_files(manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every file entry ({"path", "bytes", "sha256"}) the manifest lists."""
-    return [
-        entry for component in manifest.get("components", {}).values() for entry in component.get("files", {}).values()
-    ]
+def onnx_files(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ONNX file entries ({"path", "bytes", "sha256"}) the manifest lists."""
+    return [entry for component in manifest.get("components", {}).values() for entry in component["files"].values()]
 
 
-def damaged_files(folder: Path, manifest: dict[str, Any], check_hashes: bool = True) -> list[str]:
+def engine_files(build: dict[str, Any]) -> list[dict[str, Any]]:
+    """The engine file entries of one TensorRT build (`manifest["tensorrt"][name]`)."""
+    return list(build.get("engines", {}).values())
+
+
+def damaged_files(folder: Path, entries: list[dict[str, Any]], check_hashes: bool = True) -> list[str]:
     """Files that are missing, of the wrong size, or (if `check_hashes`) of the wrong content."""
     problems = []
-    for entry in recorded_files(manifest):
+    for entry in entries:
         path = folder / entry["path"]
         if not path.is_file():
             problems.append(f"{entry['path']} is missing")
@@ -63,6 +66,18 @@ def damaged_files(folder: Path, manifest: dict[str, Any], check_hashes: bool = T
         elif check_hashes and sha256_file(path) != entry["sha256"]:
             problems.append(f"{entry['path']} has changed since export")
     return problems
+
+
+def file_entry(folder: Path, path: Path) -> dict[str, Any]:
+    return {"path": path.relative_to(folder).as_posix(), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Writes `manifest.json` atomically; returns the manifest as readers will see it."""
+    text = json.dumps(manifest, indent=2)
+    with atomic_path(folder / MANIFEST) as tmp:
+        tmp.write_text(text)
+    return json.loads(text)
 
 
 def open_export(folder: Path, source_sha256: str, source: str) -> dict[str, Any]:
@@ -76,7 +91,7 @@ def open_export(folder: Path, source_sha256: str, source: str) -> dict[str, Any]
     manifest = read_manifest(folder)
     if manifest.get("source", {}).get("sha256") != source_sha256:
         raise GlyphEngineError(f"the export in {folder} was made from another checkpoint; {how} to refresh it.")
-    problems = damaged_files(folder, manifest, check_hashes=False)
+    problems = damaged_files(folder, onnx_files(manifest), check_hashes=False)
     if problems:
         raise GlyphEngineError(f"the export in {folder} is damaged ({problems[0]}); {how} --force to rebuild it.")
     return manifest

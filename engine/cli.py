@@ -30,6 +30,7 @@ class BackendChoice(str, enum.Enum):
     auto = "auto"
     torch = "torch"
     onnxruntime = "onnxruntime"
+    tensorrt = "tensorrt"
 
 
 class SpacingChoice(str, enum.Enum):
@@ -98,6 +99,7 @@ def generate(
     spacing: Annotated[SpacingChoice, typer.Option(help="How timesteps are spread.")] = SpacingChoice.linspace,
     karras: Annotated[bool, typer.Option(help="Karras sigmas (more steps at low noise).")] = False,
     order: Annotated[int, typer.Option(help="Solver order: 2 (DPM-Solver++ 2M) or 1.")] = 2,
+    cuda_graph: Annotated[bool, typer.Option(help="TensorRT: capture each batch shape in a CUDA graph.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Draw glyphs for one or more prompts and write them as a PNG grid (and single PNGs)."""
@@ -114,6 +116,7 @@ def generate(
             text_encoder=text_encoder,
             backend=backend.value,
             export_dir=export_dir,
+            cuda_graph=cuda_graph,
             batch_size=batch_size,
             out=out,
             out_dir=out_dir,
@@ -179,8 +182,23 @@ def export_(
     opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
     max_batch: Annotated[int, typer.Option(help="Largest image batch the exported shapes cover.")] = 64,
     force: Annotated[bool, typer.Option(help="Rebuild even if an up-to-date export exists.")] = False,
+    tensorrt: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--tensorrt/--no-tensorrt",
+            help="Also build TensorRT FP16 engines [default: when TensorRT is installed and a GPU is present].",
+        ),
+    ] = None,
+    compute_capability: Annotated[
+        Optional[str],
+        typer.Option(help="Build engines ahead of time for this GPU, e.g. 8.6 (TensorRT-RTX; no GPU needed)."),
+    ] = None,
+    static_batch: Annotated[
+        Optional[int], typer.Option(help="Fix the U-Net engine to this many images (for CUDA graphs).")
+    ] = None,
 ) -> None:
-    """Export the U-Net and T5 encoder to ONNX (FP32 and FP16), checked against PyTorch.
+    """Export the U-Net and T5 encoder to ONNX (FP32 and FP16), checked against PyTorch,
+    and build TensorRT FP16 engines from them.
 
     Re-running with the same checkpoint and options reuses the folder without work.
     """
@@ -196,6 +214,9 @@ def export_(
             opset=opset,
             max_batch=max_batch,
             force=force,
+            tensorrt=tensorrt,
+            compute_capability=compute_capability,
+            static_batch=static_batch,
         )
         for line in run_export(request, report=lambda message: typer.echo(message, err=True)):
             typer.echo(line)

@@ -14,11 +14,13 @@ from glyph_engine.artifacts import default_export_dir
 from glyph_engine.backends import create_backend
 from glyph_engine.checkpoint import load_model, source_sha256
 from glyph_engine.errors import GlyphEngineError
+from glyph_engine.export.tensorrt_build import EngineOptions, engine_options, ensure_engines
 from glyph_engine.files import check_writable_file
 from glyph_engine.images import grid, save_folder, save_png, to_uint8
 from glyph_engine.model import Glyffuser, unet_parameter_count
 from glyph_engine.pipeline import Generation, GenerationSettings, generate
 from glyph_engine.schedule import SamplerConfig
+from glyph_engine.trt import TensorRT, load_tensorrt
 
 MAX_IMAGES = 4096  # per prompt; more is a typo more often than a plan
 
@@ -34,6 +36,7 @@ class GenerateRequest:
     text_encoder: str | None = None
     backend: str = "auto"
     export_dir: Path | None = None  # None: beside the checkpoint
+    cuda_graph: bool = False  # TensorRT only
     batch_size: int | None = None
     out: Path | None = Path("glyphs.png")  # grid; None: no grid
     out_dir: Path | None = None  # one PNG per glyph
@@ -59,6 +62,10 @@ def _validate(request: GenerateRequest) -> None:
         raise GlyphEngineError(f"--guidance must be 0 or more (got {request.guidance}); 1 turns guidance off.")
     if request.batch_size is not None and request.batch_size < 1:
         raise GlyphEngineError(f"--batch-size must be at least 1 (got {request.batch_size}).")
+    if request.backend == "tensorrt":
+        from glyph_engine.backends.tensorrt import require_gpu
+
+        require_gpu()  # before loading anything
     if request.ckpt is None:
         raise GlyphEngineError(
             "no model given; pass --ckpt with a glyph-engine checkpoint (.pt) or a glyffuser diffusers folder."
@@ -93,7 +100,8 @@ def run_generate(request: GenerateRequest) -> list[Path]:
         batch_size=request.batch_size,
         sampler=sampler,
     )
-    backend = create_backend(request.backend, model, request.export_dir or default_export_dir(request.ckpt))
+    export_dir = request.export_dir or default_export_dir(request.ckpt)
+    backend = create_backend(request.backend, model, export_dir, request.cuda_graph)
     total = len(request.prompts) * request.num_images
     batches = -(-total // (request.batch_size or total))
     with tqdm(
@@ -176,6 +184,9 @@ class ExportRequest:
     opset: int = 17
     max_batch: int = 64
     force: bool = False
+    tensorrt: bool | None = None  # None: when TensorRT is installed and there is a target
+    compute_capability: str | None = None  # ahead-of-time target (TensorRT-RTX), e.g. "8.6"
+    static_batch: int | None = None
 
 
 def run_export(request: ExportRequest, report: Callable[[str], None]) -> list[str]:
@@ -195,6 +206,7 @@ def run_export(request: ExportRequest, report: Callable[[str], None]) -> list[st
         max_prompts=request.max_batch,
     )
     options.validate()
+    engines = _tensorrt_target(request)  # checked before minutes of ONNX export
     out = request.out or default_export_dir(request.ckpt)
     if not request.ckpt.exists():
         raise GlyphEngineError(f"checkpoint {request.ckpt} does not exist.")
@@ -207,6 +219,17 @@ def run_export(request: ExportRequest, report: Callable[[str], None]) -> list[st
         report=report,
     )
     lines = [f"{'reused' if reused else 'exported'} {out}"]
+    if engines is not None:
+        trt, engine_opts = engines
+        manifest, engines_reused = ensure_engines(trt, out, manifest, engine_opts, request.force, report)
+        build = manifest["tensorrt"][engine_opts.name]
+        lines[0] = f"{'reused' if reused and engines_reused else 'exported'} {out}"
+        for engine in build["engines"].values():
+            kinds = ", ".join(f"{k} {v}" for k, v in engine["layer_precisions"].items())
+            lines.append(
+                f"tensorrt {engine_opts.name}: {engine['path']} {engine['bytes'] / 2**20:.1f} MiB, "
+                f"built in {engine['build_seconds']:.1f} s ({build['module']} {build['version']}; {kinds})"
+            )
     for name, component in manifest["components"].items():
         for precision, result in component["validation"].items():
             lines.append(
@@ -220,3 +243,26 @@ def run_export(request: ExportRequest, report: Callable[[str], None]) -> list[st
             f"onnxruntime {bench['onnxruntime_ms']:.1f} ms -> auto uses {bench['preferred']}"
         )
     return lines
+
+
+def _tensorrt_target(request: ExportRequest) -> tuple[TensorRT, EngineOptions] | None:
+    """The TensorRT module and build target, or None when no engines are to be built.
+
+    Explicit --tensorrt/--no-tensorrt decides; by default engines are built when TensorRT is
+    installed and there is a target (a GPU here, or --compute-capability).
+    """
+    wanted = request.tensorrt
+    if wanted is None:
+        import torch
+
+        explicit = request.compute_capability is not None or request.static_batch is not None
+        wanted = explicit or (torch.cuda.is_available() and load_tensorrt() is not None)
+    if not wanted:
+        return None
+    trt = load_tensorrt()
+    if trt is None:
+        raise GlyphEngineError(
+            "TensorRT is not installed: pip install 'glyph-engine[tensorrt]' on a GPU machine, or "
+            "'glyph-engine[tensorrt-rtx]' for RTX GPUs and ahead-of-time builds (or pass --no-tensorrt)."
+        )
+    return trt, engine_options(trt, request.compute_capability, request.static_batch)

@@ -18,7 +18,16 @@ import onnxruntime as ort
 import torch
 
 from glyph_engine import __version__
-from glyph_engine.artifacts import FORMAT, FORMAT_VERSION, MANIFEST, damaged_files, read_manifest
+from glyph_engine.artifacts import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    damaged_files,
+    file_entry,
+    onnx_files,
+    read_manifest,
+    write_manifest,
+)
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.export.specs import ComponentSpec, text_encoder_spec, unet_spec
 from glyph_engine.export.to_onnx import (
@@ -30,7 +39,7 @@ from glyph_engine.export.to_onnx import (
     export_onnx,
 )
 from glyph_engine.export.validate import summarize, validate
-from glyph_engine.files import atomic_path, make_staging_dir, sha256_file
+from glyph_engine.files import make_staging_dir
 from glyph_engine.model import Glyffuser
 
 logger = logging.getLogger(__name__)
@@ -135,7 +144,7 @@ def _why_rebuild(out: Path, key: str, force: bool) -> str | None:
         return str(e)
     if manifest.get("key") != key:
         return "the checkpoint, options or library versions changed"
-    problems = damaged_files(out, manifest)
+    problems = damaged_files(out, onnx_files(manifest))
     return f"damaged: {'; '.join(problems)}" if problems else None
 
 
@@ -177,7 +186,7 @@ def _build(
                 entry["fp32_nodes_in_fp16"] = len(convert_to_fp16(fp32, path, keep))
             report(f"validating {path.name} against PyTorch FP32")
             entry["validation"][precision] = summarize(validate(path, spec, module, precision))
-            entry["files"][precision] = {"path": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+            entry["files"][precision] = file_entry(folder, path)
         if "fp32" not in options.precisions:
             fp32.unlink()
         manifest["components"][spec.name] = entry
@@ -185,10 +194,7 @@ def _build(
     if "fp32" in options.precisions:
         report("timing the U-Net in PyTorch and ONNX Runtime on this CPU (for --backend auto)")
         manifest["cpu_benchmark"] = cpu_benchmark(model, folder / "unet.fp32.onnx", options)
-    text = json.dumps(manifest, indent=2)
-    with atomic_path(folder / MANIFEST) as tmp:
-        tmp.write_text(text)
-    return json.loads(text)  # as readers will see it (tuples become lists)
+    return write_manifest(folder, manifest)
 
 
 def cpu_benchmark(model: Glyffuser, unet_onnx: Path, options: ExportOptions, repeats: int = 3) -> dict[str, Any]:

@@ -39,9 +39,14 @@ def model(ckpt_path):
 def pytest_collection_modifyitems(config, items):
     import torch
 
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU; this machine has none")
+    from glyph_engine.trt import load_tensorrt
+
+    skips = {}
+    if not torch.cuda.is_available():
+        skips["gpu"] = pytest.mark.skip(reason="needs a CUDA GPU; this machine has none")
+    if load_tensorrt() is None:
+        skips["tensorrt"] = pytest.mark.skip(reason="needs TensorRT: pip install 'glyph-engine[tensorrt-rtx]'")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        for marker, skip in skips.items():
+            if marker in item.keywords:
+                item.add_marker(skip)

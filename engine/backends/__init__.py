@@ -14,13 +14,16 @@ from glyph_engine.model import Glyffuser
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch", "onnxruntime")
+BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 
 
-def create_backend(name: str, model: Glyffuser, export_dir: Path | None = None) -> Backend:
+def create_backend(
+    name: str, model: Glyffuser, export_dir: Path | None = None, use_cuda_graph: bool = False
+) -> Backend:
     """The named backend for `model`; "auto" picks the fastest one available here.
 
-    `export_dir` holds the ONNX export (`glyph-engine export`) that ONNX Runtime runs.
+    `export_dir` holds the export (`glyph-engine export`): the ONNX files ONNX Runtime runs
+    and the TensorRT engines.
     """
     if name == "auto":
         name = _fastest(model, export_dir)
@@ -40,13 +43,23 @@ def create_backend(name: str, model: Glyffuser, export_dir: Path | None = None) 
         if export_dir is None:
             raise GlyphEngineError("the onnxruntime backend needs an export folder (--export-dir).")
         return OnnxRuntimeBackend(model, export_dir)
+    if name == "tensorrt":
+        from glyph_engine.backends.tensorrt import TensorRTBackend, require_gpu
+
+        require_gpu()
+        if export_dir is None:
+            raise GlyphEngineError("the tensorrt backend needs an export folder (--export-dir).")
+        return TensorRTBackend(model, export_dir, use_cuda_graph)
     raise GlyphEngineError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}.")
 
 
 def _fastest(model: Glyffuser, export_dir: Path | None) -> str:
-    """ONNX Runtime on a CPU when the export's own measurement says it beats PyTorch."""
-    if torch.cuda.is_available() or export_dir is None or not export_dir.is_dir():
+    """TensorRT on a GPU when engines for it exist; on a CPU, ONNX Runtime when the export's
+    own measurement says it beats PyTorch; PyTorch otherwise."""
+    if export_dir is None or not export_dir.is_dir():
         return "torch"
+    if torch.cuda.is_available():
+        return "tensorrt" if _has_engines_for_this_gpu(model, export_dir) else "torch"
     try:
         import onnxruntime  # noqa: F401
 
@@ -55,3 +68,19 @@ def _fastest(model: Glyffuser, export_dir: Path | None) -> str:
         logger.info("backend auto: not using the ONNX export (%s)", e)
         return "torch"
     return manifest.get("cpu_benchmark", {}).get("preferred", "torch")
+
+
+def _has_engines_for_this_gpu(model: Glyffuser, export_dir: Path) -> bool:
+    from glyph_engine.backends.tensorrt import select_build
+    from glyph_engine.trt import load_tensorrt
+
+    trt = load_tensorrt()
+    if trt is None:
+        return False
+    major, minor = torch.cuda.get_device_capability()
+    try:
+        select_build(open_export(export_dir, model.sha256, model.source), trt, f"sm{major}{minor}", model.source)
+    except GlyphEngineError as e:
+        logger.info("backend auto: not using TensorRT (%s)", e)
+        return False
+    return True

@@ -1,0 +1,172 @@
+"""TensorRT backend: the FP16 U-Net and T5 engines of an export folder, on an NVIDIA GPU.
+
+Written against the documented TensorRT 10/11 and TensorRT-RTX runtime API
+(`deserialize_cuda_engine`, `set_input_shape`, `set_tensor_address`, `execute_async_v3`);
+inputs and outputs are torch CUDA tensors on torch's current stream, so text embeddings go
+from the T5 engine to the U-Net engine without leaving the GPU. No GPU is available to this
+project: this module is tested only in tests marked `gpu`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from glyph_engine.artifacts import damaged_files, engine_files, open_export
+from glyph_engine.errors import GlyphEngineError
+from glyph_engine.model import Glyffuser
+from glyph_engine.trt import TensorRT, load_tensorrt
+
+logger = logging.getLogger(__name__)
+
+
+def require_gpu() -> None:
+    if not torch.cuda.is_available():
+        raise GlyphEngineError(
+            "the tensorrt backend needs an NVIDIA GPU with CUDA and this machine has none; "
+            "use --backend onnxruntime or --backend torch."
+        )
+
+
+def select_build(manifest: dict[str, Any], trt: TensorRT, target: str, source: str) -> tuple[str, dict[str, Any]]:
+    """The engine build in `manifest` made by this TensorRT for this GPU; refuses any other."""
+    builds = manifest.get("tensorrt", {})
+    fitting = {
+        name: b
+        for name, b in builds.items()
+        if b["target"] == target and b["module"] == trt.import_name and b["version"] == trt.version
+    }
+    if not fitting:
+        found = ", ".join(f"{b['target']} ({b['module']} {b['version']})" for b in builds.values()) or "none"
+        raise GlyphEngineError(
+            f"no TensorRT engines for this GPU ({target}, {trt.import_name} {trt.version}) in the export "
+            f"(found: {found}); run `glyph-engine export {source} --tensorrt` on this machine to build them."
+        )
+    # A dynamic-batch build serves every batch; a static one only its own.
+    name = min(fitting, key=lambda n: fitting[n]["static_batch"] is not None)
+    return name, fitting[name]
+
+
+class Engine:
+    """One serialized engine for its life: deserialize, bind torch tensors, run, CUDA graphs."""
+
+    TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "INT64": torch.int64, "INT32": torch.int32}
+
+    def __init__(self, trt: TensorRT, plan: bytes, device: torch.device, use_cuda_graph: bool = False):
+        self.runtime = trt.module.Runtime(trt.logger())
+        self.engine = self.runtime.deserialize_cuda_engine(plan)
+        if self.engine is None:
+            raise GlyphEngineError("TensorRT could not deserialize an engine (built for another GPU or version?).")
+        self.context = self.engine.create_execution_context()
+        self.device = device
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        output_mode = trt.module.TensorIOMode.OUTPUT
+        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == output_mode]
+        self.use_cuda_graph = use_cuda_graph
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, Tensor], dict[str, Tensor]]] = {}
+
+    def _bind(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        for name, value in inputs.items():
+            self.context.set_input_shape(name, tuple(value.shape))
+            self.context.set_tensor_address(name, value.data_ptr())
+        outputs = {}
+        for name in self.outputs:
+            dtype = self.TORCH_DTYPES[self.engine.get_tensor_dtype(name).name]
+            outputs[name] = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=dtype, device=self.device)
+            self.context.set_tensor_address(name, outputs[name].data_ptr())
+        return outputs
+
+    def _execute(self, stream: torch.cuda.Stream) -> None:
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError("TensorRT execution failed")
+
+    def infer(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Runs on torch's current stream. With CUDA graphs, outputs are valid until the next call."""
+        inputs = {k: v.contiguous() for k, v in inputs.items()}
+        stream = torch.cuda.current_stream(self.device)
+        if not self.use_cuda_graph:
+            outputs = self._bind(inputs)
+            self._execute(stream)
+            return outputs
+        key = tuple((k, tuple(v.shape)) for k, v in inputs.items())
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(inputs)
+        graph, static_inputs, static_outputs = self.graphs[key]
+        for name, value in inputs.items():
+            static_inputs[name].copy_(value)
+        graph.replay()
+        return static_outputs
+
+    def _capture(self, inputs: dict[str, Tensor]):
+        """Captures one execution for these shapes; its buffers are reused by every replay."""
+        static_inputs = {k: v.clone() for k, v in inputs.items()}
+        outputs = self._bind(static_inputs)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            self._execute(side)  # TensorRT needs one run before capture (lazy allocations)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            self._execute(side)
+        return graph, static_inputs, outputs
+
+
+class TensorRTBackend:
+    name = "tensorrt"
+
+    def __init__(self, model: Glyffuser, export_dir: Path, use_cuda_graph: bool = False):
+        require_gpu()
+        trt = load_tensorrt()
+        if trt is None:
+            raise GlyphEngineError(
+                "the tensorrt backend needs TensorRT: pip install 'glyph-engine[tensorrt]' "
+                "(or [tensorrt-rtx] on RTX GPUs)."
+            )
+        manifest = open_export(export_dir, model.sha256, model.source)
+        major, minor = torch.cuda.get_device_capability()
+        name, build = select_build(manifest, trt, f"sm{major}{minor}", model.source)
+        problems = damaged_files(export_dir, engine_files(build), check_hashes=False)
+        if problems:
+            raise GlyphEngineError(
+                f"the TensorRT engines in {export_dir} are damaged ({problems[0]}); "
+                f"run `glyph-engine export {model.source} --tensorrt` to rebuild them."
+            )
+        self.device = torch.device("cuda")
+        self.static_batch = build["static_batch"]
+        self.engines = {
+            component: Engine(
+                trt,
+                (export_dir / entry["path"]).read_bytes(),
+                self.device,
+                use_cuda_graph and component == "unet",
+            )
+            for component, entry in build["engines"].items()
+        }
+        logger.info("tensorrt: engines %s (%s %s)", name, trt.import_name, trt.version)
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        inputs = {
+            "input_ids": input_ids.to(self.device, torch.int64),
+            "attention_mask": attention_mask.to(self.device, torch.int64),
+        }
+        return self.engines["text_encoder"].infer(inputs)["text_embeddings"]
+
+    def denoise(self, x: Tensor, timestep: int, text: Tensor, mask: Tensor) -> Tensor:
+        if self.static_batch is not None and x.shape[0] != 2 * self.static_batch:
+            raise GlyphEngineError(
+                f"these engines were built for a static batch of {self.static_batch} guided images (U-Net batch "
+                f"{2 * self.static_batch}); use --batch-size {self.static_batch} with guidance and -n a multiple of "
+                "it, or rebuild without --static-batch."
+            )
+        inputs = {
+            "sample": x.to(self.device, torch.float32),
+            "timestep": torch.full((x.shape[0],), float(timestep), device=self.device),
+            "encoder_hidden_states": text.to(self.device, torch.float32),
+            "encoder_attention_mask": mask.to(self.device, torch.int64),
+        }
+        return self.engines["unet"].infer(inputs)["noise_pred"]
