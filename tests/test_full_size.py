@@ -8,9 +8,11 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from glyph_engine.artifacts import read_manifest
 from glyph_engine.cli import app
 from glyph_engine.model import GLYFFUSER_UNET_CONFIG
 from glyph_engine.testing import T5_SMALL_CONFIG, make_glyffuser_folder, make_text_encoder_folder
+from glyph_engine.trt import load_tensorrt
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
@@ -43,10 +45,12 @@ def test_full_size_loads_and_generates(full_size, tmp_path):
     assert pixels.shape == (128 + 4, 128 + 4)  # one glyph and the grid's border
 
 
-def test_full_size_exports_and_validates(full_size, tmp_path):
+def test_full_size_exports_validates_and_builds_engines(full_size, tmp_path):
     folder, t5 = full_size
     out = tmp_path / "export"
-    result = runner.invoke(app, ["export", str(folder), "--text-encoder", str(t5), "-o", str(out)])
+    trt = load_tensorrt()
+    engines = ["--compute-capability", "8.6"] if trt is not None and trt.ahead_of_time else []
+    result = runner.invoke(app, ["export", str(folder), "--text-encoder", str(t5), "-o", str(out), *engines])
     assert result.exit_code == 0, result.output
     print(result.output)  # the validation table, for the record (pytest -s)
     lines = {tuple(line.split()[:2]): line for line in result.output.splitlines() if "max abs error" in line}
@@ -58,3 +62,7 @@ def test_full_size_exports_and_validates(full_size, tmp_path):
         if precision == "fp32":
             assert max_abs < 1e-4
     assert (out / "unet.fp16.onnx").stat().st_size < 0.6 * (out / "unet.fp32.onnx").stat().st_size
+    if engines:
+        unet = read_manifest(out)["tensorrt"]["sm86"]["engines"]["unet"]
+        assert unet["layer_precisions"] == {"CONVOLUTION:HALF": 78, "MATRIX_MULTIPLY:HALF": 113}
+        assert unet["bytes"] > 200 * 2**20  # 131M FP16 weights
