@@ -33,6 +33,12 @@ class BackendChoice(str, enum.Enum):
     tensorrt = "tensorrt"
 
 
+class StepChoice(str, enum.Enum):
+    auto = "auto"
+    fused = "fused"
+    torch = "torch"
+
+
 class SpacingChoice(str, enum.Enum):
     linspace = "linspace"
     leading = "leading"
@@ -100,6 +106,9 @@ def generate(
     karras: Annotated[bool, typer.Option(help="Karras sigmas (more steps at low noise).")] = False,
     order: Annotated[int, typer.Option(help="Solver order: 2 (DPM-Solver++ 2M) or 1.")] = 2,
     cuda_graph: Annotated[bool, typer.Option(help="TensorRT: capture each batch shape in a CUDA graph.")] = False,
+    step_impl: Annotated[
+        StepChoice, typer.Option(help="Sampler step: fused C++/CUDA op, or eager torch; auto: fused if it builds.")
+    ] = StepChoice.auto,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Draw glyphs for one or more prompts and write them as a PNG grid (and single PNGs)."""
@@ -123,6 +132,7 @@ def generate(
             spacing=spacing.value,
             karras=karras,
             order=order,
+            step_impl=step_impl.value,
             progress=not quiet and sys.stderr.isatty(),
         )
         _quiet_libraries()
@@ -134,16 +144,21 @@ def generate(
 
 @app.command()
 def info(
-    ckpt: Annotated[Path, typer.Argument(help="glyph-engine checkpoint (.pt) or glyffuser diffusers folder.")],
+    ckpt: Annotated[
+        Optional[Path], typer.Argument(help="glyph-engine checkpoint (.pt) or glyffuser diffusers folder.")
+    ] = None,
     text_encoder: Annotated[Optional[str], typer.Option(help="T5 hub id or folder, for diffusers folders.")] = None,
 ) -> None:
-    """Print what a checkpoint holds: architecture, sizes, pixel range, text encoder."""
+    """Print this machine's backends and sampler step, and what a checkpoint holds."""
     with user_errors():
         from glyph_engine.checkpoint import load_model
-        from glyph_engine.service import describe
+        from glyph_engine.service import describe, environment
 
         _quiet_libraries()
-        for key, value in describe(load_model(ckpt, text_encoder)):
+        rows = environment()
+        if ckpt is not None:
+            rows += describe(load_model(ckpt, text_encoder))
+        for key, value in rows:
             typer.echo(f"{key:<18} {value}")
 
 

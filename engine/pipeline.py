@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from glyph_engine.backend import Backend
+from glyph_engine.cpp_ext import StepImpl, select_step
 from glyph_engine.model import Glyffuser
 from glyph_engine.sampler import Predictor, initial_noise, sample_dpmpp
 from glyph_engine.schedule import SamplerConfig, dpmpp_coefficients
@@ -24,6 +25,7 @@ class GenerationSettings:
     batch_size: int | None = None  # images per U-Net call (x2 with guidance); None: all at once
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     clamp_x0: bool = False  # clamp each step's x0 to the pixel range (not in the original)
+    step_impl: StepImpl = "auto"  # "fused" C++/CUDA op, "torch" eager reference; auto: fused if it builds
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,7 @@ class Generation:
     prompts: list[str]  # per image
     seeds: list[int]  # per image: its noise depends only on this
     guidance: float
+    step_impl: str  # the step implementation that ran
 
 
 def image_seeds(seed: int, count: int) -> list[int]:
@@ -109,6 +112,7 @@ def generate(
         uncond_text, uncond_mask = unconditional_text(model, backend, text[:1])
 
     coefficients = dpmpp_coefficients(model.alphas_cumprod, settings.steps, settings.sampler)
+    step, step_name = select_step(settings.step_impl)
     clamp = model.pixel_range if settings.clamp_x0 else None
     batch = settings.batch_size or total
     outputs = []
@@ -127,4 +131,5 @@ def generate(
 
     low, high = model.pixel_range
     images = ((torch.cat(outputs) - low) / (high - low)).clamp(0.0, 1.0)
-    return Generation(images=images, prompts=[distinct[i] for i in prompt_index], seeds=seeds, guidance=guidance)
+    prompts_out = [distinct[i] for i in prompt_index]
+    return Generation(images=images, prompts=prompts_out, seeds=seeds, guidance=guidance, step_impl=step_name)

@@ -43,6 +43,7 @@ class GenerateRequest:
     spacing: str = "linspace"
     karras: bool = False
     order: int = 2
+    step_impl: str = "auto"
     progress: bool = False
 
 
@@ -56,6 +57,8 @@ def _validate(request: GenerateRequest) -> None:
         raise GlyphEngineError(f"--steps must be at least 1 (got {request.steps}).")
     if request.seed < 0:
         raise GlyphEngineError(f"--seed must be 0 or more (got {request.seed}).")
+    if request.step_impl not in ("auto", "fused", "torch"):
+        raise GlyphEngineError(f"--step-impl must be auto, fused or torch (got {request.step_impl}).")
     if request.order not in (1, 2):
         raise GlyphEngineError(f"--order must be 1 or 2 (got {request.order}).")
     if request.guidance is not None and not request.guidance >= 0:  # also catches NaN
@@ -99,6 +102,7 @@ def run_generate(request: GenerateRequest) -> list[Path]:
         seed=request.seed,
         batch_size=request.batch_size,
         sampler=sampler,
+        step_impl=request.step_impl,
     )
     export_dir = request.export_dir or default_export_dir(request.ckpt)
     backend = create_backend(request.backend, model, export_dir, request.cuda_graph)
@@ -116,6 +120,7 @@ def run_generate(request: GenerateRequest) -> list[Path]:
         "sampler": f"dpmsolver++ order {sampler.order}, {sampler.spacing}{', karras' if sampler.karras_sigmas else ''}",
         "model_sha256": model.sha256,
         "backend": backend.name,
+        "step_impl": result.step_impl,
         "software": f"glyph-engine {__version__}",
     }
     try:
@@ -138,6 +143,32 @@ def _write_outputs(request: GenerateRequest, result: Generation, common: dict[st
         save_folder(pixels, request.out_dir, per_image)
         written.append(request.out_dir)
     return written
+
+
+def environment() -> list[tuple[str, str]]:
+    """What `glyph-engine info` prints about this machine: libraries, backends, step."""
+    import platform
+
+    import torch
+
+    from glyph_engine import cpp_ext
+
+    try:
+        import onnxruntime
+
+        ort = f"{onnxruntime.__version__} ({', '.join(onnxruntime.get_available_providers())})"
+    except ImportError:
+        ort = "not installed (pip install 'glyph-engine[onnx]')"
+    trt = load_tensorrt()
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    return [
+        ("glyph-engine", __version__),
+        ("python", platform.python_version()),
+        ("torch", f"{torch.__version__} (GPU: {gpu})"),
+        ("onnxruntime", ort),
+        ("tensorrt", f"{trt.import_name} {trt.version}" if trt else "not installed"),
+        ("sampler step", cpp_ext.status()),
+    ]
 
 
 def describe(model: Glyffuser) -> list[tuple[str, str]]:

@@ -46,7 +46,22 @@ def pytest_collection_modifyitems(config, items):
         skips["gpu"] = pytest.mark.skip(reason="needs a CUDA GPU; this machine has none")
     if load_tensorrt() is None:
         skips["tensorrt"] = pytest.mark.skip(reason="needs TensorRT: pip install 'glyph-engine[tensorrt-rtx]'")
+    if find_nvcc() is None:
+        skips["nvcc"] = pytest.mark.skip(reason="needs CUDA's nvcc (not on PATH, CUDA_HOME or /usr/local/cuda)")
     for item in items:
         for marker, skip in skips.items():
             if marker in item.keywords:
                 item.add_marker(skip)
+
+
+def find_nvcc() -> str | None:
+    import os
+    import shutil
+
+    candidates = [shutil.which("nvcc"), os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")]
+    return next((c for c in candidates if c and os.path.isfile(c)), None)
+
+
+@pytest.fixture
+def nvcc() -> str:
+    return find_nvcc()
