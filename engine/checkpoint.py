@@ -94,7 +94,7 @@ def load_checkpoint(path: Path) -> Glyffuser:
     return Glyffuser(
         unet=_build_unet(unet_config, unet_state, path),
         text_encoder=_build_text_encoder(text_config, text_state, path),
-        tokenizer=_tokenizer_from_files(tokenizer_files),
+        tokenizer=tokenizer_from_files(tokenizer_files),
         scheduler_config=scheduler_config,
         alphas_cumprod=_alphas_cumprod(scheduler_config),
         source=str(path),
@@ -159,7 +159,7 @@ def save_checkpoint(model: Glyffuser, path: str | Path, dtype: torch.dtype | Non
             "config": json.dumps(model.text_encoder.config.to_dict()),
             "state_dict": weights(model.text_encoder),
         },
-        "tokenizer": {"files": _tokenizer_files(model.tokenizer), "max_length": model.max_text_length},
+        "tokenizer": {"files": tokenizer_files(model.tokenizer), "max_length": model.max_text_length},
         "scheduler": {"config": json.dumps(model.scheduler_config)},
         "pixel_range": list(model.pixel_range),
         "unconditional": model.unconditional,
@@ -177,13 +177,13 @@ def _plain_config(config: Any) -> dict[str, Any]:
     return json.loads(json.dumps({k: v for k, v in config.items() if not k.startswith("_")}))
 
 
-def _tokenizer_files(tokenizer: PreTrainedTokenizerBase) -> dict[str, bytes]:
+def tokenizer_files(tokenizer: PreTrainedTokenizerBase) -> dict[str, bytes]:
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
         return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
 
 
-def _tokenizer_from_files(files: dict[str, bytes]) -> PreTrainedTokenizerBase:
+def tokenizer_from_files(files: dict[str, bytes]) -> PreTrainedTokenizerBase:
     with tempfile.TemporaryDirectory() as tmp:
         for name, data in files.items():
             if Path(name).name != name:

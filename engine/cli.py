@@ -238,6 +238,70 @@ def export_(
 
 
 @app.command()
+def dataset(
+    out: Annotated[Path, typer.Option("--out", "-o", help="The .npz file to write.")] = Path("glyphs.npz"),
+    resolution: Annotated[int, typer.Option(help="Glyph size in pixels (the original: 128).")] = 32,
+    font: Annotated[
+        Optional[Path], typer.Option(help="CJK font file [default: Noto Sans CJK SC from Debian's fonts-noto-cjk].")
+    ] = None,
+    unihan: Annotated[Path, typer.Option(help="Folder with Unihan_*.txt.bz2 (Debian's unicode-data).")] = Path(
+        "/usr/share/unicode"
+    ),
+    limit: Annotated[Optional[int], typer.Option(help="Keep only the first N characters (for quick tests).")] = None,
+) -> None:
+    """Build the training set: Unihan definitions, rendered glyphs and radicals, in one .npz."""
+    with user_errors():
+        from glyph_engine.dataset import build_glyph_set, save_glyph_set
+        from glyph_engine.files import check_writable_file
+
+        check_writable_file(out)
+        glyphs = build_glyph_set(resolution, font, unihan, limit)
+        save_glyph_set(glyphs, out)
+        typer.echo(
+            f"wrote {out}: {len(glyphs)} glyphs of {resolution}x{resolution}, {len(set(glyphs.radicals))} radicals"
+        )
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option(help="Dataset from `glyph-engine dataset`.")] = Path("glyphs.npz"),
+    workdir: Annotated[Path, typer.Option(help="Training state, samples and the final checkpoint.")] = Path("run"),
+    steps: Annotated[Optional[int], typer.Option(help="Train until this many steps in total.")] = None,
+    minutes: Annotated[Optional[float], typer.Option(help="Stop after this many minutes (resume later).")] = None,
+    sample_every: Annotated[int, typer.Option(help="Write a sample grid every N steps.")] = 1000,
+    save_every: Annotated[int, typer.Option(help="Save the resumable state every N steps.")] = 200,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Train a small glyffuser from scratch (resumes from WORKDIR); writes WORKDIR/glyffuser.pt."""
+    with user_errors():
+        from glyph_engine.service import run_train
+
+        _quiet_libraries()
+        for line in run_train(
+            data, workdir, steps, minutes, sample_every, save_every, not quiet and sys.stderr.isatty()
+        ):
+            typer.echo(line)
+
+
+@app.command("eval")
+def eval_(
+    data: Annotated[Path, typer.Option(help="Dataset from `glyph-engine dataset` (same resolution).")] = Path(
+        "glyphs.npz"
+    ),
+    ckpt: Annotated[Optional[Path], typer.Option(help="Checkpoint [default: the embedded model].")] = None,
+    num_samples: Annotated[int, typer.Option("-n", help="Glyphs per prompt.")] = 64,
+    steps: Annotated[int, typer.Option(help="Sampler steps.")] = 20,
+    guidance: Annotated[Optional[float], typer.Option(help="Guidance [default: the checkpoint's].")] = None,
+) -> None:
+    """Radical hit rate: how often "metal" draws glyphs whose nearest training glyph has 金."""
+    with user_errors():
+        from glyph_engine.service import run_eval
+
+        _quiet_libraries()
+        typer.echo(run_eval(data, ckpt, num_samples, steps, guidance))
+
+
+@app.command()
 def version() -> None:
     """Print glyph-engine's version."""
     typer.echo(__version__)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -41,6 +42,8 @@ GLYFFUSER_SCHEDULER_CONFIG: dict[str, Any] = {
 }
 
 DEFAULT_TEXT_ENCODER = "google-t5/t5-small"
+# The small glyffuser trained on this project's machines, shipped inside the package.
+DEFAULT_CHECKPOINT = Path(__file__).parent / "models" / "glyffuser-small.pt"
 MAX_TEXT_LENGTH = 256  # the glyffuser's tokenizer max_length
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from glyph_engine import __version__
@@ -17,7 +18,7 @@ from glyph_engine.errors import GlyphEngineError
 from glyph_engine.export.tensorrt_build import EngineOptions, engine_options, ensure_engines
 from glyph_engine.files import check_writable_file
 from glyph_engine.images import grid, save_folder, save_png, to_uint8
-from glyph_engine.model import Glyffuser, unet_parameter_count
+from glyph_engine.model import DEFAULT_CHECKPOINT, Glyffuser, unet_parameter_count
 from glyph_engine.pipeline import Generation, GenerationSettings, generate
 from glyph_engine.schedule import SamplerConfig
 from glyph_engine.trt import TensorRT, load_tensorrt
@@ -69,9 +70,10 @@ def _validate(request: GenerateRequest) -> None:
         from glyph_engine.backends.tensorrt import require_gpu
 
         require_gpu()  # before loading anything
-    if request.ckpt is None:
+    if request.ckpt is None and not DEFAULT_CHECKPOINT.is_file():
         raise GlyphEngineError(
-            "no model given; pass --ckpt with a glyph-engine checkpoint (.pt) or a glyffuser diffusers folder."
+            "no model given and no embedded model installed; pass --ckpt with a glyph-engine checkpoint (.pt) "
+            "or a glyffuser diffusers folder."
         )
     if request.out is None and request.out_dir is None:
         raise GlyphEngineError("nothing to write; give --out and/or --out-dir.")
@@ -86,7 +88,8 @@ def _validate(request: GenerateRequest) -> None:
 def run_generate(request: GenerateRequest) -> list[Path]:
     """Generates glyphs as `request` says and writes them; returns the files written."""
     _validate(request)
-    model = load_model(request.ckpt, request.text_encoder)
+    ckpt = request.ckpt or DEFAULT_CHECKPOINT
+    model = load_model(ckpt, request.text_encoder)
     num_train = len(model.alphas_cumprod)
     if request.steps > num_train:
         raise GlyphEngineError(f"--steps must be at most {num_train}, the model's training timesteps.")
@@ -104,7 +107,7 @@ def run_generate(request: GenerateRequest) -> list[Path]:
         sampler=sampler,
         step_impl=request.step_impl,
     )
-    export_dir = request.export_dir or default_export_dir(request.ckpt)
+    export_dir = request.export_dir or default_export_dir(ckpt)
     backend = create_backend(request.backend, model, export_dir, request.cuda_graph)
     total = len(request.prompts) * request.num_images
     batches = -(-total // (request.batch_size or total))
@@ -297,3 +300,56 @@ def _tensorrt_target(request: ExportRequest) -> tuple[TensorRT, EngineOptions] |
             "'glyph-engine[tensorrt-rtx]' for RTX GPUs and ahead-of-time builds (or pass --no-tensorrt)."
         )
     return trt, engine_options(trt, request.compute_capability, request.static_batch)
+
+
+def run_train(
+    data: Path,
+    workdir: Path,
+    steps: int | None,
+    minutes: float | None,
+    sample_every: int,
+    save_every: int,
+    progress: bool,
+) -> list[str]:
+    """Trains (or resumes), then writes WORKDIR/glyffuser.pt and its model card."""
+    import json
+    import shlex
+
+    from glyph_engine.train import finish, train
+
+    if steps is None and minutes is None:
+        raise GlyphEngineError("give --steps and/or --minutes: how long to train in this run.")
+    for name, value in (("--steps", steps), ("--minutes", minutes), ("--sample-every", sample_every)):
+        if value is not None and value <= 0:
+            raise GlyphEngineError(f"{name} must be positive (got {value}).")
+    state = train(data, workdir, None, steps, minutes, save_every, sample_every, progress)
+    glyph_count = len(np.load(data, allow_pickle=False)["captions"])
+    card = {
+        "command": "glyph-engine " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "train",
+        "data": f"{data.name}: {glyph_count} glyphs",
+        "steps": state.step,
+        "epochs": round(state.step * state.config.batch_size / glyph_count, 2),
+        "train_hours": round(state.seconds / 3600, 2),
+        "final_loss": round(state.losses[-1], 4) if state.losses else None,
+        "config": json.dumps(asdict(state.config)),
+    }
+    out = workdir / "glyffuser.pt"
+    digest = finish(state, out, str(out), card)
+    (workdir / "MODEL_CARD.json").write_text(json.dumps({**card, "sha256": digest}, indent=2))
+    return [
+        f"step {state.step} ({card['epochs']} epochs, {card['train_hours']} h), loss {card['final_loss']}",
+        f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)",
+    ]
+
+
+def run_eval(data: Path, ckpt: Path | None, num_samples: int, steps: int, guidance: float | None) -> str:
+    from glyph_engine.dataset import load_glyph_set
+    from glyph_engine.evaluate import radical_hit_rates, table
+
+    if num_samples < 1 or steps < 1:
+        raise GlyphEngineError("-n and --steps must be at least 1.")
+    glyphs = load_glyph_set(data)
+    model = load_model(ckpt or DEFAULT_CHECKPOINT)
+    backend = create_backend("auto", model, default_export_dir(ckpt or DEFAULT_CHECKPOINT))
+    settings = GenerationSettings(steps=steps, guidance=guidance)
+    return table(radical_hit_rates(model, backend, glyphs, num_samples, settings))

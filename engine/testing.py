@@ -8,7 +8,6 @@ on a few definitions.
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
 from glyph_engine.model import GLYFFUSER_SCHEDULER_CONFIG, GLYFFUSER_UNET_CONFIG
+from glyph_engine.text import train_tokenizer
 
 DEFINITIONS = [
     "metal; gold; money",
@@ -53,25 +53,7 @@ TINY_T5_CONFIG: dict[str, Any] = {
 
 
 def make_tokenizer(sentences: list[str] = DEFINITIONS, vocab_size: int = 120) -> T5Tokenizer:
-    """A T5 tokenizer over a sentencepiece unigram model trained on `sentences`."""
-    import sentencepiece as spm  # only tests and training need the trainer
-
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences * 10),
-        model_writer=model,
-        vocab_size=vocab_size,
-        hard_vocab_limit=False,
-        model_type="unigram",
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,  # T5's layout: <pad>=0, </s>=1, <unk>=2, no <s>
-        minloglevel=2,
-    )
-    processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
-    vocab = [(processor.id_to_piece(i), processor.get_score(i)) for i in range(processor.get_piece_size())]
-    return T5Tokenizer(vocab=vocab)
+    return train_tokenizer(sentences * 10, vocab_size)
 
 
 def make_text_encoder_folder(folder: Path, config: dict[str, Any] = TINY_T5_CONFIG, seed: int = 0) -> Path:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Sequence
 
 from torch import Tensor
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, T5Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -22,3 +23,29 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_len
             logger.warning("prompt of %d tokens truncated to %d: %.60s...", n, max_length, prompt)
     tokens = tokenizer(list(prompts), padding="longest", max_length=max_length, truncation=True, return_tensors="pt")
     return tokens["input_ids"], tokens["attention_mask"]
+
+
+def train_tokenizer(sentences: Sequence[str], vocab_size: int) -> T5Tokenizer:
+    """A T5 tokenizer over a sentencepiece unigram model trained on `sentences`.
+
+    T5's id layout: <pad>=0, </s>=1, <unk>=2, no <s>; 100 sentinel tokens appended.
+    `vocab_size` is an upper bound: small corpora get fewer pieces.
+    """
+    import sentencepiece as spm  # only training needs the trainer
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences),
+        model_writer=model,
+        vocab_size=vocab_size,
+        hard_vocab_limit=False,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        minloglevel=2,
+    )
+    processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    vocab = [(processor.id_to_piece(i), processor.get_score(i)) for i in range(processor.get_piece_size())]
+    return T5Tokenizer(vocab=vocab)

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_pipeline import glyffuser_loop
 from typer.testing import CliRunner
 
 from glyph_engine.checkpoint import load_model
@@ -14,6 +13,8 @@ from glyph_engine.cli import app
 from glyph_engine.images import to_uint8
 from glyph_engine.pipeline import image_seeds
 from glyph_engine.sampler import initial_noise
+
+from test_pipeline import glyffuser_loop
 
 runner = CliRunner()
 

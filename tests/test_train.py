@@ -1,0 +1,105 @@
+"""Training from scratch: a few steps, resume, the final checkpoint, the radical evaluation."""
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from glyph_engine.checkpoint import load_model
+from glyph_engine.cli import app
+from glyph_engine.dataset import GlyphSet, save_glyph_set
+from glyph_engine.evaluate import RadicalResult, nearest, table
+from glyph_engine.train import STATE, TrainConfig, finish, load_state, train
+
+TINY = TrainConfig(
+    resolution=16,
+    block_out_channels=(32, 32, 32),
+    text_dim=32,
+    text_layers=1,
+    vocab_size=150,
+    batch_size=8,
+    warmup_steps=2,
+)
+
+
+@pytest.fixture(scope="module")
+def glyph_file(tmp_path_factory):
+    """48 synthetic glyphs: bars whose position depends on the radical."""
+    rng = np.random.default_rng(0)
+    images = np.full((48, 16, 16), 255, np.uint8)
+    radicals = np.array([167, 85, 75] * 16, np.int16)
+    captions = np.array([["metal; gold", "water; river", "wood; tree"][i % 3] + f" {i}" for i in range(48)])
+    for i, r in enumerate(radicals):
+        col = {167: 2, 85: 7, 75: 12}[int(r)]
+        images[i, 2:14, col : col + 2] = 0
+        images[i, rng.integers(2, 14), 2:14] = 0
+    path = tmp_path_factory.mktemp("data") / "glyphs.npz"
+    save_glyph_set(GlyphSet(images, captions, np.arange(48, dtype=np.int32) + 0x4E00, radicals), path)
+    return path
+
+
+def test_train_resume_and_checkpoint(glyph_file, tmp_path):
+    workdir = tmp_path / "run"
+    state = train(glyph_file, workdir, TINY, max_steps=3, save_every=2, sample_every=2)
+    assert state.step == 3 and (workdir / STATE).is_file()
+    assert (workdir / "samples" / "step_000002.png").is_file()
+    before = {k: v.clone() for k, v in state.unet.state_dict().items()}
+
+    resumed = load_state(workdir, TINY)
+    assert resumed.step == 3
+    assert all(torch.equal(before[k], v) for k, v in resumed.unet.state_dict().items())
+    state = train(glyph_file, workdir, TINY, max_steps=5)
+    assert state.step == 5  # continued from the saved step, not from 0
+
+    out = tmp_path / "glyffuser.pt"
+    finish(state, out, str(out), {"steps": state.step})
+    model = load_model(out)
+    assert model.image_shape == (1, 16, 16) and model.default_guidance == TINY.guidance
+    assert model.metadata["steps"] == "5"
+    assert next(iter(torch.load(out, weights_only=True)["unet"]["state_dict"].values())).dtype == torch.float16
+
+
+def test_train_refuses_other_settings_in_the_same_workdir(glyph_file, tmp_path):
+    from glyph_engine.errors import GlyphEngineError
+
+    train(glyph_file, tmp_path, TINY, max_steps=1)
+    with pytest.raises(GlyphEngineError, match="other settings"):
+        train(glyph_file, tmp_path, TrainConfig(resolution=16, batch_size=4), max_steps=2)
+
+
+def test_train_refuses_a_dataset_of_another_resolution(glyph_file, tmp_path):
+    from glyph_engine.errors import GlyphEngineError
+
+    with pytest.raises(GlyphEngineError, match="--resolution 32"):
+        train(glyph_file, tmp_path, TrainConfig(), max_steps=1)
+
+
+def test_nearest_neighbours():
+    train_set = np.stack([np.full((4, 4), v, np.uint8) for v in (0, 128, 255)])
+    samples = np.stack([np.full((4, 4), 0.49), np.full((4, 4), 1.0)]).astype(np.float32)
+    index, distance = nearest(samples, train_set, chunk=2)
+    assert index.tolist() == [1, 2]
+    assert distance[1] == pytest.approx(0.0, abs=1e-6)
+    assert distance[0] == pytest.approx(abs(0.49 - 128 / 255), abs=1e-5)
+
+
+def test_eval_table():
+    text = table([RadicalResult("metal", 167, 0.25, 0.036, 0.12)])
+    assert "| metal | 167 | 25.0% | 3.6% | 6.9x | 0.120 |" in text
+
+
+def test_train_and_eval_cli(glyph_file, tmp_path):
+    runner = CliRunner()
+    workdir = tmp_path / "run"
+    bad = runner.invoke(app, ["train", "--data", str(glyph_file), "--workdir", str(workdir)])
+    assert bad.exit_code == 2 and "--steps and/or --minutes" in bad.output
+    # The CLI trains with the default (32px) configuration: this dataset is 16px.
+    wrong = runner.invoke(app, ["train", "--data", str(glyph_file), "--workdir", str(workdir), "--steps", "1"])
+    assert wrong.exit_code == 2 and "--resolution 32" in wrong.output
+
+    train(glyph_file, workdir, TINY, max_steps=2)
+    ckpt = workdir / "glyffuser.pt"
+    finish(load_state(workdir, TINY), ckpt, str(ckpt), {})
+    result = runner.invoke(app, ["eval", "--data", str(glyph_file), "--ckpt", str(ckpt), "-n", "4", "--steps", "2"])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("\n| ") >= 8  # one row per radical prompt
