@@ -1,13 +1,14 @@
-"""Models for the benchmarks: the tiny glyffuser-format model and the full-size configuration.
+"""Models for the benchmarks: the embedded small glyffuser ("small"; the tiny fixture when
+no embedded model is installed), the tiny fixture and the full-size configuration.
 
-Random weights: speed does not depend on their values.
+Random weights for the fixtures: speed does not depend on their values.
 """
 
 import pytest
 
 from glyph_engine.checkpoint import load_model
 from glyph_engine.export.exporter import ExportOptions, export_model
-from glyph_engine.model import GLYFFUSER_UNET_CONFIG
+from glyph_engine.model import DEFAULT_CHECKPOINT, GLYFFUSER_UNET_CONFIG
 from glyph_engine.testing import (
     T5_SMALL_CONFIG,
     TINY_T5_CONFIG,
@@ -25,12 +26,16 @@ def bench_model(tmp_path_factory):
     built = {}
 
     def get(size: str):
+        if size == "small" and not DEFAULT_CHECKPOINT.is_file():
+            size = "tiny"
         if size not in built:
-            unet_config, t5_config = SIZES[size]
             root = tmp_path_factory.mktemp(f"bench-{size}")
-            folder = make_glyffuser_folder(root / "glyffuser", unet_config)
-            t5 = str(make_text_encoder_folder(root / "t5", t5_config))
-            model = load_model(folder, t5)
+            if size == "small":
+                model = load_model(DEFAULT_CHECKPOINT)
+            else:
+                unet_config, t5_config = SIZES[size]
+                folder = make_glyffuser_folder(root / "glyffuser", unet_config)
+                model = load_model(folder, str(make_text_encoder_folder(root / "t5", t5_config)))
             out = root / "export"
             export_model(model.sha256, lambda: model, out, ExportOptions(precisions=("fp32",)))
             built[size] = (model, out)

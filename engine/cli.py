@@ -302,6 +302,30 @@ def eval_(
 
 
 @app.command()
+def bench(
+    ckpt: Annotated[Optional[Path], typer.Option(help="Checkpoint [default: the embedded model].")] = None,
+    backends: Annotated[
+        Optional[str], typer.Option(help="Comma-separated backends [default: every one that runs here].")
+    ] = None,
+    batch: Annotated[str, typer.Option(help="Comma-separated image batch sizes.")] = "16",
+    steps: Annotated[str, typer.Option(help="Comma-separated step counts.")] = "1,2,5,10,20,50",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the results.")] = Path("bench-results"),
+    repeats: Annotated[int, typer.Option(help="Timed runs per point (the median is kept).")] = 3,
+) -> None:
+    """Measure images/s against steps for each backend and the glyffuser's own loop.
+
+    Writes results.json, results.csv, results.md and throughput.png (log-log, one line per
+    backend) with a description of the machine.
+    """
+    with user_errors():
+        from glyph_engine.service import run_bench
+
+        _quiet_libraries()
+        for line in run_bench(ckpt, backends, batch, steps, out, repeats, lambda m: typer.echo(m, err=True)):
+            typer.echo(line)
+
+
+@app.command()
 def version() -> None:
     """Print glyph-engine's version."""
     typer.echo(__version__)

@@ -353,3 +353,45 @@ def run_eval(data: Path, ckpt: Path | None, num_samples: int, steps: int, guidan
     backend = create_backend("auto", model, default_export_dir(ckpt or DEFAULT_CHECKPOINT))
     settings = GenerationSettings(steps=steps, guidance=guidance)
     return table(radical_hit_rates(model, backend, glyphs, num_samples, settings))
+
+
+def _int_list(text: str, option: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise GlyphEngineError(f"{option} takes comma-separated whole numbers, e.g. 1,2,5 (got {text!r}).") from None
+    if not values or min(values) < 1:
+        raise GlyphEngineError(f"{option} needs numbers of 1 or more (got {text!r}).")
+    return values
+
+
+def run_bench(
+    ckpt: Path | None,
+    backends: str | None,
+    batch: str,
+    steps: str,
+    out: Path,
+    repeats: int,
+    report: Callable[[str], None],
+) -> list[str]:
+    """Measures and writes results.json, .csv, .md and throughput.png into `out`."""
+    from glyph_engine.benchmark import BenchConfig, run_benchmark, write_results
+
+    config = BenchConfig(
+        batch_sizes=_int_list(batch, "--batch"), steps=_int_list(steps, "--steps"), repeats=max(1, repeats)
+    )
+    ckpt = ckpt or DEFAULT_CHECKPOINT
+    model = load_model(ckpt)
+    export_dir = default_export_dir(ckpt)
+    names = [n.strip() for n in backends.split(",")] if backends else ["torch", "onnxruntime", "tensorrt"]
+    chosen = {}
+    for name in names:
+        try:
+            chosen[name] = create_backend(name, model, export_dir)
+        except GlyphEngineError as e:
+            if backends:  # asked for by name: a reason to stop
+                raise
+            report(f"{name}: skipped ({e})")
+    results = run_benchmark(model, chosen, config, report)
+    paths = write_results(results, out)
+    return [f"wrote {p}" for p in paths]
