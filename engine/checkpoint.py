@@ -86,6 +86,7 @@ def load_checkpoint(path: Path) -> Glyffuser:
         unconditional = payload["unconditional"]
         default_guidance = float(payload["default_guidance"])
         max_length = int(payload["tokenizer"]["max_length"])
+        clamp_x0 = bool(payload.get("clamp_x0", False))  # optional: absent in early v1 files
     except (KeyError, TypeError, ValueError) as e:
         raise GlyphEngineError(f"{path} is an incomplete glyph-engine checkpoint (bad or missing field {e}).") from None
     if unconditional not in ("zeros", "empty"):
@@ -102,6 +103,7 @@ def load_checkpoint(path: Path) -> Glyffuser:
         pixel_range=(low, high),
         unconditional=unconditional,
         default_guidance=default_guidance,
+        clamp_x0=clamp_x0,
         max_text_length=max_length,
         metadata=dict(payload.get("metadata", {})),
     )
@@ -164,6 +166,7 @@ def save_checkpoint(model: Glyffuser, path: str | Path, dtype: torch.dtype | Non
         "pixel_range": list(model.pixel_range),
         "unconditional": model.unconditional,
         "default_guidance": float(model.default_guidance),
+        "clamp_x0": bool(model.clamp_x0),
         "metadata": dict(model.metadata),
     }
     path = Path(path)

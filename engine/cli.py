@@ -109,6 +109,12 @@ def generate(
     step_impl: Annotated[
         StepChoice, typer.Option(help="Sampler step: fused C++/CUDA op, or eager torch; auto: fused if it builds.")
     ] = StepChoice.auto,
+    clamp_x0: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--clamp-x0/--no-clamp-x0", help="Clamp each step's x0 to the pixel range [default: the checkpoint's]."
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Draw glyphs for one or more prompts and write them as a PNG grid (and single PNGs)."""
@@ -133,6 +139,7 @@ def generate(
             karras=karras,
             order=order,
             step_impl=step_impl.value,
+            clamp_x0=clamp_x0,
             progress=not quiet and sys.stderr.isatty(),
         )
         _quiet_libraries()

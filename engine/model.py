@@ -61,6 +61,7 @@ class Glyffuser:
     pixel_range: tuple[float, float] = (0.0, 1.0)  # glyffuser: white 1, ink 0
     unconditional: Unconditional = "zeros"
     default_guidance: float = 1.0  # 1.0 = no guidance; CFG-trained models want 5-15
+    clamp_x0: bool = False  # clamp each step's x0 to the pixel range by default (steadies weak models)
     max_text_length: int = MAX_TEXT_LENGTH
     metadata: dict[str, str] = field(default_factory=dict)  # free-form notes from the file
 

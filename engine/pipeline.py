@@ -24,7 +24,7 @@ class GenerationSettings:
     seed: int = 0
     batch_size: int | None = None  # images per U-Net call (x2 with guidance); None: all at once
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    clamp_x0: bool = False  # clamp each step's x0 to the pixel range (not in the original)
+    clamp_x0: bool | None = None  # clamp each step's x0 to the pixel range; None: the checkpoint's default
     step_impl: StepImpl = "auto"  # "fused" C++/CUDA op, "torch" eager reference; auto: fused if it builds
 
 
@@ -113,7 +113,8 @@ def generate(
 
     coefficients = dpmpp_coefficients(model.alphas_cumprod, settings.steps, settings.sampler)
     step, step_name = select_step(settings.step_impl)
-    clamp = model.pixel_range if settings.clamp_x0 else None
+    clamp_x0 = model.clamp_x0 if settings.clamp_x0 is None else settings.clamp_x0
+    clamp = model.pixel_range if clamp_x0 else None
     batch = settings.batch_size or total
     outputs = []
     for start in range(0, total, batch):

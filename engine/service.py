@@ -45,6 +45,7 @@ class GenerateRequest:
     karras: bool = False
     order: int = 2
     step_impl: str = "auto"
+    clamp_x0: bool | None = None  # None: the checkpoint's default
     progress: bool = False
 
 
@@ -106,6 +107,7 @@ def run_generate(request: GenerateRequest) -> list[Path]:
         batch_size=request.batch_size,
         sampler=sampler,
         step_impl=request.step_impl,
+        clamp_x0=request.clamp_x0,
     )
     export_dir = request.export_dir or default_export_dir(ckpt)
     backend = create_backend(request.backend, model, export_dir, request.cuda_graph)
@@ -171,6 +173,7 @@ def environment() -> list[tuple[str, str]]:
         ("onnxruntime", ort),
         ("tensorrt", f"{trt.import_name} {trt.version}" if trt else "not installed"),
         ("sampler step", cpp_ext.status()),
+        ("embedded model", str(DEFAULT_CHECKPOINT) if DEFAULT_CHECKPOINT.is_file() else "not installed"),
     ]
 
 
@@ -205,6 +208,7 @@ def describe(model: Glyffuser) -> list[tuple[str, str]]:
         ("pixel range", f"[{model.pixel_range[0]:g}, {model.pixel_range[1]:g}] (white = high)"),
         ("unconditional", model.unconditional),
         ("default guidance", f"{model.default_guidance:g}"),
+        ("clamp x0", "yes" if model.clamp_x0 else "no"),
         *[(k, v) for k, v in model.metadata.items()],
     ]
 

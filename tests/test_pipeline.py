@@ -128,3 +128,13 @@ def test_output_in_unit_range_for_other_pixel_ranges(model):
     model.pixel_range = (-1.0, 1.0)
     result = generate(model, TorchBackend(model), ["metal"], 2, GenerationSettings(steps=2))
     assert float(result.images.min()) >= 0.0 and float(result.images.max()) <= 1.0
+
+
+def test_clamp_x0_default_comes_from_checkpoint(model):
+    backend = TorchBackend(model)
+    off = generate(model, backend, ["metal"], 2, GenerationSettings(steps=5, guidance=4.0)).images
+    model.clamp_x0 = True
+    default = generate(model, backend, ["metal"], 2, GenerationSettings(steps=5, guidance=4.0)).images
+    explicit_off = generate(model, backend, ["metal"], 2, GenerationSettings(steps=5, guidance=4.0, clamp_x0=False))
+    assert (default - off).abs().max() > 1e-4
+    torch.testing.assert_close(explicit_off.images, off, rtol=0, atol=0)

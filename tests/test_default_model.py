@@ -1,0 +1,30 @@
+"""The embedded default model: a fresh install draws glyphs with no --ckpt."""
+
+import numpy as np
+from PIL import Image
+from typer.testing import CliRunner
+
+from glyph_engine.checkpoint import load_model
+from glyph_engine.cli import app
+from glyph_engine.model import DEFAULT_CHECKPOINT
+
+
+def test_embedded_checkpoint_ships_within_budget():
+    assert DEFAULT_CHECKPOINT.is_file()
+    assert DEFAULT_CHECKPOINT.stat().st_size <= 25 * 2**20
+    assert (DEFAULT_CHECKPOINT.parent / "MODEL_CARD.md").is_file()
+    model = load_model(DEFAULT_CHECKPOINT)
+    assert model.default_guidance > 1.0  # trained with condition dropout for guidance
+
+
+def test_generate_without_ckpt_writes_a_grid(tmp_path):
+    out = tmp_path / "glyphs.png"
+    result = CliRunner().invoke(app, ["generate", "metal", "-n", "64", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    grid = np.asarray(Image.open(out))
+    side = 8 * (32 + 2) + 2  # 8x8 glyphs of 32 px with 2 px white gaps
+    assert grid.shape == (side, side)
+    glyphs = [grid[2 + r * 34 : 34 + r * 34, 2 + c * 34 : 34 + c * 34] for r in range(8) for c in range(8)]
+    assert sum(g.min() < 128 for g in glyphs) >= 56  # ink in (nearly) every glyph
+    assert np.mean([g.mean() for g in glyphs]) > 128  # white background, dark strokes
+    assert Image.open(out).text["model_sha256"] == load_model(DEFAULT_CHECKPOINT).sha256
