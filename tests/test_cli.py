@@ -114,7 +114,6 @@ def unsupported(tmp_path, ckpt_path):
         (["metal", "--ckpt", "{corrupt}"], "truncated or corrupt"),
         (["metal", "--ckpt", "{not_a_checkpoint}"], "not a glyph-engine checkpoint"),
         (["metal", "--ckpt", "{unsupported}"], "epsilon prediction only"),
-        (["metal"], "no model given"),
         (["", "--ckpt", "{ckpt}"], "prompt is empty"),
         (["metal", "  ", "--ckpt", "{ckpt}"], "prompt is empty"),
         (["metal", "-n", "0", "--ckpt", "{ckpt}"], "-n"),
