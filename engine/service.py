@@ -7,7 +7,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 from glyph_engine import __version__
@@ -327,7 +326,7 @@ def run_train(
         if value is not None and value <= 0:
             raise GlyphEngineError(f"{name} must be positive (got {value}).")
     state = train(data, workdir, None, steps, minutes, save_every, sample_every, progress)
-    glyph_count = len(np.load(data, allow_pickle=False)["captions"])
+    glyph_count = state.dataset_size
     card = {
         "command": "glyph-engine " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "train",
         "data": f"{data.name}: {glyph_count} glyphs",

@@ -101,6 +101,7 @@ class TrainState:
     step: int = 0
     seconds: float = 0.0
     losses: list[float] = field(default_factory=list)  # running mean per logged interval
+    dataset_size: int = 0  # glyphs in the set of the latest run (for epochs in the model card)
 
 
 def _new_state(config: TrainConfig, captions: list[str]) -> TrainState:
@@ -196,6 +197,7 @@ def train(
     else:
         state = _new_state(config or TrainConfig(), [str(c) for c in glyphs.captions])
     config = state.config
+    state.dataset_size = len(glyphs)
     if glyphs.images.shape[1] != config.resolution:
         raise GlyphEngineError(
             f"{dataset} has {glyphs.images.shape[1]}px glyphs; the model trains at {config.resolution}px: "
