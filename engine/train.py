@@ -15,7 +15,8 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers.training_utils import EMAModel
 from tqdm import tqdm
 from transformers import T5Config, T5EncoderModel
 
@@ -57,6 +59,10 @@ class TrainConfig:
     warmup_steps: int = 200
     condition_dropout: float = 0.15  # the glyffuser author: 10-20% for classifier-free guidance
     guidance: float = 4.0  # recorded as the checkpoint's default
+    # Samples and the final checkpoint use an exponential moving average of the weights: with a
+    # constant learning rate the raw weights jitter from step to step. diffusers' warm-up
+    # ((1 + n) / (10 + n)) keeps short runs close to the latest weights.
+    ema_decay: float = 0.999
     seed: int = 0
 
     def unet_config(self) -> dict[str, Any]:
@@ -98,6 +104,7 @@ class TrainState:
     text_encoder: T5EncoderModel
     tokenizer: Any
     optimizer: torch.optim.Optimizer
+    ema: EMAModel
     step: int = 0
     seconds: float = 0.0
     losses: list[float] = field(default_factory=list)  # running mean per logged interval
@@ -111,7 +118,15 @@ def _new_state(config: TrainConfig, captions: list[str]) -> TrainState:
     text_encoder = T5EncoderModel(T5Config(**config.text_config(len(tokenizer))))
     params = [*unet.parameters(), *text_encoder.parameters()]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
-    return TrainState(config, unet, text_encoder, tokenizer, optimizer)
+    return TrainState(config, unet, text_encoder, tokenizer, optimizer, _new_ema(config, params))
+
+
+def _new_ema(config: TrainConfig, params: list[torch.nn.Parameter]) -> EMAModel:
+    return EMAModel(params, decay=config.ema_decay, foreach=True)
+
+
+def _parameters(state: TrainState) -> list[torch.nn.Parameter]:
+    return [*state.unet.parameters(), *state.text_encoder.parameters()]
 
 
 def save_state(state: TrainState, workdir: Path) -> None:
@@ -121,6 +136,7 @@ def save_state(state: TrainState, workdir: Path) -> None:
         "text_encoder": state.text_encoder.state_dict(),
         "tokenizer": tokenizer_files(state.tokenizer),
         "optimizer": state.optimizer.state_dict(),
+        "ema": state.ema.state_dict(),
         "step": state.step,
         "seconds": state.seconds,
         "losses": list(state.losses),
@@ -140,12 +156,32 @@ def load_state(workdir: Path, config: TrainConfig | None) -> TrainState:
     unet.load_state_dict(payload["unet"])
     text_encoder = T5EncoderModel(T5Config(**saved.text_config(len(tokenizer))))
     text_encoder.load_state_dict(payload["text_encoder"])
-    optimizer = torch.optim.AdamW([*unet.parameters(), *text_encoder.parameters()], lr=saved.learning_rate)
+    params = [*unet.parameters(), *text_encoder.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=saved.learning_rate)
     optimizer.load_state_dict(payload["optimizer"])
+    ema = _new_ema(saved, params)
+    if "ema" in payload:  # states saved before the average existed start it from their weights
+        ema.load_state_dict(payload["ema"])
     torch.set_rng_state(payload["rng"])
     return TrainState(
-        saved, unet, text_encoder, tokenizer, optimizer, payload["step"], payload["seconds"], payload["losses"]
+        saved, unet, text_encoder, tokenizer, optimizer, ema, payload["step"], payload["seconds"], payload["losses"]
     )
+
+
+@contextmanager
+def averaged_weights(state: TrainState) -> Iterator[None]:
+    """The moving-average weights in the modules, in eval mode, for sampling or export."""
+    params = _parameters(state)
+    state.ema.store(params)
+    state.ema.copy_to(params)
+    state.unet.eval()
+    state.text_encoder.eval()
+    try:
+        yield
+    finally:
+        state.ema.restore(params)
+        state.unet.train()
+        state.text_encoder.train()
 
 
 def to_glyffuser(state: TrainState, source: str) -> Glyffuser:
@@ -262,8 +298,9 @@ def _train_step(state: TrainState, x0: torch.Tensor, captions: list[str], abar: 
     loss = torch.nn.functional.mse_loss(eps, noise)
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_([*state.unet.parameters(), *state.text_encoder.parameters()], 1.0)
+    torch.nn.utils.clip_grad_norm_(_parameters(state), 1.0)
     state.optimizer.step()
+    state.ema.step(_parameters(state))
     return loss.item()
 
 
@@ -273,12 +310,9 @@ def write_samples(state: TrainState, workdir: Path, steps: int = 20) -> Path:
     from glyph_engine.images import grid, save_png, to_uint8
     from glyph_engine.pipeline import GenerationSettings, generate
 
-    state.unet.eval()
-    state.text_encoder.eval()
-    model = to_glyffuser(state, str(workdir))
-    result = generate(model, TorchBackend(model), SAMPLE_PROMPTS, 8, GenerationSettings(steps=steps, seed=0))
-    state.unet.train()
-    state.text_encoder.train()
+    with averaged_weights(state):
+        model = to_glyffuser(state, str(workdir))
+        result = generate(model, TorchBackend(model), SAMPLE_PROMPTS, 8, GenerationSettings(steps=steps, seed=0))
     path = workdir / "samples" / f"step_{state.step:06d}.png"
     path.parent.mkdir(exist_ok=True)
     save_png(grid(to_uint8(result.images), 8), path, {"prompts": SAMPLE_PROMPTS, "step": state.step})
@@ -286,9 +320,8 @@ def write_samples(state: TrainState, workdir: Path, steps: int = 20) -> Path:
 
 
 def finish(state: TrainState, out: Path, source: str, card: dict[str, Any]) -> str:
-    """Writes the final FP16 single-file checkpoint; returns its sha256."""
-    state.unet.eval()
-    state.text_encoder.eval()
-    model = to_glyffuser(state, source)
-    model.metadata = {k: str(v) for k, v in card.items()}
-    return save_checkpoint(model, out, dtype=torch.float16)
+    """Writes the final FP16 single-file checkpoint of the averaged weights; returns its sha256."""
+    with averaged_weights(state):
+        model = to_glyffuser(state, source)
+        model.metadata = {k: str(v) for k, v in card.items()}
+        return save_checkpoint(model, out, dtype=torch.float16)

@@ -48,6 +48,8 @@ def test_train_resume_and_checkpoint(glyph_file, tmp_path):
     resumed = load_state(workdir, TINY)
     assert resumed.step == 3
     assert all(torch.equal(before[k], v) for k, v in resumed.unet.state_dict().items())
+    assert resumed.ema.optimization_step == 3
+    assert all(torch.equal(a, b) for a, b in zip(resumed.ema.shadow_params, state.ema.shadow_params, strict=True))
     state = train(glyph_file, workdir, TINY, max_steps=5)
     assert state.step == 5  # continued from the saved step, not from 0
 
@@ -55,6 +57,15 @@ def test_train_resume_and_checkpoint(glyph_file, tmp_path):
     finish(state, out, str(out), {"steps": state.step})
     model = load_model(out)
     assert model.image_shape == (1, 16, 16) and model.default_guidance == TINY.guidance
+    # The checkpoint holds the moving average, and training keeps its own weights afterwards.
+    names = [name for name, _ in state.unet.named_parameters()]
+    shadow = dict(zip(names, state.ema.shadow_params, strict=False))
+    raw = dict(state.unet.named_parameters())
+    saved = dict(model.unet.named_parameters())
+    name = "conv_in.weight"
+    assert not torch.equal(shadow[name], raw[name].detach())
+    torch.testing.assert_close(saved[name].float(), shadow[name].half().float())
+    assert state.unet.training
     assert model.metadata["steps"] == "5"
     assert next(iter(torch.load(out, weights_only=True)["unet"]["state_dict"].values())).dtype == torch.float16
 
