@@ -277,6 +277,13 @@ def train(
     minutes: Annotated[Optional[float], typer.Option(help="Stop after this many minutes (resume later).")] = None,
     sample_every: Annotated[int, typer.Option(help="Write a sample grid every N steps.")] = 1000,
     save_every: Annotated[int, typer.Option(help="Save the resumable state every N steps.")] = 200,
+    init: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Start a new WORKDIR from this checkpoint of `glyph-engine train` (e.g. the embedded model, "
+            "see `glyph-engine info`) instead of from scratch."
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Train a small glyffuser from scratch (resumes from WORKDIR); writes WORKDIR/glyffuser.pt."""
@@ -285,7 +292,7 @@ def train(
 
         _quiet_libraries()
         for line in run_train(
-            data, workdir, steps, minutes, sample_every, save_every, not quiet and sys.stderr.isatty()
+            data, workdir, steps, minutes, sample_every, save_every, not quiet and sys.stderr.isatty(), init
         ):
             typer.echo(line)
 

@@ -313,8 +313,9 @@ def run_train(
     sample_every: int,
     save_every: int,
     progress: bool,
+    init: Path | None = None,
 ) -> list[str]:
-    """Trains (or resumes), then writes WORKDIR/glyffuser.pt and its model card."""
+    """Trains (or resumes, or goes on from `init`), then writes WORKDIR/glyffuser.pt and its model card."""
     import json
     import shlex
 
@@ -325,7 +326,7 @@ def run_train(
     for name, value in (("--steps", steps), ("--minutes", minutes), ("--sample-every", sample_every)):
         if value is not None and value <= 0:
             raise GlyphEngineError(f"{name} must be positive (got {value}).")
-    state = train(data, workdir, None, steps, minutes, save_every, sample_every, progress)
+    state = train(data, workdir, None, steps, minutes, save_every, sample_every, progress, init=init)
     glyph_count = state.dataset_size
     card = {
         "command": "glyph-engine " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "train",

@@ -129,6 +129,32 @@ def _parameters(state: TrainState) -> list[torch.nn.Parameter]:
     return [*state.unet.parameters(), *state.text_encoder.parameters()]
 
 
+def state_from_checkpoint(path: Path) -> TrainState:
+    """Warm start from a checkpoint `train` wrote (e.g. the embedded model), without its
+    optimizer state: training goes on from its weights, tokenizer, settings and step count."""
+    from glyph_engine.checkpoint import load_model
+
+    model = load_model(path)
+    try:
+        fields = json.loads(model.metadata["config"])
+        config = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+        step = int(model.metadata["steps"])
+        seconds = 3600 * float(model.metadata.get("train_hours", 0.0))
+    except (KeyError, TypeError, ValueError):
+        raise GlyphEngineError(
+            f"{path} was not written by `glyph-engine train` (no training settings in it); "
+            "--init takes a checkpoint from `glyph-engine train`, such as the embedded model."
+        ) from None
+    unet, text_encoder = model.unet.float().train(), model.text_encoder.float().train()
+    params = [*unet.parameters(), *text_encoder.parameters()]
+    for param in params:
+        param.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
+    return TrainState(
+        config, unet, text_encoder, model.tokenizer, optimizer, _new_ema(config, params), step, seconds
+    )
+
+
 def save_state(state: TrainState, workdir: Path) -> None:
     payload = {
         "config": json.dumps(asdict(state.config)),
@@ -223,13 +249,23 @@ def train(
     sample_every: int = 1000,
     progress: bool = False,
     on_sample: Callable[[Path], None] | None = None,
+    init: Path | None = None,
 ) -> TrainState:
-    """Trains (or resumes) in `workdir` until `max_steps` or `minutes` of this run."""
+    """Trains (or resumes) in `workdir` until `max_steps` or `minutes` of this run; a new
+    workdir starts from `init` (a checkpoint `train` wrote) when given, else from scratch."""
     glyphs = load_glyph_set(dataset)
-    workdir.mkdir(parents=True, exist_ok=True)
     if (workdir / STATE).is_file():
+        if init is not None:
+            raise GlyphEngineError(
+                f"{workdir} already holds a training state; drop --init to resume it, or use a new --workdir."
+            )
         state = load_state(workdir, config)
         logger.info("resuming from step %d", state.step)
+    elif init is not None:
+        state = state_from_checkpoint(init)
+        if config is not None and config != state.config:
+            raise GlyphEngineError(f"{init} was trained with other settings than those asked for.")
+        logger.info("starting from %s at step %d", init, state.step)
     else:
         state = _new_state(config or TrainConfig(), [str(c) for c in glyphs.captions])
     config = state.config
@@ -239,6 +275,7 @@ def train(
             f"{dataset} has {glyphs.images.shape[1]}px glyphs; the model trains at {config.resolution}px: "
             f"build the dataset with --resolution {config.resolution}."
         )
+    workdir.mkdir(parents=True, exist_ok=True)
     images = torch.from_numpy(glyphs.images).float().div_(255).unsqueeze(1)  # (N, 1, H, W) in [0, 1]
     captions = [str(c) for c in glyphs.captions]
     abar = DDPMScheduler(**GLYFFUSER_SCHEDULER_CONFIG).alphas_cumprod

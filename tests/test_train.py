@@ -1,5 +1,8 @@
 """Training from scratch: a few steps, resume, the final checkpoint, the radical evaluation."""
 
+import json
+from dataclasses import asdict
+
 import numpy as np
 import pytest
 import torch
@@ -107,6 +110,13 @@ def test_train_and_eval_cli(glyph_file, tmp_path):
     # The CLI trains with the default (32px) configuration: this dataset is 16px.
     wrong = runner.invoke(app, ["train", "--data", str(glyph_file), "--workdir", str(workdir), "--steps", "1"])
     assert wrong.exit_code == 2 and "--resolution 32" in wrong.output
+    # Going on from the embedded (32px) model: the same check, through --init.
+    from glyph_engine.model import DEFAULT_CHECKPOINT
+
+    init = ["--init", str(DEFAULT_CHECKPOINT), "--steps", "1"]
+    wrong = runner.invoke(app, ["train", "--data", str(glyph_file), "--workdir", str(workdir), *init])
+    assert wrong.exit_code == 2 and "--resolution 32" in wrong.output
+    assert not workdir.exists()
 
     train(glyph_file, workdir, TINY, max_steps=2)
     ckpt = workdir / "glyffuser.pt"
@@ -114,3 +124,27 @@ def test_train_and_eval_cli(glyph_file, tmp_path):
     result = runner.invoke(app, ["eval", "--data", str(glyph_file), "--ckpt", str(ckpt), "-n", "4", "--steps", "2"])
     assert result.exit_code == 0, result.output
     assert result.output.count("\n| ") >= 8  # one row per radical prompt
+
+
+def test_train_goes_on_from_a_checkpoint(glyph_file, tmp_path):
+    from glyph_engine.errors import GlyphEngineError
+
+    first = train(glyph_file, tmp_path / "a", TINY, max_steps=3)
+    ckpt = tmp_path / "a.pt"
+    finish(first, ckpt, str(ckpt), {"steps": first.step, "train_hours": 0.01, "config": json.dumps(asdict(TINY))})
+
+    state = train(glyph_file, tmp_path / "b", None, max_steps=5, init=ckpt)
+    assert state.step == 5 and state.config == TINY  # counted on from the checkpoint's 3 steps
+    assert state.tokenizer.get_vocab() == first.tokenizer.get_vocab()
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in state.unet.parameters())
+    # It trained: the weights moved away from the checkpoint's.
+    start = load_model(ckpt).unet.state_dict()["conv_in.weight"]
+    assert not torch.equal(state.unet.state_dict()["conv_in.weight"], start)
+
+    with pytest.raises(GlyphEngineError, match="drop --init"):
+        train(glyph_file, tmp_path / "b", None, max_steps=6, init=ckpt)
+    foreign = tmp_path / "foreign.pt"
+    finish(first, foreign, str(foreign), {})
+    with pytest.raises(GlyphEngineError, match="not written by `glyph-engine train`"):
+        train(glyph_file, tmp_path / "c", None, max_steps=6, init=foreign)
+    assert not (tmp_path / "c").exists()
