@@ -124,6 +124,7 @@ def peer_generate(
     The scheduler belongs to the pipeline, created once, as in the published pipeline.
     """
     device = next(model.unet.parameters()).device
+    # 256 is the published pipeline's literal, whatever the model's own limit.
     tokens = model.tokenizer(prompts, padding="longest", max_length=256, truncation=True, return_tensors="pt")
     mask = tokens.attention_mask.to(device)
     scheduler.set_timesteps(steps)
