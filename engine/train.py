@@ -59,6 +59,10 @@ class TrainConfig:
     warmup_steps: int = 200
     condition_dropout: float = 0.15  # the glyffuser author: 10-20% for classifier-free guidance
     guidance: float = 4.0  # recorded as the checkpoint's default
+    # Also a default for sampling: the schedule ends at alpha_bar 4e-5, so the first steps'
+    # x0 = (x - sqrt(1 - a) eps) / sqrt(a) multiplies any error in eps by up to 160; clamping
+    # x0 to the pixel range keeps a small model's samples from saturating to black.
+    clamp_x0: bool = True
     # Samples and the final checkpoint use an exponential moving average of the weights: with a
     # constant learning rate the raw weights jitter from step to step. diffusers' warm-up
     # ((1 + n) / (10 + n)) keeps short runs close to the latest weights.
@@ -223,6 +227,7 @@ def to_glyffuser(state: TrainState, source: str) -> Glyffuser:
         sha256="training",
         unconditional="zeros",
         default_guidance=state.config.guidance,
+        clamp_x0=state.config.clamp_x0,
         metadata={"trained_steps": str(state.step)},
     )
 

@@ -60,6 +60,7 @@ def test_train_resume_and_checkpoint(glyph_file, tmp_path):
     finish(state, out, str(out), {"steps": state.step})
     model = load_model(out)
     assert model.image_shape == (1, 16, 16) and model.default_guidance == TINY.guidance
+    assert model.clamp_x0 is TINY.clamp_x0 is True
     # The checkpoint holds the moving average, and training keeps its own weights afterwards.
     names = [name for name, _ in state.unet.named_parameters()]
     shadow = dict(zip(names, state.ema.shadow_params, strict=False))
