@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
@@ -335,7 +335,7 @@ def run_train(
         "epochs": round(state.step * state.config.batch_size / glyph_count, 2),
         "train_hours": round(state.seconds / 3600, 2),
         "final_loss": round(state.losses[-1], 4) if state.losses else None,
-        "config": json.dumps(asdict(state.config)),
+        "config": state.config.to_json(),
     }
     out = workdir / "glyffuser.pt"
     digest = finish(state, out, str(out), card)

@@ -28,7 +28,7 @@ from diffusers.training_utils import EMAModel
 from tqdm import tqdm
 from transformers import T5Config, T5EncoderModel
 
-from glyph_engine.checkpoint import save_checkpoint, tokenizer_files, tokenizer_from_files
+from glyph_engine.checkpoint import load_model, save_checkpoint, tokenizer_files, tokenizer_from_files
 from glyph_engine.dataset import GlyphSet, load_glyph_set
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.files import atomic_path
@@ -68,6 +68,14 @@ class TrainConfig:
     # ((1 + n) / (10 + n)) keeps short runs close to the latest weights.
     ema_decay: float = 0.999
     seed: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainConfig:
+        # JSON turns the tuples into lists; settings missing from older files take their defaults.
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(text).items()})
 
     def unet_config(self) -> dict[str, Any]:
         return {
@@ -115,18 +123,20 @@ class TrainState:
     dataset_size: int = 0  # glyphs in the set of the latest run (for epochs in the model card)
 
 
+def _state(config: TrainConfig, unet: UNet2DConditionModel, text_encoder: T5EncoderModel, tokenizer: Any) -> TrainState:
+    """A state around these modules, with a fresh optimizer and weight average."""
+    params = [*unet.parameters(), *text_encoder.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
+    ema = EMAModel(params, decay=config.ema_decay, foreach=True)
+    return TrainState(config, unet, text_encoder, tokenizer, optimizer, ema)
+
+
 def _new_state(config: TrainConfig, captions: list[str]) -> TrainState:
     torch.manual_seed(config.seed)
     tokenizer = train_tokenizer(captions, config.vocab_size)
     unet = UNet2DConditionModel(**config.unet_config())
     text_encoder = T5EncoderModel(T5Config(**config.text_config(len(tokenizer))))
-    params = [*unet.parameters(), *text_encoder.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
-    return TrainState(config, unet, text_encoder, tokenizer, optimizer, _new_ema(config, params))
-
-
-def _new_ema(config: TrainConfig, params: list[torch.nn.Parameter]) -> EMAModel:
-    return EMAModel(params, decay=config.ema_decay, foreach=True)
+    return _state(config, unet, text_encoder, tokenizer)
 
 
 def _parameters(state: TrainState) -> list[torch.nn.Parameter]:
@@ -136,12 +146,9 @@ def _parameters(state: TrainState) -> list[torch.nn.Parameter]:
 def state_from_checkpoint(path: Path) -> TrainState:
     """Warm start from a checkpoint `train` wrote (e.g. the embedded model), without its
     optimizer state: training goes on from its weights, tokenizer, settings and step count."""
-    from glyph_engine.checkpoint import load_model
-
     model = load_model(path)
     try:
-        fields = json.loads(model.metadata["config"])
-        config = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+        config = TrainConfig.from_json(model.metadata["config"])
         step = int(model.metadata["steps"])
         seconds = 3600 * float(model.metadata.get("train_hours", 0.0))
     except (KeyError, TypeError, ValueError):
@@ -149,19 +156,16 @@ def state_from_checkpoint(path: Path) -> TrainState:
             f"{path} was not written by `glyph-engine train` (no training settings in it); "
             "--init takes a checkpoint from `glyph-engine train`, such as the embedded model."
         ) from None
-    unet, text_encoder = model.unet.float().train(), model.text_encoder.float().train()
-    params = [*unet.parameters(), *text_encoder.parameters()]
-    for param in params:
+    state = _state(config, model.unet.float().train(), model.text_encoder.float().train(), model.tokenizer)
+    for param in _parameters(state):
         param.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
-    return TrainState(
-        config, unet, text_encoder, model.tokenizer, optimizer, _new_ema(config, params), step, seconds
-    )
+    state.step, state.seconds = step, seconds
+    return state
 
 
 def save_state(state: TrainState, workdir: Path) -> None:
     payload = {
-        "config": json.dumps(asdict(state.config)),
+        "config": state.config.to_json(),
         "unet": state.unet.state_dict(),
         "text_encoder": state.text_encoder.state_dict(),
         "tokenizer": tokenizer_files(state.tokenizer),
@@ -178,7 +182,7 @@ def save_state(state: TrainState, workdir: Path) -> None:
 
 def load_state(workdir: Path, config: TrainConfig | None) -> TrainState:
     payload = torch.load(workdir / STATE, map_location="cpu", weights_only=True)
-    saved = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(payload["config"]).items()})
+    saved = TrainConfig.from_json(payload["config"])
     if config is not None and config != saved:
         raise GlyphEngineError(f"{workdir / STATE} was trained with other settings; use another --workdir.")
     tokenizer = tokenizer_from_files(payload["tokenizer"])
@@ -186,16 +190,13 @@ def load_state(workdir: Path, config: TrainConfig | None) -> TrainState:
     unet.load_state_dict(payload["unet"])
     text_encoder = T5EncoderModel(T5Config(**saved.text_config(len(tokenizer))))
     text_encoder.load_state_dict(payload["text_encoder"])
-    params = [*unet.parameters(), *text_encoder.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=saved.learning_rate)
-    optimizer.load_state_dict(payload["optimizer"])
-    ema = _new_ema(saved, params)
+    state = _state(saved, unet, text_encoder, tokenizer)
+    state.optimizer.load_state_dict(payload["optimizer"])
     if "ema" in payload:  # states saved before the average existed start it from their weights
-        ema.load_state_dict(payload["ema"])
+        state.ema.load_state_dict(payload["ema"])
     torch.set_rng_state(payload["rng"])
-    return TrainState(
-        saved, unet, text_encoder, tokenizer, optimizer, ema, payload["step"], payload["seconds"], payload["losses"]
-    )
+    state.step, state.seconds, state.losses = payload["step"], payload["seconds"], payload["losses"]
+    return state
 
 
 @contextmanager
@@ -340,9 +341,10 @@ def _train_step(state: TrainState, x0: torch.Tensor, captions: list[str], abar: 
     loss = torch.nn.functional.mse_loss(eps, noise)
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(_parameters(state), 1.0)
+    params = _parameters(state)
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
     state.optimizer.step()
-    state.ema.step(_parameters(state))
+    state.ema.step(params)
     return loss.item()
 
 

@@ -1,8 +1,5 @@
 """Training from scratch: a few steps, resume, the final checkpoint, the radical evaluation."""
 
-import json
-from dataclasses import asdict
-
 import numpy as np
 import pytest
 import torch
@@ -132,7 +129,7 @@ def test_train_goes_on_from_a_checkpoint(glyph_file, tmp_path):
 
     first = train(glyph_file, tmp_path / "a", TINY, max_steps=3)
     ckpt = tmp_path / "a.pt"
-    finish(first, ckpt, str(ckpt), {"steps": first.step, "train_hours": 0.01, "config": json.dumps(asdict(TINY))})
+    finish(first, ckpt, str(ckpt), {"steps": first.step, "train_hours": 0.01, "config": TINY.to_json()})
 
     state = train(glyph_file, tmp_path / "b", None, max_steps=5, init=ckpt)
     assert state.step == 5 and state.config == TINY  # counted on from the checkpoint's 3 steps
