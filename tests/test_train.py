@@ -9,7 +9,7 @@ from glyph_engine.checkpoint import load_model
 from glyph_engine.cli import app
 from glyph_engine.dataset import GlyphSet, save_glyph_set
 from glyph_engine.evaluate import RadicalResult, nearest, table
-from glyph_engine.train import STATE, TrainConfig, finish, load_state, train
+from glyph_engine.train import STATE, TrainConfig, finish, load_state, sample_captions, train
 
 TINY = TrainConfig(
     resolution=16,
@@ -49,6 +49,7 @@ def test_train_resume_and_checkpoint(glyph_file, tmp_path):
     assert resumed.step == 3
     assert all(torch.equal(before[k], v) for k, v in resumed.unet.state_dict().items())
     assert resumed.ema.optimization_step == 3
+    assert torch.equal(resumed.radical_head.weight, state.radical_head.weight)
     assert all(torch.equal(a, b) for a, b in zip(resumed.ema.shadow_params, state.ema.shadow_params, strict=True))
     state = train(glyph_file, workdir, TINY, max_steps=5)
     assert state.step == 5  # continued from the saved step, not from 0
@@ -146,3 +147,27 @@ def test_train_goes_on_from_a_checkpoint(glyph_file, tmp_path):
     with pytest.raises(GlyphEngineError, match="not written by `glyph-engine train`"):
         train(glyph_file, tmp_path / "c", None, max_steps=6, init=foreign)
     assert not (tmp_path / "c").exists()
+
+
+def test_sample_captions_keeps_or_picks_one_clause():
+    captions = ["gold; metals in general, money", "water"] * 200
+    rng = np.random.default_rng(0)
+    assert sample_captions(captions, 0.0, rng) == captions
+    picked = sample_captions(captions, 1.0, rng)
+    assert set(picked[0::2]) == {"gold", "metals in general", "money"}
+    assert set(picked[1::2]) == {"water"}
+    kept = np.mean([c == captions[0] for c in sample_captions(captions, 0.5, rng)[0::2]])
+    assert 0.35 < kept < 0.65
+
+
+def test_radical_loss_teaches_the_text_encoder_the_radicals(glyph_file, tmp_path):
+    """On the synthetic set the caption's first word gives the radical; the head learns it."""
+    config = TrainConfig(**{**TINY.__dict__, "radical_loss": 1.0, "learning_rate": 3e-3})
+    state = train(glyph_file, tmp_path, config, max_steps=40)
+    captions = ["metal; gold 99", "water; river 99", "wood; tree 99"]
+    tokens = state.tokenizer(captions, padding="longest", return_tensors="pt")
+    with torch.no_grad():
+        text = state.text_encoder(**tokens).last_hidden_state
+        mask = tokens["attention_mask"].unsqueeze(-1)
+        predicted = state.radical_head((text * mask).sum(1) / mask.sum(1)).argmax(-1)
+    assert predicted.tolist() == [167, 85, 75]
