@@ -348,7 +348,7 @@ def run_train(
 
 def run_eval(data: Path, ckpt: Path | None, num_samples: int, steps: int, guidance: float | None) -> str:
     from glyph_engine.dataset import load_glyph_set
-    from glyph_engine.evaluate import radical_hit_rates, table
+    from glyph_engine.evaluate import caption_gain, radical_hit_rates, table
 
     if num_samples < 1 or steps < 1:
         raise GlyphEngineError("-n and --steps must be at least 1.")
@@ -356,7 +356,12 @@ def run_eval(data: Path, ckpt: Path | None, num_samples: int, steps: int, guidan
     model = load_model(ckpt or DEFAULT_CHECKPOINT)
     backend = create_backend("auto", model, default_export_dir(ckpt or DEFAULT_CHECKPOINT))
     settings = GenerationSettings(steps=steps, guidance=guidance)
-    return table(radical_hit_rates(model, backend, glyphs, num_samples, settings))
+    rates = table(radical_hit_rates(model, backend, glyphs, num_samples, settings))
+    gain = caption_gain(model, backend, glyphs)
+    return (
+        f"{rates}\n\nCaption gain: the U-Net's loss on 256 training glyphs (t = 300 and 500) is "
+        f"{gain:+.2%} higher without their captions than with them (about 0 if prompts are ignored)."
+    )
 
 
 def _int_list(text: str, option: str) -> tuple[int, ...]:

@@ -123,6 +123,7 @@ def test_train_and_eval_cli(glyph_file, tmp_path):
     result = runner.invoke(app, ["eval", "--data", str(glyph_file), "--ckpt", str(ckpt), "-n", "4", "--steps", "2"])
     assert result.exit_code == 0, result.output
     assert result.output.count("\n| ") >= 8  # one row per radical prompt
+    assert "Caption gain:" in result.output
 
 
 def test_train_goes_on_from_a_checkpoint(glyph_file, tmp_path):
@@ -171,3 +172,28 @@ def test_radical_loss_teaches_the_text_encoder_the_radicals(glyph_file, tmp_path
         mask = tokens["attention_mask"].unsqueeze(-1)
         predicted = state.radical_head((text * mask).sum(1) / mask.sum(1)).argmax(-1)
     assert predicted.tolist() == [167, 85, 75]
+
+
+def test_caption_gain_is_zero_for_a_model_that_ignores_its_prompt(model):
+    from glyph_engine.backends.pytorch import TorchBackend
+    from glyph_engine.evaluate import caption_gain
+    from glyph_engine.testing import DEFINITIONS
+
+    rng = np.random.default_rng(0)
+    glyphs = GlyphSet(
+        rng.integers(0, 256, (len(DEFINITIONS), 32, 32), dtype=np.uint8),
+        np.array(DEFINITIONS),
+        np.arange(len(DEFINITIONS), dtype=np.int32) + 0x4E00,
+        np.full(len(DEFINITIONS), 85, np.int16),
+    )
+    unet = model.unet.float()
+    assert abs(caption_gain(model, TorchBackend(model), glyphs, count=4)) > 1e-4  # random weights use the text
+    # Cut both ways the text reaches the U-Net: cross-attention outputs and the pooled text embedding.
+    with torch.no_grad():
+        for name, module in unet.named_modules():
+            if name.endswith("attn2"):
+                module.to_out[0].weight.zero_()
+                module.to_out[0].bias.zero_()
+        unet.add_embedding.norm2.weight.zero_()
+        unet.add_embedding.norm2.bias.zero_()
+    assert caption_gain(model, TorchBackend(model), glyphs, count=4) == pytest.approx(0.0, abs=1e-6)
