@@ -197,3 +197,14 @@ def test_caption_gain_is_zero_for_a_model_that_ignores_its_prompt(model):
         unet.add_embedding.norm2.weight.zero_()
         unet.add_embedding.norm2.bias.zero_()
     assert caption_gain(model, TorchBackend(model), glyphs, count=4) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_state_from_before_the_radical_loss_points_to_init(glyph_file, tmp_path):
+    from glyph_engine.errors import GlyphEngineError
+
+    train(glyph_file, tmp_path, TINY, max_steps=1)
+    payload = torch.load(tmp_path / STATE, weights_only=True)
+    del payload["radical_head"]
+    torch.save(payload, tmp_path / STATE)
+    with pytest.raises(GlyphEngineError, match="--init"):
+        load_state(tmp_path, None)
