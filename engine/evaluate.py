@@ -108,6 +108,20 @@ def table(results: list[RadicalResult]) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class CaptionGain:
+    gain: float  # relative rise of the loss without captions; about 0 if prompts are ignored
+    glyphs: int
+    timesteps: tuple[int, ...]
+
+    def __str__(self) -> str:
+        levels = " and ".join(str(t) for t in self.timesteps)
+        return (
+            f"Caption gain: the U-Net's loss on {self.glyphs} training glyphs (t = {levels}) is "
+            f"{self.gain:+.2%} higher without their captions than with them (about 0 if prompts are ignored)."
+        )
+
+
 def caption_gain(
     model: Glyffuser,
     backend: Backend,
@@ -115,7 +129,7 @@ def caption_gain(
     count: int = 256,
     timesteps: tuple[int, ...] = (300, 500),
     seed: int = 0,
-) -> float:
+) -> CaptionGain:
     """Relative increase of the epsilon loss when `count` training glyphs lose their captions
     (the unconditional embedding instead), at noise levels where the glyph is half drawn.
     About 0 for a model that ignores the prompt."""
@@ -135,4 +149,4 @@ def caption_gain(
         noisy = a**0.5 * x0 + (1 - a) ** 0.5 * noise
         with_caption += (backend.denoise(noisy, t, text, mask).float() - noise).pow(2).mean().item()
         without += (backend.denoise(noisy, t, uncond_text, uncond_mask).float() - noise).pow(2).mean().item()
-    return without / with_caption - 1
+    return CaptionGain(without / with_caption - 1, len(index), timesteps)

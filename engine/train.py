@@ -197,6 +197,11 @@ def save_state(state: TrainState, workdir: Path) -> None:
 
 def load_state(workdir: Path, config: TrainConfig | None) -> TrainState:
     payload = torch.load(workdir / STATE, map_location="cpu", weights_only=True)
+    if "radical_head" not in payload:
+        raise GlyphEngineError(
+            f"{workdir / STATE} predates the radical loss and cannot be resumed; go on from its checkpoint "
+            f"instead: --init {workdir / 'glyffuser.pt'} with a new --workdir."
+        )
     saved = TrainConfig.from_json(payload["config"])
     if config is not None and config != saved:
         raise GlyphEngineError(f"{workdir / STATE} was trained with other settings; use another --workdir.")
@@ -206,15 +211,9 @@ def load_state(workdir: Path, config: TrainConfig | None) -> TrainState:
     text_encoder = T5EncoderModel(T5Config(**saved.text_config(len(tokenizer))))
     text_encoder.load_state_dict(payload["text_encoder"])
     state = _state(saved, unet, text_encoder, tokenizer)
-    if "radical_head" not in payload:
-        raise GlyphEngineError(
-            f"{workdir / STATE} predates the radical loss and cannot be resumed; go on from its checkpoint "
-            f"instead: --init {workdir / 'glyffuser.pt'} with a new --workdir."
-        )
     state.radical_head.load_state_dict(payload["radical_head"])
     state.optimizer.load_state_dict(payload["optimizer"])
-    if "ema" in payload:  # states saved before the average existed start it from their weights
-        state.ema.load_state_dict(payload["ema"])
+    state.ema.load_state_dict(payload["ema"])
     torch.set_rng_state(payload["rng"])
     state.step, state.seconds, state.losses = payload["step"], payload["seconds"], payload["losses"]
     return state
@@ -367,8 +366,7 @@ def _train_step(
     mask = tokens["attention_mask"]
     text = state.text_encoder(input_ids=tokens["input_ids"], attention_mask=mask).last_hidden_state
     text = text * mask.unsqueeze(-1)
-    pooled = text.sum(dim=1) / mask.sum(dim=1, keepdim=True)
-    radical_loss = torch.nn.functional.cross_entropy(state.radical_head(pooled), radicals)
+    radical_loss = torch.nn.functional.cross_entropy(state.radical_head(mean_encoding(text, mask)), radicals)
     # Condition dropout: the all-zero embedding with every position attended, exactly what
     # sampling feeds the unconditional pass.
     drop = torch.rand(len(captions)) < config.condition_dropout
@@ -387,6 +385,11 @@ def _train_step(
     state.optimizer.step()
     state.ema.step(params)
     return loss.item(), radical_loss.item()
+
+
+def mean_encoding(text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, L, D) encodings with padded positions zeroed -> (B, D) mean over the real tokens."""
+    return text.sum(dim=1) / mask.sum(dim=1, keepdim=True)
 
 
 def write_samples(state: TrainState, workdir: Path, steps: int = 20) -> Path:

@@ -9,7 +9,7 @@ from glyph_engine.checkpoint import load_model
 from glyph_engine.cli import app
 from glyph_engine.dataset import GlyphSet, save_glyph_set
 from glyph_engine.evaluate import RadicalResult, nearest, table
-from glyph_engine.train import STATE, TrainConfig, finish, load_state, sample_captions, train
+from glyph_engine.train import STATE, TrainConfig, finish, load_state, mean_encoding, sample_captions, train
 
 TINY = TrainConfig(
     resolution=16,
@@ -123,7 +123,7 @@ def test_train_and_eval_cli(glyph_file, tmp_path):
     result = runner.invoke(app, ["eval", "--data", str(glyph_file), "--ckpt", str(ckpt), "-n", "4", "--steps", "2"])
     assert result.exit_code == 0, result.output
     assert result.output.count("\n| ") >= 8  # one row per radical prompt
-    assert "Caption gain:" in result.output
+    assert "Caption gain: the U-Net's loss on 48 training glyphs (t = 300 and 500)" in result.output
 
 
 def test_train_goes_on_from_a_checkpoint(glyph_file, tmp_path):
@@ -168,9 +168,9 @@ def test_radical_loss_teaches_the_text_encoder_the_radicals(glyph_file, tmp_path
     captions = ["metal; gold 99", "water; river 99", "wood; tree 99"]
     tokens = state.tokenizer(captions, padding="longest", return_tensors="pt")
     with torch.no_grad():
-        text = state.text_encoder(**tokens).last_hidden_state
-        mask = tokens["attention_mask"].unsqueeze(-1)
-        predicted = state.radical_head((text * mask).sum(1) / mask.sum(1)).argmax(-1)
+        mask = tokens["attention_mask"]
+        text = state.text_encoder(**tokens).last_hidden_state * mask.unsqueeze(-1)
+        predicted = state.radical_head(mean_encoding(text, mask)).argmax(-1)
     assert predicted.tolist() == [167, 85, 75]
 
 
@@ -187,7 +187,7 @@ def test_caption_gain_is_zero_for_a_model_that_ignores_its_prompt(model):
         np.full(len(DEFINITIONS), 85, np.int16),
     )
     unet = model.unet.float()
-    assert abs(caption_gain(model, TorchBackend(model), glyphs, count=4)) > 1e-4  # random weights use the text
+    assert abs(caption_gain(model, TorchBackend(model), glyphs, count=4).gain) > 1e-4  # random weights use the text
     # Cut both ways the text reaches the U-Net: cross-attention outputs and the pooled text embedding.
     with torch.no_grad():
         for name, module in unet.named_modules():
@@ -196,7 +196,7 @@ def test_caption_gain_is_zero_for_a_model_that_ignores_its_prompt(model):
                 module.to_out[0].bias.zero_()
         unet.add_embedding.norm2.weight.zero_()
         unet.add_embedding.norm2.bias.zero_()
-    assert caption_gain(model, TorchBackend(model), glyphs, count=4) == pytest.approx(0.0, abs=1e-6)
+    assert caption_gain(model, TorchBackend(model), glyphs, count=4).gain == pytest.approx(0.0, abs=1e-6)
 
 
 def test_a_state_from_before_the_radical_loss_points_to_init(glyph_file, tmp_path):
