@@ -29,7 +29,7 @@ def grid(pixels: np.ndarray, rows_of: int, pad: int = 2) -> np.ndarray:
     Padding is white, the glyphs' background.
     """
     n, h, w = pixels.shape[:3]
-    cols = math.ceil(math.sqrt(rows_of))
+    cols = _columns(rows_of)
     rows_per_group = math.ceil(rows_of / cols)
     groups = math.ceil(n / rows_of)
     out = np.full(((h + pad) * rows_per_group * groups + pad, (w + pad) * cols + pad, *pixels.shape[3:]), 255, np.uint8)
@@ -39,6 +39,19 @@ def grid(pixels: np.ndarray, rows_of: int, pad: int = 2) -> np.ndarray:
         y, x = pad + r * (h + pad), pad + c * (w + pad)
         out[y : y + h, x : x + w] = image
     return out
+
+
+def _columns(per_prompt: int) -> int:
+    """Columns for one prompt's block: near-square, preferring a width that fills every row.
+
+    8 images make 4x2 rather than 3+3+2; a count with no divisor near its square root
+    (7, 11) keeps the square layout with a short last row.
+    """
+    square = math.ceil(math.sqrt(per_prompt))
+    for cols in range(square, 2 * square + 1):
+        if per_prompt % cols == 0:
+            return cols
+    return square
 
 
 def save_png(pixels: np.ndarray, path: Path, metadata: dict[str, object]) -> None:

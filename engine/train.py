@@ -132,7 +132,7 @@ class TrainState:
     radical_head: torch.nn.Linear  # training only: caption encoding -> radical logits
     step: int = 0
     seconds: float = 0.0
-    losses: list[float] = field(default_factory=list)  # running mean per logged interval
+    losses: list[float] = field(default_factory=list)  # mean loss per 50 steps (fewer at a run's end)
     dataset_size: int = 0  # glyphs in the set of the latest run (for epochs in the model card)
 
 
@@ -347,6 +347,8 @@ def train(
             if on_sample:
                 on_sample(path)
     bar.close()
+    if window:  # the steps since the last 50-step mark, so a short run still reports a loss
+        state.losses.append(float(np.mean(window)))
     state.seconds += time.perf_counter() - started
     if state.step > run_start:
         save_state(state, workdir)
