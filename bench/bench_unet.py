@@ -1,19 +1,20 @@
 """U-Net throughput (images/s) per backend and batch on this machine.
 
 `pytest bench/bench_unet.py --benchmark-only`; each call is one U-Net evaluation of `batch`
-images at text length 16, through the same Backend.denoise that generation uses.
+images at text length 16, through the same Backend.denoise that generation uses, with the
+inputs already on the backend's device (`glyph_engine.benchmark.unet_call`).
 """
 
 import json
 import shutil
 
 import pytest
-import torch
 
-from glyph_engine.artifacts import MANIFEST
 from glyph_engine.backends.onnx_runtime import OnnxRuntimeBackend
-from glyph_engine.backends.pytorch import TorchBackend
+from glyph_engine.benchmark import unet_call
+from glyph_engine.export_manifest import MANIFEST
 from glyph_engine.files import sha256_file
+from glyph_engine.timing import synchronized
 
 CASES = [("tiny", 1), ("tiny", 16), ("tiny", 64), ("full", 1)]
 
@@ -31,26 +32,16 @@ def slimmed_copy(export_dir, target):
     return target
 
 
-def make_backend(name, model, export_dir, tmp_path):
-    if name == "torch":
-        return TorchBackend(model)
-    if name == "onnxruntime-slim":
-        # Graph clean-up stays out of the product unless this shows it beats plain ONNX Runtime.
-        export_dir = slimmed_copy(export_dir, tmp_path / "slim")
-    return OnnxRuntimeBackend(model, export_dir)
-
-
 @pytest.mark.parametrize("backend_name", ["torch", "onnxruntime", "onnxruntime-slim"])
 @pytest.mark.parametrize("size, batch", CASES, ids=[f"{s}-b{b}" for s, b in CASES])
-def test_unet(benchmark, bench_model, tmp_path, size, batch, backend_name):
+def test_unet(benchmark, bench_model, bench_backend, tmp_path, size, batch, backend_name):
     model, export_dir = bench_model(size)
-    backend = make_backend(backend_name, model, export_dir, tmp_path)
-    channels, height, width = model.image_shape
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, channels, height, width, generator=gen)
-    text = torch.randn(batch, 16, model.text_encoder.config.d_model, generator=gen)
-    mask = torch.ones(batch, 16, dtype=torch.long)
+    if backend_name == "onnxruntime-slim":
+        # Graph clean-up stays out of the product unless this shows it beats plain ONNX Runtime.
+        backend = OnnxRuntimeBackend(model, slimmed_copy(export_dir, tmp_path / "slim"), device="cpu")
+    else:
+        backend = bench_backend(size, backend_name)
     benchmark.group = f"U-Net {size} batch {batch}"
-    benchmark.extra_info["images"] = batch
-    benchmark.pedantic(backend.denoise, args=(x, 500, text, mask), rounds=3, warmup_rounds=1, iterations=1)
+    benchmark.extra_info.update(images=batch, device=str(backend.device))
+    benchmark.pedantic(synchronized(unet_call(model, backend, batch), backend.device), rounds=3, warmup_rounds=1)
     benchmark.extra_info["images_per_s"] = batch / benchmark.stats.stats.median

@@ -1,7 +1,8 @@
 """Models for the benchmarks: the embedded small glyffuser ("small"; the tiny fixture when
 no embedded model is installed), the tiny fixture and the full-size configuration.
 
-Random weights for the fixtures: speed does not depend on their values.
+Random weights for the fixtures: speed does not depend on their values. Backends run on the
+device named by `--bench-device` (default cpu), never on whatever happens to be present.
 """
 
 import pytest
@@ -9,7 +10,8 @@ import pytest
 from glyph_engine.checkpoint import load_model
 from glyph_engine.export.exporter import ExportOptions, export_model
 from glyph_engine.model import DEFAULT_CHECKPOINT, GLYFFUSER_UNET_CONFIG
-from glyph_engine.testing import (
+
+from factories import (
     T5_SMALL_CONFIG,
     TINY_T5_CONFIG,
     TINY_UNET_CONFIG,
@@ -40,5 +42,39 @@ def bench_model(tmp_path_factory):
             export_model(model.sha256, lambda: model, out, ExportOptions(precisions=("fp32",)))
             built[size] = (model, out)
         return built[size]
+
+    return get
+
+
+def pytest_addoption(parser):
+    parser.addoption("--bench-device", default="cpu", help="Device the benchmarked backends run on: cpu or cuda.")
+
+
+@pytest.fixture(scope="session")
+def bench_device(request):
+    import torch
+
+    device = torch.device(request.config.getoption("--bench-device"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        pytest.skip("--bench-device cuda needs a CUDA GPU; this machine has none")
+    return device
+
+
+@pytest.fixture(scope="session")
+def bench_backend(bench_model, bench_device):
+    """bench_backend(size, name) -> a backend on the benchmark device, one per (size, name)."""
+    from glyph_engine.backends.onnx_runtime import OnnxRuntimeBackend
+    from glyph_engine.backends.pytorch import TorchBackend
+
+    made = {}
+
+    def get(size: str, name: str):
+        if (size, name) not in made:
+            model, export_dir = bench_model(size)
+            if name == "torch":
+                made[size, name] = TorchBackend(model, device=bench_device)
+            else:
+                made[size, name] = OnnxRuntimeBackend(model, export_dir, device=bench_device)
+        return made[size, name]
 
     return get

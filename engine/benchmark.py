@@ -12,8 +12,6 @@ import io
 import json
 import os
 import platform
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -23,45 +21,31 @@ from typing import Any
 import torch
 from diffusers import DPMSolverMultistepScheduler
 
-from glyph_engine.backend import Backend
+from glyph_engine.backends.base import Backend
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.files import atomic_path
 from glyph_engine.model import Glyffuser
-from glyph_engine.pipeline import GenerationSettings, generate, image_seeds
+from glyph_engine.pipeline import generate, image_seeds
 from glyph_engine.sampler import initial_noise
+from glyph_engine.settings import GenerationSettings
+from glyph_engine.step import select_step
+from glyph_engine.timing import matmul_flops_per_second, median_seconds
 
 PEER = "peer"  # the glyffuser's own loop
 PROMPT = "metal"
+UNET_TEXT_LENGTH = 16  # tokens in the U-Net-alone measurements
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    backends: tuple[str, ...] = ("torch", "onnxruntime")
+    """The measured grid, shared by `glyph-engine bench` and the pytest-benchmark suite."""
+
     batch_sizes: tuple[int, ...] = (16,)
     steps: tuple[int, ...] = (1, 2, 5, 10, 20, 50)
     # The published glyffuser loop has no classifier-free guidance: compare unguided.
     guidance: float = 1.0
     repeats: int = 3  # timed runs per point (median reported)
     warmup: int = 1
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def median_seconds(fn: Callable[[], object], repeats: int, warmup: int) -> float:
-    """Median wall time of `fn`, after warm-up; synchronises CUDA inside the timed region."""
-    for _ in range(warmup):
-        fn()
-        _sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def machine() -> dict[str, Any]:
@@ -81,6 +65,7 @@ def machine() -> dict[str, Any]:
             libraries[name] = None
     return {
         "cpu": cpu,
+        "cpu_features": cpu_features(),
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
@@ -89,13 +74,21 @@ def machine() -> dict[str, Any]:
     }
 
 
-def matmul_flops_per_second(size: int = 1024, repeats: int = 5) -> float:
-    """This machine's FP32 matrix-multiply rate, the practical ceiling for a U-Net."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
-    seconds = median_seconds(lambda: a @ b, repeats, warmup=2)
-    return 2 * size**3 / seconds
+def cpu_features() -> dict[str, Any]:
+    """What the CPU's vector units can do, read at run time (machines of one project differ)."""
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+    return {
+        "torch_capability": torch.backends.cpu.get_cpu_capability(),
+        "flags": [f for f in wanted if f in flags],
+    }
 
 
 def unet_flops_per_image(model: Glyffuser, text_length: int = 16) -> int:
@@ -123,7 +116,7 @@ def peer_generate(
 
     The scheduler belongs to the pipeline, created once, as in the published pipeline.
     """
-    device = next(model.unet.parameters()).device
+    device = peer_device(model)
     # 256 is the published pipeline's literal, whatever the model's own limit.
     tokens = model.tokenizer(prompts, padding="longest", max_length=256, truncation=True, return_tensors="pt")
     mask = tokens.attention_mask.to(device)
@@ -138,9 +131,15 @@ def peer_generate(
     return image.clamp(0, 1)
 
 
+def peer_device(model: Glyffuser) -> torch.device:
+    """The peer runs where the model's U-Net lives (backends never move the model)."""
+    return next(model.unet.parameters()).device
+
+
 @dataclass(frozen=True)
 class Point:
     backend: str
+    device: str
     batch: int
     steps: int
     seconds: float
@@ -159,23 +158,28 @@ def run_benchmark(
 ) -> dict[str, Any]:
     """Generate throughput for the peer and each backend, at every batch size and step count."""
     flops = unet_flops_per_image(model)
-    peak = matmul_flops_per_second()
+    devices = {PEER: peer_device(model), **{name: b.device for name, b in backends.items()}}
+    # One ceiling per device the benchmark runs on, measured in that device's compute precision.
+    peaks = {str(d): matmul_flops_per_second(d) for d in set(devices.values())}
     points: list[Point] = []
     unet_only: list[dict[str, Any]] = []
     for batch in config.batch_sizes:
-        noise = initial_noise(image_seeds(0, batch), model.image_shape)
         unet_batch = batch * (2 if config.guidance != 1.0 else 1)
         unet_seconds = {}
         for name, backend in backends.items():
             report(f"{name}: U-Net alone, batch {unet_batch}")
-            unet_seconds[name] = time_unet(model, backend, unet_batch, config)
+            seconds = median_seconds(
+                unet_call(model, backend, unet_batch), config.repeats, config.warmup, backend.device
+            )
+            unet_seconds[name] = seconds
             unet_only.append(
                 {
                     "backend": name,
+                    "device": str(backend.device),
                     "batch": unet_batch,
-                    "seconds": unet_seconds[name],
-                    "images_per_s": unet_batch / unet_seconds[name],
-                    "utilization": flops * unet_batch / unet_seconds[name] / peak,
+                    "seconds": seconds,
+                    "images_per_s": unet_batch / seconds,
+                    "utilization": flops * unet_batch / seconds / peaks[str(backend.device)][0],
                 }
             )
         # The peer runs the same eager PyTorch U-Net as the torch backend, without guidance.
@@ -184,8 +188,8 @@ def run_benchmark(
             peer_seconds = None
             for name in (PEER, *backends):
                 report(f"{name}: batch {batch}, {steps} steps")
-                run = _runner(model, backends.get(name), noise, steps, config.guidance)
-                seconds = median_seconds(run, config.repeats, config.warmup)
+                run = generation(model, backends.get(name), batch, steps, config.guidance)
+                seconds = median_seconds(run, config.repeats, config.warmup, devices[name])
                 if name == PEER:
                     peer_seconds = seconds
                 unet_calls = batch * steps * (2 if config.guidance != 1.0 and name != PEER else 1)
@@ -193,13 +197,14 @@ def run_benchmark(
                 points.append(
                     Point(
                         name,
+                        str(devices[name]),
                         batch,
                         steps,
                         seconds,
                         batch / seconds,
                         peer_seconds / seconds if peer_seconds else None,
                         achieved,
-                        achieved / peak,
+                        achieved / peaks[str(devices[name])][0],
                         1000 * (seconds / steps - unet_seconds[name]),
                     )
                 )
@@ -207,33 +212,40 @@ def run_benchmark(
         "machine": machine(),
         "model": {"source": model.source, "sha256": model.sha256, "image_shape": list(model.image_shape)},
         "config": asdict(config),
+        # What ran, not what was asked for: a backend that failed to start is not here.
+        "backends": {
+            name: {"device": str(b.device), "step": select_step(GenerationSettings().step_impl, b.device)[1].value}
+            for name, b in backends.items()
+        },
         "unet_flops_per_image_step": flops,
-        "matmul_flops_per_s": peak,
+        "matmul_flops_per_s": {device: rate for device, (rate, _) in peaks.items()},
+        "matmul": {device: how for device, (_, how) in peaks.items()},
         "unet_only": unet_only,
         "points": [asdict(p) for p in points],
     }
 
 
-def _runner(
-    model: Glyffuser, backend: Backend | None, noise: torch.Tensor, steps: int, guidance: float
+def generation(
+    model: Glyffuser, backend: Backend | None, batch: int, steps: int, guidance: float
 ) -> Callable[[], object]:
-    """One end-to-end generation of len(noise) images: the peer's loop when `backend` is None."""
-    batch = len(noise)
+    """One end-to-end generation of `batch` glyphs: the peer's loop when `backend` is None."""
     if backend is None:
+        noise = initial_noise(image_seeds(0, batch), model.image_shape)
         scheduler = DPMSolverMultistepScheduler()
         return lambda: peer_generate(model, scheduler, [PROMPT] * batch, noise, steps)
     settings = GenerationSettings(steps=steps, guidance=guidance)
     return lambda: generate(model, backend, [PROMPT], batch, settings)
 
 
-def time_unet(model: Glyffuser, backend: Backend, batch: int, config: BenchConfig) -> float:
-    """Median time of one U-Net call through the backend (text length 16)."""
+def unet_call(model: Glyffuser, backend: Backend, batch: int) -> Callable[[], object]:
+    """One U-Net call of `batch` images through the backend, inputs already on its device."""
     channels, height, width = model.image_shape
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, channels, height, width, generator=gen)
-    text = torch.randn(batch, 16, model.text_encoder.config.d_model, generator=gen)
-    mask = torch.ones(batch, 16, dtype=torch.long)
-    return median_seconds(lambda: backend.denoise(x, 500, text, mask), config.repeats, config.warmup)
+    width_text = model.text_encoder.config.d_model
+    x = torch.randn(batch, channels, height, width, generator=gen).to(backend.device)
+    text = torch.randn(batch, UNET_TEXT_LENGTH, width_text, generator=gen).to(backend.device)
+    mask = torch.ones(batch, UNET_TEXT_LENGTH, dtype=torch.long, device=backend.device)
+    return lambda: backend.denoise(x, 500, text, mask)
 
 
 def write_results(results: dict[str, Any], out: Path) -> list[Path]:
@@ -256,19 +268,25 @@ def write_results(results: dict[str, Any], out: Path) -> list[Path]:
 
 def markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
+    rates = ", ".join(
+        f"{device} {rate / 1e9:.0f} GFLOP/s ({results['matmul'][device]['dtype']})"
+        for device, rate in results["matmul_flops_per_s"].items()
+    )
+    ran = ", ".join(f"{name} on {b['device']} (step: {b['step']})" for name, b in results["backends"].items())
     lines = [
         f"Machine: {m['cpu']}, {m['cores']} cores, GPU: {m['gpu'] or 'none'}; "
         f"torch {m['libraries']['torch']}, onnxruntime {m['libraries']['onnxruntime']}.",
         f"Model: {results['model']['source']} ({'x'.join(map(str, results['model']['image_shape']))}); "
         f"U-Net {results['unet_flops_per_image_step'] / 1e9:.2f} GFLOP per image per step; "
-        f"matrix-multiply rate {results['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s.",
+        f"matrix-multiply rate: {rates}.",
+        f"Backends: {ran}.",
         "",
         "U-Net alone:",
         "",
-        "| backend | U-Net batch | images/s | of matmul rate |",
-        "| --- | ---: | ---: | ---: |",
+        "| backend | device | U-Net batch | images/s | of matmul rate |",
+        "| --- | --- | ---: | ---: | ---: |",
         *(
-            f"| {u['backend']} | {u['batch']} | {u['images_per_s']:.2f} | {u['utilization']:.1%} |"
+            f"| {u['backend']} | {u['device']} | {u['batch']} | {u['images_per_s']:.2f} | {u['utilization']:.1%} |"
             for u in results["unet_only"]
         ),
         "",

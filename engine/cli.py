@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 import logging
 import sys
 from collections.abc import Iterator
@@ -14,6 +13,8 @@ import typer
 
 from glyph_engine import __version__
 from glyph_engine.errors import GlyphEngineError
+from glyph_engine.schedule import SamplerConfig, Spacing
+from glyph_engine.settings import BackendName, GenerationSettings, StepImpl
 
 app = typer.Typer(
     name="glyph-engine",
@@ -24,25 +25,6 @@ app = typer.Typer(
     # Plain click output: parse errors end in one "Error: ..." line instead of a box.
     rich_markup_mode=None,
 )
-
-
-class BackendChoice(str, enum.Enum):
-    auto = "auto"
-    torch = "torch"
-    onnxruntime = "onnxruntime"
-    tensorrt = "tensorrt"
-
-
-class StepChoice(str, enum.Enum):
-    auto = "auto"
-    fused = "fused"
-    torch = "torch"
-
-
-class SpacingChoice(str, enum.Enum):
-    linspace = "linspace"
-    leading = "leading"
-    trailing = "trailing"
 
 
 @contextmanager
@@ -75,71 +57,80 @@ def _setup(
     )
 
 
+# Defaults come from the library's own settings types, so they are stated once.
+_SETTINGS = GenerationSettings()
+_SAMPLER = SamplerConfig()
+
+
 @app.command()
 def generate(
     prompts: Annotated[list[str], typer.Argument(help='English definitions to draw, e.g. "metal".')],
     num_images: Annotated[int, typer.Option("-n", "--num-images", help="Glyphs per prompt (1-4096).")] = 16,
-    steps: Annotated[int, typer.Option(help="DPM-Solver++ steps; 20 looks good, 10 is usable.")] = 20,
+    steps: Annotated[int, typer.Option(help="DPM-Solver++ steps; 20 looks good, 10 is usable.")] = _SETTINGS.steps,
     guidance: Annotated[
         Optional[float],
         typer.Option(help="Classifier-free guidance scale; 1 turns it off. Default: the checkpoint's."),
-    ] = None,
-    seed: Annotated[int, typer.Option(help="Seed (0 or more); image i's noise depends only on (seed, i).")] = 0,
+    ] = _SETTINGS.guidance,
+    seed: Annotated[
+        int, typer.Option(help="Seed (0 or more); image i's noise depends only on (seed, i).")
+    ] = _SETTINGS.seed,
     ckpt: Annotated[
         Optional[Path], typer.Option(help="glyph-engine checkpoint (.pt) or glyffuser diffusers folder.")
     ] = None,
     text_encoder: Annotated[
         Optional[str], typer.Option(help="T5 hub id or folder, for diffusers folders [default: google-t5/t5-small].")
     ] = None,
-    backend: Annotated[BackendChoice, typer.Option(help="Inference backend; auto picks the fastest here.")] = (
-        BackendChoice.auto
+    backend: Annotated[BackendName, typer.Option(help="Inference backend; auto picks the fastest here.")] = (
+        BackendName.auto
     ),
     export_dir: Annotated[
         Optional[Path], typer.Option(help="ONNX export folder [default: beside the checkpoint, NAME-export/].")
     ] = None,
     batch_size: Annotated[
         Optional[int], typer.Option(help="Images per U-Net call (x2 with guidance). Default: all at once.")
-    ] = None,
+    ] = _SETTINGS.batch_size,
     out: Annotated[Path, typer.Option("--out", "-o", help="Grid PNG to write.")] = Path("glyphs.png"),
     out_dir: Annotated[Optional[Path], typer.Option(help="Also write each glyph as a PNG in this folder.")] = None,
-    spacing: Annotated[SpacingChoice, typer.Option(help="How timesteps are spread.")] = SpacingChoice.linspace,
-    karras: Annotated[bool, typer.Option(help="Karras sigmas (more steps at low noise).")] = False,
-    order: Annotated[int, typer.Option(help="Solver order: 2 (DPM-Solver++ 2M) or 1.")] = 2,
+    spacing: Annotated[Spacing, typer.Option(help="How timesteps are spread.")] = _SAMPLER.spacing,
+    karras: Annotated[bool, typer.Option(help="Karras sigmas (more steps at low noise).")] = _SAMPLER.karras_sigmas,
+    order: Annotated[int, typer.Option(help="Solver order: 2 (DPM-Solver++ 2M) or 1.")] = _SAMPLER.order,
     cuda_graph: Annotated[bool, typer.Option(help="TensorRT: capture each batch shape in a CUDA graph.")] = False,
     step_impl: Annotated[
-        StepChoice, typer.Option(help="Sampler step: fused C++/CUDA op, or eager torch; auto: fused if it builds.")
-    ] = StepChoice.auto,
+        StepImpl,
+        typer.Option(help="Sampler step: fused C++/CUDA op, or eager torch; auto: fused where the op is built."),
+    ] = _SETTINGS.step_impl,
     clamp_x0: Annotated[
         Optional[bool],
         typer.Option(
             "--clamp-x0/--no-clamp-x0", help="Clamp each step's x0 to the pixel range [default: the checkpoint's]."
         ),
-    ] = None,
+    ] = _SETTINGS.clamp_x0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Draw glyphs for one or more prompts and write them as a PNG grid (and single PNGs)."""
     with user_errors():
-        from glyph_engine.service import GenerateRequest, run_generate
+        from glyph_engine.commands import GenerateRequest, run_generate
 
-        request = GenerateRequest(
-            prompts=prompts,
-            num_images=num_images,
+        settings = GenerationSettings(
             steps=steps,
             guidance=guidance,
             seed=seed,
+            batch_size=batch_size,
+            sampler=SamplerConfig(order=order, spacing=spacing, karras_sigmas=karras),
+            clamp_x0=clamp_x0,
+            step_impl=step_impl,
+        )
+        request = GenerateRequest(
+            prompts=prompts,
+            num_images=num_images,
+            settings=settings,
             ckpt=ckpt,
             text_encoder=text_encoder,
-            backend=backend.value,
+            backend=backend,
             export_dir=export_dir,
             cuda_graph=cuda_graph,
-            batch_size=batch_size,
             out=out,
             out_dir=out_dir,
-            spacing=spacing.value,
-            karras=karras,
-            order=order,
-            step_impl=step_impl.value,
-            clamp_x0=clamp_x0,
             progress=not quiet and sys.stderr.isatty(),
         )
         _quiet_libraries()
@@ -159,7 +150,7 @@ def info(
     """Print this machine's backends and sampler step, and what a checkpoint holds."""
     with user_errors():
         from glyph_engine.checkpoint import load_model
-        from glyph_engine.service import describe, environment
+        from glyph_engine.commands import describe, environment
 
         _quiet_libraries()
         rows = environment()
@@ -225,7 +216,7 @@ def export_(
     Re-running with the same checkpoint and options reuses the folder without work.
     """
     with user_errors():
-        from glyph_engine.service import ExportRequest, run_export
+        from glyph_engine.export.command import ExportRequest, run_export
 
         _quiet_libraries()
         request = ExportRequest(
@@ -258,8 +249,8 @@ def dataset(
 ) -> None:
     """Build the training set: Unihan definitions, rendered glyphs and radicals, in one .npz."""
     with user_errors():
-        from glyph_engine.dataset import build_glyph_set, save_glyph_set
         from glyph_engine.files import check_writable_file
+        from glyph_engine.training.dataset import build_glyph_set, save_glyph_set
 
         check_writable_file(out)
         glyphs = build_glyph_set(resolution, font, unihan, limit)
@@ -288,7 +279,7 @@ def train(
 ) -> None:
     """Train a small glyffuser from scratch (resumes from WORKDIR); writes WORKDIR/glyffuser.pt."""
     with user_errors():
-        from glyph_engine.service import run_train
+        from glyph_engine.training.commands import run_train
 
         _quiet_libraries()
         for line in run_train(
@@ -309,7 +300,7 @@ def eval_(
 ) -> None:
     """Radical hit rate: how often "metal" draws glyphs whose nearest training glyph has 金."""
     with user_errors():
-        from glyph_engine.service import run_eval
+        from glyph_engine.training.commands import run_eval
 
         _quiet_libraries()
         typer.echo(run_eval(data, ckpt, num_samples, steps, guidance))
@@ -332,7 +323,7 @@ def bench(
     backend) with a description of the machine.
     """
     with user_errors():
-        from glyph_engine.service import run_bench
+        from glyph_engine.commands import run_bench
 
         _quiet_libraries()
         for line in run_bench(ckpt, backends, batch, steps, out, repeats, lambda m: typer.echo(m, err=True)):

@@ -3,29 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from glyph_engine.backend import Backend
-from glyph_engine.cpp_ext import StepImpl, select_step
+from glyph_engine.backends.base import Backend
+from glyph_engine.errors import GlyphEngineError
 from glyph_engine.model import Glyffuser
 from glyph_engine.sampler import Predictor, initial_noise, sample_dpmpp
-from glyph_engine.schedule import SamplerConfig, dpmpp_coefficients
+from glyph_engine.schedule import dpmpp_coefficients
+from glyph_engine.settings import GenerationSettings, StepImpl
+from glyph_engine.step import select_step
 from glyph_engine.text import tokenize
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    steps: int = 20  # the glyffuser author's choice; 10 is usable, 50 barely better
-    guidance: float | None = None  # None: the checkpoint's default; 1.0 skips the unconditional pass
-    seed: int = 0
-    batch_size: int | None = None  # images per U-Net call (x2 with guidance); None: all at once
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    clamp_x0: bool | None = None  # clamp each step's x0 to the pixel range; None: the checkpoint's default
-    step_impl: StepImpl = "auto"  # "fused" C++/CUDA op, "torch" eager reference; auto: fused if it builds
 
 
 @dataclass(frozen=True)
@@ -34,7 +25,7 @@ class Generation:
     prompts: list[str]  # per image
     seeds: list[int]  # per image: its noise depends only on this
     guidance: float
-    step_impl: str  # the step implementation that ran
+    step_impl: StepImpl  # the step implementation that ran
 
 
 def image_seeds(seed: int, count: int) -> list[int]:
@@ -100,6 +91,7 @@ def generate(
 
     `on_step` is called after every solver step of every batch (progress bars).
     """
+    settings.validate()
     guidance = model.default_guidance if settings.guidance is None else settings.guidance
     distinct = list(dict.fromkeys(prompts))
     text, mask = encode_prompts(model, backend, distinct)
@@ -112,7 +104,7 @@ def generate(
         uncond_text, uncond_mask = unconditional_text(model, backend, text[:1])
 
     coefficients = dpmpp_coefficients(model.alphas_cumprod, settings.steps, settings.sampler)
-    step, step_name = select_step(settings.step_impl)
+    step, step_impl = select_step(settings.step_impl, backend.device)
     clamp_x0 = model.clamp_x0 if settings.clamp_x0 is None else settings.clamp_x0
     clamp = model.pixel_range if clamp_x0 else None
     batch = settings.batch_size or total
@@ -127,10 +119,21 @@ def generate(
             cond_mask = torch.cat([uncond_mask.expand(b, -1), cond_mask])
         predict = _predictor(backend, cond_text, cond_mask, guided)
         x = noise[start : start + b].to(backend.device, torch.float32)
-        x = sample_dpmpp(predict, x, coefficients, guidance, clamp, callback=(lambda _: on_step()) if on_step else None)
+        x = sample_dpmpp(
+            predict, x, coefficients, guidance, clamp, step=step, callback=(lambda _: on_step()) if on_step else None
+        )
         outputs.append(x.float().cpu())
 
+    samples = torch.cat(outputs)
+    bad = int((~torch.isfinite(samples)).flatten(1).any(1).sum())
+    if bad:
+        # A silent wrong image is worse than none: NaN weights, or guidance so strong without
+        # x0 clamping that values overflow, end here instead of in a grey PNG.
+        raise GlyphEngineError(
+            f"sampling produced NaN or infinite values in {bad} of {len(samples)} images; the checkpoint's "
+            "weights may be damaged, or the guidance too strong (try a lower --guidance or --clamp-x0)."
+        )
     low, high = model.pixel_range
-    images = ((torch.cat(outputs) - low) / (high - low)).clamp(0.0, 1.0)
+    images = ((samples - low) / (high - low)).clamp(0.0, 1.0)
     prompts_out = [distinct[i] for i in prompt_index]
-    return Generation(images=images, prompts=prompts_out, seeds=seeds, guidance=guidance, step_impl=step_name)
+    return Generation(images=images, prompts=prompts_out, seeds=seeds, guidance=guidance, step_impl=step_impl)

@@ -11,13 +11,22 @@ Timestep selection and sigma handling follow diffusers' ``DPMSolverMultistepSche
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
-Spacing = Literal["linspace", "leading", "trailing"]
+
+class Spacing(str, enum.Enum):
+    """How timesteps are picked from the training schedule (diffusers' `timestep_spacing`)."""
+
+    linspace = "linspace"
+    leading = "leading"
+    trailing = "trailing"
+
+
 FinalSigma = Literal["zero", "sigma_min"]
 
 
@@ -26,7 +35,7 @@ class SamplerConfig:
     """How the solver walks the noise schedule. Defaults match the glyffuser's sampler."""
 
     order: Literal[1, 2] = 2  # 2 = DPM-Solver++(2M); 1 = DDIM-equivalent, more steps needed
-    spacing: Spacing = "linspace"  # how timesteps are picked from the training schedule
+    spacing: Spacing = Spacing.linspace  # how timesteps are picked from the training schedule
     karras_sigmas: bool = False  # rho=7 ramp; spends more steps at low noise
     lower_order_final: bool = True  # first-order last steps when fewer than 15: stabler
     final_sigma: FinalSigma = "zero"  # "zero" ends exactly on the predicted x0

@@ -9,7 +9,27 @@ from collections.abc import Sequence
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase, T5Tokenizer
 
+from glyph_engine.errors import GlyphEngineError
+
 logger = logging.getLogger(__name__)
+
+
+def check_prompts(prompts: Sequence[str]) -> None:
+    """Refuses prompts the tokenizer cannot take: none, empty ones, or bytes that are not UTF-8.
+
+    Python decodes undecodable command-line bytes to lone surrogates; they only fail deep
+    inside the tokenizer, so they are caught here.
+    """
+    if not prompts or any(not p.strip() for p in prompts):
+        raise GlyphEngineError('a prompt is empty; give each prompt some text, e.g. glyph-engine generate "metal".')
+    for prompt in prompts:
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = prompt.encode("utf-8", "backslashreplace").decode("ascii", "replace")
+            raise GlyphEngineError(
+                f"prompt {shown!r} is not valid UTF-8 text; check the terminal's or file's encoding."
+            ) from None
 
 
 def tokenize(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_length: int) -> tuple[Tensor, Tensor]:

@@ -6,7 +6,6 @@ import hashlib
 import json
 import logging
 import shutil
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -18,16 +17,6 @@ import onnxruntime as ort
 import torch
 
 from glyph_engine import __version__
-from glyph_engine.artifacts import (
-    FORMAT,
-    FORMAT_VERSION,
-    MANIFEST,
-    damaged_files,
-    file_entry,
-    onnx_files,
-    read_manifest,
-    write_manifest,
-)
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.export.specs import ComponentSpec, text_encoder_spec, unet_spec
 from glyph_engine.export.to_onnx import (
@@ -39,8 +28,19 @@ from glyph_engine.export.to_onnx import (
     export_onnx,
 )
 from glyph_engine.export.validate import summarize, validate
+from glyph_engine.export_manifest import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    damaged_files,
+    file_entry,
+    onnx_files,
+    read_manifest,
+    write_manifest,
+)
 from glyph_engine.files import make_staging_dir
 from glyph_engine.model import Glyffuser
+from glyph_engine.timing import median_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -209,13 +209,7 @@ def cpu_benchmark(model: Glyffuser, unet_onnx: Path, options: ExportOptions, rep
     feed = {k: v.numpy() for k, v in inputs.items()}
 
     def median_ms(call: Callable[[], object]) -> float:
-        call()  # warm-up
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            call()
-            times.append(time.perf_counter() - t)
-        return round(1000 * statistics.median(times), 3)
+        return round(1000 * median_seconds(call, repeats, warmup=1, device="cpu"), 3)
 
     with torch.inference_mode():
         torch_ms = median_ms(lambda: module(*inputs.values()))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from glyph_engine.testing import make_glyffuser_folder, make_text_encoder_folder
+from factories import make_glyffuser_folder, make_text_encoder_folder
 
 
 @pytest.fixture(scope="session")
@@ -39,7 +39,7 @@ def model(ckpt_path):
 def pytest_collection_modifyitems(config, items):
     import torch
 
-    from glyph_engine.trt import load_tensorrt
+    from glyph_engine.backends.tensorrt import load_tensorrt
 
     skips = {}
     if not torch.cuda.is_available():

@@ -6,7 +6,8 @@ import torch
 from glyph_engine.backends import create_backend
 from glyph_engine.backends.pytorch import TorchBackend
 from glyph_engine.errors import GlyphEngineError
-from glyph_engine.pipeline import GenerationSettings, encode_prompts, generate
+from glyph_engine.pipeline import encode_prompts, generate
+from glyph_engine.settings import GenerationSettings
 
 
 def test_auto_is_torch_on_cpu(model):

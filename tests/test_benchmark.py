@@ -12,8 +12,9 @@ from typer.testing import CliRunner
 from glyph_engine.backends.pytorch import TorchBackend
 from glyph_engine.benchmark import peer_generate, plot, unet_flops_per_image
 from glyph_engine.cli import app
-from glyph_engine.pipeline import GenerationSettings, generate, image_seeds
+from glyph_engine.pipeline import generate, image_seeds
 from glyph_engine.sampler import initial_noise
+from glyph_engine.settings import GenerationSettings
 
 
 def test_bench_cli_writes_all_outputs(ckpt_path, tmp_path):

@@ -14,7 +14,7 @@ from glyph_engine.images import to_uint8
 from glyph_engine.pipeline import image_seeds
 from glyph_engine.sampler import initial_noise
 
-from test_pipeline import glyffuser_loop
+from reference import glyffuser_loop
 
 runner = CliRunner()
 
@@ -180,7 +180,7 @@ def test_info_and_convert_bad_input(args, message, tmp_path):
 
 
 def test_progress_bar_on_stderr(ckpt_path, tmp_path, capsys):
-    from glyph_engine.service import GenerateRequest, run_generate
+    from glyph_engine.commands import GenerateRequest, run_generate
 
     request = GenerateRequest(["metal"], ckpt_path, num_images=2, steps=3, out=tmp_path / "g.png", progress=True)
     run_generate(request)

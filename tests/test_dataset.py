@@ -7,7 +7,8 @@ import pytest
 from typer.testing import CliRunner
 
 from glyph_engine.cli import app
-from glyph_engine.dataset import (
+from glyph_engine.errors import GlyphEngineError
+from glyph_engine.training.dataset import (
     DEFAULT_FONT,
     UNIHAN_DIR,
     _entries,
@@ -18,7 +19,6 @@ from glyph_engine.dataset import (
     read_unihan,
     save_glyph_set,
 )
-from glyph_engine.errors import GlyphEngineError
 
 needs_debian_data = pytest.mark.skipif(
     not (UNIHAN_DIR / "Unihan_Readings.txt.bz2").is_file() or not DEFAULT_FONT.is_file(),

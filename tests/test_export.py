@@ -10,7 +10,6 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from glyph_engine.artifacts import default_export_dir, read_manifest
 from glyph_engine.backends import create_backend
 from glyph_engine.backends.onnx_runtime import OnnxRuntimeBackend
 from glyph_engine.backends.pytorch import TorchBackend
@@ -21,7 +20,9 @@ from glyph_engine.export.exporter import ExportOptions, export_model
 from glyph_engine.export.specs import text_encoder_spec, unet_spec
 from glyph_engine.export.to_onnx import TextEncoderForExport, UNetForExport
 from glyph_engine.export.validate import compare
-from glyph_engine.pipeline import GenerationSettings, generate
+from glyph_engine.export_manifest import default_export_dir, read_manifest
+from glyph_engine.pipeline import generate
+from glyph_engine.settings import GenerationSettings
 
 runner = CliRunner()
 

@@ -8,11 +8,12 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from glyph_engine.artifacts import read_manifest
+from glyph_engine.backends.tensorrt import load_tensorrt
 from glyph_engine.cli import app
+from glyph_engine.export_manifest import read_manifest
 from glyph_engine.model import GLYFFUSER_UNET_CONFIG
-from glyph_engine.testing import T5_SMALL_CONFIG, make_glyffuser_folder, make_text_encoder_folder
-from glyph_engine.trt import load_tensorrt
+
+from factories import T5_SMALL_CONFIG, make_glyffuser_folder, make_text_encoder_folder
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()

@@ -11,12 +11,17 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from glyph_engine.artifacts import read_manifest
-from glyph_engine.backends.tensorrt import select_build
+from glyph_engine.backends.tensorrt import MODULES, load_tensorrt, select_build
 from glyph_engine.cli import app
 from glyph_engine.errors import GlyphEngineError
-from glyph_engine.export.tensorrt_build import EngineOptions, ensure_engines, layer_precisions, parse_onnx
-from glyph_engine.trt import MODULES, load_tensorrt, normalize_target
+from glyph_engine.export.engine_build import (
+    EngineOptions,
+    ensure_engines,
+    layer_precisions,
+    normalize_target,
+    parse_onnx,
+)
+from glyph_engine.export_manifest import read_manifest
 
 runner = CliRunner()
 

@@ -7,9 +7,9 @@ from typer.testing import CliRunner
 
 from glyph_engine.checkpoint import load_model
 from glyph_engine.cli import app
-from glyph_engine.dataset import GlyphSet, save_glyph_set
-from glyph_engine.evaluate import RadicalResult, nearest, table
-from glyph_engine.train import STATE, TrainConfig, finish, load_state, mean_encoding, sample_captions, train
+from glyph_engine.training.dataset import GlyphSet, save_glyph_set
+from glyph_engine.training.evaluate import RadicalResult, nearest, table
+from glyph_engine.training.train import STATE, TrainConfig, finish, load_state, mean_encoding, sample_captions, train
 
 TINY = TrainConfig(
     resolution=16,
@@ -178,8 +178,9 @@ def test_radical_loss_teaches_the_text_encoder_the_radicals(glyph_file, tmp_path
 
 def test_caption_gain_is_zero_for_a_model_that_ignores_its_prompt(model):
     from glyph_engine.backends.pytorch import TorchBackend
-    from glyph_engine.evaluate import caption_gain
-    from glyph_engine.testing import DEFINITIONS
+    from glyph_engine.training.evaluate import caption_gain
+
+    from factories import DEFINITIONS
 
     rng = np.random.default_rng(0)
     glyphs = GlyphSet(

@@ -7,25 +7,29 @@ from pathlib import Path
 
 import torch
 
-from glyph_engine.artifacts import open_export
-from glyph_engine.backend import Backend
+from glyph_engine.backends.base import Backend
 from glyph_engine.errors import GlyphEngineError
+from glyph_engine.export_manifest import open_export
 from glyph_engine.model import Glyffuser
+from glyph_engine.settings import BackendName
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
-
 
 def create_backend(
-    name: str, model: Glyffuser, export_dir: Path | None = None, use_cuda_graph: bool = False
+    name: BackendName | str, model: Glyffuser, export_dir: Path | None = None, use_cuda_graph: bool = False
 ) -> Backend:
     """The named backend for `model`; "auto" picks the fastest one available here.
 
     `export_dir` holds the export (`glyph-engine export`): the ONNX files ONNX Runtime runs
     and the TensorRT engines.
     """
-    if name == "auto":
+    try:
+        name = BackendName(name)
+    except ValueError:
+        choices = ", ".join(b.value for b in BackendName)
+        raise GlyphEngineError(f"unknown backend {name!r}; choose one of {choices}.") from None
+    if name is BackendName.auto:
         name = _fastest(model, export_dir)
         logger.info("backend auto: %s", name)
     if name == "torch":
@@ -50,7 +54,7 @@ def create_backend(
         if export_dir is None:
             raise GlyphEngineError("the tensorrt backend needs an export folder (--export-dir).")
         return TensorRTBackend(model, export_dir, use_cuda_graph)
-    raise GlyphEngineError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}.")
+    raise AssertionError(f"unhandled backend {name}")
 
 
 def _fastest(model: Glyffuser, export_dir: Path | None) -> str:
@@ -71,8 +75,7 @@ def _fastest(model: Glyffuser, export_dir: Path | None) -> str:
 
 
 def _has_engines_for_this_gpu(model: Glyffuser, export_dir: Path) -> bool:
-    from glyph_engine.backends.tensorrt import select_build
-    from glyph_engine.trt import load_tensorrt
+    from glyph_engine.backends.tensorrt import load_tensorrt, select_build
 
     trt = load_tensorrt()
     if trt is None:

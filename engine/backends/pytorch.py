@@ -2,24 +2,40 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor
 
 from glyph_engine.model import Glyffuser
 
 
+def _placed(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """`module` on `device` in `dtype`: itself when already there, else a moved copy.
+
+    Never moves the module it was given: one loaded model serves several backends (the
+    benchmark builds a few side by side), and a cast in place would change them all.
+    """
+    tensors = [*module.parameters(), *module.buffers()]
+    if all(t.device == device and (t.dtype == dtype or not t.is_floating_point()) for t in tensors):
+        return module
+    return copy.deepcopy(module).to(device, dtype)
+
+
 class TorchBackend:
-    """Runs the diffusers U-Net and transformers T5 as loaded; FP16 U-Net on CUDA."""
+    """Runs the diffusers U-Net and transformers T5 as loaded; FP16 U-Net on CUDA by default."""
 
     name = "torch"
 
-    def __init__(self, model: Glyffuser, device: str | torch.device | None = None):
+    def __init__(self, model: Glyffuser, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         # FP16 halves memory traffic on a GPU; CPUs here have no fast half math. T5 stays
         # FP32 everywhere: its feed-forward output overflows in FP16.
-        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        self.unet = model.unet.to(self.device, self.dtype)
-        self.text_encoder = model.text_encoder.to(self.device)
+        self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
+        self.unet = _placed(model.unet, self.device, self.dtype)
+        self.text_encoder = _placed(model.text_encoder, self.device, torch.float32)
 
     @torch.inference_mode()
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -30,9 +46,9 @@ class TorchBackend:
     @torch.inference_mode()
     def denoise(self, x: Tensor, timestep: int, text: Tensor, mask: Tensor) -> Tensor:
         return self.unet(
-            x.to(self.dtype),
+            x.to(self.device, self.dtype),
             timestep,
-            encoder_hidden_states=text.to(self.dtype),
-            encoder_attention_mask=mask,
+            encoder_hidden_states=text.to(self.device, self.dtype),
+            encoder_attention_mask=mask.to(self.device),
             return_dict=False,
         )[0]

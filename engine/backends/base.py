@@ -12,8 +12,11 @@ from torch import Tensor
 
 
 class Backend(Protocol):
+    """Inputs may come on any device and in any dtype: a backend moves and casts them itself.
+    Outputs are on `device`. A backend never modifies the model it was built from."""
+
     name: str
-    device: torch.device  # where the backend wants its inputs and leaves its outputs
+    device: torch.device  # where the backend computes and leaves its outputs
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """T5 encoder last hidden state, (P, L, D) float32, padded positions zeroed."""

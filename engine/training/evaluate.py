@@ -16,11 +16,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from glyph_engine.backend import Backend
-from glyph_engine.dataset import GlyphSet
+from glyph_engine.backends.base import Backend
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.model import Glyffuser
-from glyph_engine.pipeline import GenerationSettings, encode_prompts, generate, unconditional_text
+from glyph_engine.pipeline import encode_prompts, generate, unconditional_text
+from glyph_engine.settings import GenerationSettings
+from glyph_engine.training.dataset import GlyphSet
 
 # Prompt -> Kangxi radical numbers (the radical and its variant forms share a number:
 # 金/钅 167, 水/氵 85, 木 75, 火/灬 86, 艸/艹 140, 手/扌 64, 心/忄 61, 言/讠 149).

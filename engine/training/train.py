@@ -30,11 +30,11 @@ from tqdm import tqdm
 from transformers import T5Config, T5EncoderModel
 
 from glyph_engine.checkpoint import load_model, save_checkpoint, tokenizer_files, tokenizer_from_files
-from glyph_engine.dataset import GlyphSet, load_glyph_set
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.files import atomic_path
 from glyph_engine.model import GLYFFUSER_SCHEDULER_CONFIG, MAX_TEXT_LENGTH, Glyffuser
 from glyph_engine.text import train_tokenizer
+from glyph_engine.training.dataset import GlyphSet, load_glyph_set
 
 logger = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from glyph_engine.artifacts import damaged_files, engine_files, file_entry, write_manifest
+from glyph_engine.backends.tensorrt import TensorRT
 from glyph_engine.errors import GlyphEngineError
+from glyph_engine.export_manifest import damaged_files, engine_files, file_entry, write_manifest
 from glyph_engine.files import atomic_path
-from glyph_engine.trt import TensorRT, normalize_target
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,14 @@ class EngineOptions:
     @property
     def name(self) -> str:
         return self.target + (f"-b{self.static_batch}" if self.static_batch else "")
+
+
+def normalize_target(target: str) -> str:
+    """'8.6', '86', 'sm86', 'SM_86' -> 'sm86'."""
+    digits = "".join(ch for ch in target if ch.isdigit())
+    if len(digits) not in (2, 3):
+        raise GlyphEngineError(f"--compute-capability {target!r} is not a compute capability such as 8.6 or 12.0.")
+    return f"sm{digits}"
 
 
 def engine_options(trt: TensorRT, compute_capability: str | None, static_batch: int | None) -> EngineOptions:

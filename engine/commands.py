@@ -1,0 +1,233 @@
+"""What the runtime CLI commands do, as plain functions: validate, load, run, write files.
+
+`export`, `train`, `dataset` and `eval` live beside the code they drive
+(`glyph_engine.export.command`, `glyph_engine.training.commands`); the CLI wires them in.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from tqdm import tqdm
+
+from glyph_engine import __version__
+from glyph_engine.backends import create_backend
+from glyph_engine.backends.tensorrt import load_tensorrt, require_gpu
+from glyph_engine.checkpoint import load_model
+from glyph_engine.errors import GlyphEngineError
+from glyph_engine.export_manifest import default_export_dir
+from glyph_engine.files import check_writable_file
+from glyph_engine.images import grid, save_folder, save_png, to_uint8
+from glyph_engine.model import DEFAULT_CHECKPOINT, Glyffuser, unet_parameter_count
+from glyph_engine.pipeline import Generation, generate
+from glyph_engine.settings import BackendName, GenerationSettings
+from glyph_engine.text import check_prompts
+
+MAX_IMAGES = 4096  # per prompt; more is a typo more often than a plan
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One `generate` call: what to draw, with which model and backend, and where to write it.
+
+    The sampling options are `settings`, defined once in `GenerationSettings`.
+    """
+
+    prompts: list[str]
+    num_images: int = 16
+    settings: GenerationSettings = field(default_factory=GenerationSettings)
+    ckpt: Path | None = None  # None: the embedded model
+    text_encoder: str | None = None  # diffusers folders only
+    backend: BackendName = BackendName.auto
+    export_dir: Path | None = None  # None: beside the checkpoint
+    cuda_graph: bool = False  # TensorRT only
+    out: Path | None = Path("glyphs.png")  # grid; None: no grid
+    out_dir: Path | None = None  # one PNG per glyph
+    progress: bool = False
+
+
+def _validate(request: GenerateRequest) -> None:
+    """Checks everything that can be checked before minutes of model loading and sampling."""
+    check_prompts(request.prompts)
+    if not 1 <= request.num_images <= MAX_IMAGES:
+        raise GlyphEngineError(f"-n must be from 1 to {MAX_IMAGES} glyphs per prompt (got {request.num_images}).")
+    request.settings.validate()
+    if request.backend == BackendName.tensorrt:
+        require_gpu()  # before loading anything
+    if request.ckpt is None and not DEFAULT_CHECKPOINT.is_file():
+        raise GlyphEngineError(
+            "no model given and no embedded model installed; pass --ckpt with a glyph-engine checkpoint (.pt) "
+            "or a glyffuser diffusers folder."
+        )
+    if request.out is None and request.out_dir is None:
+        raise GlyphEngineError("nothing to write; give --out and/or --out-dir.")
+    if request.out is not None:
+        check_writable_file(request.out)
+    if request.out_dir is not None:
+        if request.out_dir.exists() and not request.out_dir.is_dir():
+            raise GlyphEngineError(f"--out-dir {request.out_dir} exists and is not a folder.")
+        check_writable_file(request.out_dir / "0000.png" if request.out_dir.is_dir() else request.out_dir)
+
+
+def run_generate(request: GenerateRequest) -> list[Path]:
+    """Generates glyphs as `request` says and writes them; returns the files written."""
+    _validate(request)
+    ckpt = request.ckpt or DEFAULT_CHECKPOINT
+    model = load_model(ckpt, request.text_encoder)
+    num_train = len(model.alphas_cumprod)
+    settings = request.settings
+    if settings.steps > num_train:
+        raise GlyphEngineError(f"--steps must be at most {num_train}, the model's training timesteps.")
+    # "leading" spacing is offset as the model's own training scheduler says.
+    sampler = replace(settings.sampler, steps_offset=int(model.scheduler_config.get("steps_offset", 0)))
+    settings = replace(settings, sampler=sampler)
+    export_dir = request.export_dir or default_export_dir(ckpt)
+    backend = create_backend(request.backend, model, export_dir, request.cuda_graph)
+    total = len(request.prompts) * request.num_images
+    batches = -(-total // (settings.batch_size or total))
+    with tqdm(
+        total=batches * settings.steps, desc="sampling", unit="step", file=sys.stderr, disable=not request.progress
+    ) as bar:
+        result = generate(model, backend, request.prompts, request.num_images, settings, on_step=bar.update)
+
+    common = {
+        "steps": settings.steps,
+        "guidance": result.guidance,
+        "seed": settings.seed,
+        "sampler": f"dpmsolver++ order {sampler.order}, {sampler.spacing.value}"
+        + (", karras" if sampler.karras_sigmas else ""),
+        "model_sha256": model.sha256,
+        "backend": backend.name,
+        "step_impl": result.step_impl.value,
+        "software": f"glyph-engine {__version__}",
+    }
+    try:
+        return _write_outputs(request, result, common)
+    except OSError as e:
+        raise GlyphEngineError(f"cannot write the glyphs: {e}") from None
+
+
+def _write_outputs(request: GenerateRequest, result: Generation, common: dict[str, object]) -> list[Path]:
+    pixels = to_uint8(result.images)
+    written = []
+    if request.out is not None:
+        save_png(grid(pixels, request.num_images), request.out, {"prompts": list(request.prompts), **common})
+        written.append(request.out)
+    if request.out_dir is not None:
+        per_image = [
+            {"prompt": prompt, "index": i, "image_seed": image_seed, **common}
+            for i, (prompt, image_seed) in enumerate(zip(result.prompts, result.seeds, strict=True))
+        ]
+        save_folder(pixels, request.out_dir, per_image)
+        written.append(request.out_dir)
+    return written
+
+
+def environment() -> list[tuple[str, str]]:
+    """What `glyph-engine info` prints about this machine: libraries, backends, step."""
+    import platform
+
+    import torch
+
+    from glyph_engine.step import status_rows
+
+    try:
+        import onnxruntime
+
+        ort = f"{onnxruntime.__version__} ({', '.join(onnxruntime.get_available_providers())})"
+    except ImportError:
+        ort = "not installed (pip install 'glyph-engine[onnx]')"
+    trt = load_tensorrt()
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    return [
+        ("glyph-engine", __version__),
+        ("python", platform.python_version()),
+        ("torch", f"{torch.__version__} (GPU: {gpu})"),
+        ("onnxruntime", ort),
+        ("tensorrt", f"{trt.import_name} {trt.version}" if trt else "not installed"),
+        *status_rows(),
+        ("embedded model", str(DEFAULT_CHECKPOINT) if DEFAULT_CHECKPOINT.is_file() else "not installed"),
+    ]
+
+
+def describe(model: Glyffuser) -> list[tuple[str, str]]:
+    """What `glyph-engine info` prints: (field, value) rows."""
+    unet, t5 = model.unet.config, model.text_encoder.config
+    channels, height, width = model.image_shape
+    schedule = model.scheduler_config
+    text_params = sum(p.numel() for p in model.text_encoder.parameters())
+    attention = [b for b in unet.down_block_types if "CrossAttn" in b]
+    return [
+        ("source", model.source),
+        ("sha256", model.sha256),
+        ("U-Net", f"UNet2DConditionModel, {unet_parameter_count(model) / 1e6:.1f}M parameters"),
+        ("image", f"{height}x{width}, {channels} channel(s)"),
+        ("blocks", f"{tuple(unet.block_out_channels)}, {unet.layers_per_block} layers each"),
+        (
+            "cross-attention",
+            f"dim {unet.cross_attention_dim} in {len(attention)} of {len(unet.down_block_types)} levels",
+        ),
+        (
+            "text encoder",
+            f"T5 encoder, {t5.num_layers} layers, d_model {t5.d_model}, {text_params / 1e6:.1f}M parameters",
+        ),
+        ("tokenizer", f"vocab {len(model.tokenizer)}, max length {model.max_text_length}"),
+        (
+            "noise schedule",
+            f"{schedule.get('num_train_timesteps', 1000)} steps, {schedule.get('beta_schedule', 'linear')} betas "
+            f"{schedule.get('beta_start', 0.0001)}..{schedule.get('beta_end', 0.02)}, "
+            f"{schedule.get('prediction_type', 'epsilon')} prediction",
+        ),
+        ("pixel range", f"[{model.pixel_range[0]:g}, {model.pixel_range[1]:g}] (white = high)"),
+        ("unconditional", model.unconditional),
+        ("default guidance", f"{model.default_guidance:g}"),
+        ("clamp x0", "yes" if model.clamp_x0 else "no"),
+        *[(k, v) for k, v in model.metadata.items()],
+    ]
+
+
+def _int_list(text: str, option: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise GlyphEngineError(f"{option} takes comma-separated whole numbers, e.g. 1,2,5 (got {text!r}).") from None
+    if not values or min(values) < 1:
+        raise GlyphEngineError(f"{option} needs numbers of 1 or more (got {text!r}).")
+    return values
+
+
+def run_bench(
+    ckpt: Path | None,
+    backends: str | None,
+    batch: str,
+    steps: str,
+    out: Path,
+    repeats: int,
+    report: Callable[[str], None],
+) -> list[str]:
+    """Measures and writes results.json, .csv, .md and throughput.png into `out`."""
+    from glyph_engine.benchmark import BenchConfig, run_benchmark, write_results
+
+    config = BenchConfig(
+        batch_sizes=_int_list(batch, "--batch"), steps=_int_list(steps, "--steps"), repeats=max(1, repeats)
+    )
+    ckpt = ckpt or DEFAULT_CHECKPOINT
+    model = load_model(ckpt)
+    export_dir = default_export_dir(ckpt)
+    names = (
+        [n.strip() for n in backends.split(",")] if backends else [b.value for b in BackendName if b.value != "auto"]
+    )
+    chosen = {}
+    for name in names:
+        try:
+            chosen[name] = create_backend(name, model, export_dir)
+        except GlyphEngineError as e:
+            if backends:  # asked for by name: a reason to stop
+                raise
+            report(f"{name}: skipped ({e})")
+    results = run_benchmark(model, chosen, config, report)
+    paths = write_results(results, out)
+    return [f"wrote {p}" for p in paths]

@@ -1,0 +1,56 @@
+"""The options of a generation, defined once: the library, the CLI and its choice lists all
+use these types. Light on purpose (no torch), so `glyph-engine --help` starts fast."""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+
+from glyph_engine.errors import GlyphEngineError
+from glyph_engine.schedule import SamplerConfig
+
+
+class BackendName(str, enum.Enum):
+    """`--backend`: "auto" picks the fastest one available here."""
+
+    auto = "auto"
+    torch = "torch"
+    onnxruntime = "onnxruntime"
+    tensorrt = "tensorrt"
+
+
+class StepImpl(str, enum.Enum):
+    """`--step-impl`: "fused" needs the op built for the device; "auto" uses it where it is."""
+
+    auto = "auto"
+    fused = "fused"
+    torch = "torch"
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How to sample: the one definition of `generate`'s sampling options and their defaults."""
+
+    steps: int = 20  # the glyffuser author's choice; 10 is usable, 50 barely better
+    guidance: float | None = None  # None: the checkpoint's default; 1.0 skips the unconditional pass
+    seed: int = 0
+    batch_size: int | None = None  # images per U-Net call (x2 with guidance); None: all at once
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    clamp_x0: bool | None = None  # clamp each step's x0 to the pixel range; None: the checkpoint's default
+    step_impl: StepImpl = StepImpl.auto  # "fused" C++/CUDA op, "torch" eager reference; auto: fused where built
+
+    def validate(self) -> None:
+        """Refuses settings that cannot give a picture, before any model is loaded."""
+        if self.steps < 1:
+            raise GlyphEngineError(f"--steps must be at least 1 (got {self.steps}).")
+        if self.guidance is not None and not (math.isfinite(self.guidance) and self.guidance >= 0):
+            raise GlyphEngineError(
+                f"--guidance must be a finite number, 0 or more (got {self.guidance}); 1 turns guidance off."
+            )
+        if self.seed < 0:
+            raise GlyphEngineError(f"--seed must be 0 or more (got {self.seed}).")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise GlyphEngineError(f"--batch-size must be at least 1 (got {self.batch_size}).")
+        if self.sampler.order not in (1, 2):
+            raise GlyphEngineError(f"--order must be 1 or 2 (got {self.sampler.order}).")

@@ -1,0 +1,68 @@
+"""`glyph-engine train` and `glyph-engine eval` as plain functions."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from glyph_engine.backends import create_backend
+from glyph_engine.checkpoint import load_model
+from glyph_engine.errors import GlyphEngineError
+from glyph_engine.export_manifest import default_export_dir
+from glyph_engine.model import DEFAULT_CHECKPOINT
+from glyph_engine.settings import GenerationSettings
+
+
+def run_train(
+    data: Path,
+    workdir: Path,
+    steps: int | None,
+    minutes: float | None,
+    sample_every: int,
+    save_every: int,
+    progress: bool,
+    init: Path | None = None,
+) -> list[str]:
+    """Trains (or resumes, or goes on from `init`), then writes WORKDIR/glyffuser.pt and its model card."""
+    import json
+    import shlex
+
+    from glyph_engine.training.train import finish, train
+
+    if steps is None and minutes is None:
+        raise GlyphEngineError("give --steps and/or --minutes: how long to train in this run.")
+    for name, value in (("--steps", steps), ("--minutes", minutes), ("--sample-every", sample_every)):
+        if value is not None and value <= 0:
+            raise GlyphEngineError(f"{name} must be positive (got {value}).")
+    state = train(data, workdir, None, steps, minutes, save_every, sample_every, progress, init=init)
+    glyph_count = state.dataset_size
+    card = {
+        "command": "glyph-engine " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "train",
+        "data": f"{data.name}: {glyph_count} glyphs",
+        "steps": state.step,
+        "epochs": round(state.step * state.config.batch_size / glyph_count, 2),
+        "train_hours": round(state.seconds / 3600, 2),
+        "final_loss": round(state.losses[-1], 4) if state.losses else None,
+        "config": state.config.to_json(),
+    }
+    out = workdir / "glyffuser.pt"
+    digest = finish(state, out, str(out), card)
+    (workdir / "MODEL_CARD.json").write_text(json.dumps({**card, "sha256": digest}, indent=2))
+    return [
+        f"step {state.step} ({card['epochs']} epochs, {card['train_hours']} h), loss {card['final_loss']}",
+        f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)",
+    ]
+
+
+def run_eval(data: Path, ckpt: Path | None, num_samples: int, steps: int, guidance: float | None) -> str:
+    from glyph_engine.training.dataset import load_glyph_set
+    from glyph_engine.training.evaluate import caption_gain, radical_hit_rates, table
+
+    if num_samples < 1 or steps < 1:
+        raise GlyphEngineError("-n and --steps must be at least 1.")
+    glyphs = load_glyph_set(data)
+    model = load_model(ckpt or DEFAULT_CHECKPOINT)
+    backend = create_backend("auto", model, default_export_dir(ckpt or DEFAULT_CHECKPOINT))
+    settings = GenerationSettings(steps=steps, guidance=guidance)
+    rates = table(radical_hit_rates(model, backend, glyphs, num_samples, settings))
+    return f"{rates}\n\n{caption_gain(model, backend, glyphs)}"
