@@ -1,4 +1,8 @@
-"""Shared fixtures: a tiny glyffuser in the real formats, built once per test session."""
+"""Shared fixtures: a tiny glyffuser in the real formats, built once per test session.
+
+Every test names its device: tests marked `gpu` run on CUDA; all others run on the CPU in
+FP32 on every machine, so the suite checks the same thing on a GPU machine as here.
+"""
 
 from __future__ import annotations
 
@@ -34,6 +38,16 @@ def model(ckpt_path):
     from glyph_engine.checkpoint import load_model
 
     return load_model(ckpt_path)
+
+
+@pytest.fixture(autouse=True)
+def cpu_unless_marked_gpu(request, monkeypatch):
+    """Hides the GPU from unmarked tests: code that picks "cuda if available" (auto backends,
+    the CLI) would otherwise run them in FP16 on a GPU against CPU FP32 tolerances."""
+    if request.node.get_closest_marker("gpu") is None:
+        import torch
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -21,7 +21,7 @@ def test_unknown_backend(model):
 
 
 def test_encode_text_zeroes_padding(model):
-    backend = TorchBackend(model)
+    backend = TorchBackend(model, device="cpu")
     text, mask = encode_prompts(model, backend, ["metal", "a kind of fish found in the southern seas"])
     assert text.shape[:2] == mask.shape and text.shape[2] == 64
     assert mask[0].sum() < mask.shape[1]  # the short prompt is padded
@@ -30,10 +30,41 @@ def test_encode_text_zeroes_padding(model):
 
 
 def test_denoise_shape_and_dtype(model):
-    backend = TorchBackend(model)
+    backend = TorchBackend(model, device="cpu")
     x = torch.randn(3, *model.image_shape)
     eps = backend.denoise(x, 999, torch.randn(3, 4, 64), torch.ones(3, 4, dtype=torch.long))
     assert eps.shape == x.shape and eps.dtype == torch.float32
+
+
+def test_backend_never_changes_the_model_it_was_given(model):
+    """One model serves several backends (the benchmark builds a few): a cast in place
+    would leave the peer running on the other backend's dtype."""
+    before = {name: (p.dtype, p.device) for name, p in model.unet.named_parameters()}
+    backend = TorchBackend(model, device="cpu", dtype=torch.bfloat16)
+    assert next(backend.unet.parameters()).dtype == torch.bfloat16
+    assert {name: (p.dtype, p.device) for name, p in model.unet.named_parameters()} == before
+    assert TorchBackend(model, device="cpu").unet is model.unet  # nothing to change: no copy
+
+
+def test_denoise_takes_inputs_of_any_dtype(model):
+    backend = TorchBackend(model, device="cpu")
+    x, text = torch.randn(2, *model.image_shape), torch.randn(2, 4, 64)
+    mask = torch.ones(2, 4, dtype=torch.long)
+    reference = backend.denoise(x, 500, text, mask)
+    other = backend.denoise(x.double(), 500, text.half(), mask.int())
+    assert other.dtype == torch.float32 and other.device == backend.device
+    torch.testing.assert_close(other, reference, rtol=0, atol=5e-3)  # text rounded to FP16
+
+
+@pytest.mark.gpu
+def test_cuda_backend_takes_cpu_inputs_and_returns_cuda_outputs(model):
+    backend = TorchBackend(model, device="cuda")
+    x, text = torch.randn(2, *model.image_shape), torch.randn(2, 4, 64)
+    eps = backend.denoise(x, 500, text, torch.ones(2, 4, dtype=torch.long))
+    assert eps.device.type == "cuda" and eps.dtype == torch.float16
+    encoded = backend.encode_text(torch.ones(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.long))
+    assert encoded.device.type == "cuda"
+    assert next(model.unet.parameters()).device.type == "cpu"  # the model stays where it was
 
 
 @pytest.mark.gpu

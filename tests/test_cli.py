@@ -120,8 +120,9 @@ def unsupported(tmp_path, ckpt_path):
         (["metal", "-n", "5000", "--ckpt", "{ckpt}"], "-n"),
         (["metal", "--steps", "0", "--ckpt", "{ckpt}"], "--steps"),
         (["metal", "--steps", "1001", "--ckpt", "{ckpt}"], "--steps"),
-        (["metal", "--guidance", "-1", "--ckpt", "{ckpt}"], "--guidance must be 0 or more"),
-        (["metal", "--guidance", "nan", "--ckpt", "{ckpt}"], "--guidance must be 0 or more"),
+        (["metal", "--guidance", "-1", "--ckpt", "{ckpt}"], "--guidance must be a finite number, 0 or more"),
+        (["metal", "--guidance", "nan", "--ckpt", "{ckpt}"], "--guidance must be a finite number, 0 or more"),
+        (["metal", "--guidance", "inf", "--no-clamp-x0", "--ckpt", "{ckpt}"], "--guidance must be a finite number"),
         (["metal", "--batch-size", "0", "--ckpt", "{ckpt}"], "--batch-size"),
         (["metal", "--seed", "-1", "--ckpt", "{ckpt}"], "--seed"),
         (["metal", "--order", "3", "--ckpt", "{ckpt}"], "--order"),
@@ -181,8 +182,11 @@ def test_info_and_convert_bad_input(args, message, tmp_path):
 
 def test_progress_bar_on_stderr(ckpt_path, tmp_path, capsys):
     from glyph_engine.commands import GenerateRequest, run_generate
+    from glyph_engine.settings import GenerationSettings
 
-    request = GenerateRequest(["metal"], ckpt_path, num_images=2, steps=3, out=tmp_path / "g.png", progress=True)
+    request = GenerateRequest(
+        ["metal"], 2, GenerationSettings(steps=3), ckpt=ckpt_path, out=tmp_path / "g.png", progress=True
+    )
     run_generate(request)
     err = capsys.readouterr().err
     assert "sampling" in err and "3/3" in err

@@ -137,15 +137,15 @@ def psnr(a, b):
 def test_onnxruntime_generation_matches_torch(exported, model):
     out, _ = exported
     settings = GenerationSettings(steps=20, guidance=4.0, seed=2)
-    onnx_images = generate(model, OnnxRuntimeBackend(model, out), ["metal", "water"], 4, settings).images
-    torch_images = generate(model, TorchBackend(model), ["metal", "water"], 4, settings).images
+    onnx_images = generate(model, OnnxRuntimeBackend(model, out, device="cpu"), ["metal", "water"], 4, settings).images
+    torch_images = generate(model, TorchBackend(model, device="cpu"), ["metal", "water"], 4, settings).images
     assert torch_images.std() > 0.05
     assert psnr(onnx_images, torch_images) >= 40
 
 
 def test_sessions_are_created_once_per_process(exported, model):
     out, _ = exported
-    first, second = OnnxRuntimeBackend(model, out), OnnxRuntimeBackend(model, out)
+    first, second = OnnxRuntimeBackend(model, out, device="cpu"), OnnxRuntimeBackend(model, out, device="cpu")
     assert first.sessions["unet"] is second.sessions["unet"]
 
 
@@ -154,7 +154,7 @@ def test_onnxruntime_gpu_fp16_matches_torch(exported, model):
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("needs onnxruntime-gpu (pip install 'glyph-engine[onnx-gpu]')")
     out, _ = exported
-    backend = OnnxRuntimeBackend(model, out)
+    backend = OnnxRuntimeBackend(model, out, device="cpu")
     assert backend.device.type == "cuda" and backend.precision == "fp16"
     settings = GenerationSettings(steps=20, guidance=4.0, seed=2)
     gpu = generate(model, backend, ["metal"], 4, settings).images.cpu()
@@ -197,13 +197,13 @@ def test_truncated_onnx_is_detected(ckpt_path, tmp_path, model):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
     with pytest.raises(GlyphEngineError, match="truncated"):
-        OnnxRuntimeBackend(model, out)
+        OnnxRuntimeBackend(model, out, device="cpu")
     assert create_backend("auto", model, out).name == "torch"  # auto falls back, never crashes
 
     messages = []
     _, reused = export(ckpt_path, out, options, report=messages.append)
     assert not reused and any("damaged" in m for m in messages)
-    OnnxRuntimeBackend(model, out)  # rebuilt and usable
+    OnnxRuntimeBackend(model, out, device="cpu")  # rebuilt and usable
 
 
 def test_failed_export_leaves_nothing(ckpt_path, tmp_path, monkeypatch):

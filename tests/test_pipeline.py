@@ -16,7 +16,7 @@ from reference import glyffuser_loop
 @pytest.mark.parametrize("steps", [2, 20])
 def test_matches_glyffuser_loop(model, glyffuser_folder, t5_folder, steps):
     prompts = ["metal; gold", "a kind of fish found in the southern seas", "water"]
-    result = generate(model, TorchBackend(model), prompts, 1, GenerationSettings(steps=steps, guidance=1.0, seed=3))
+    result = generate(model, TorchBackend(model, device="cpu"), prompts, 1, GenerationSettings(steps=steps, guidance=1.0, seed=3))
     noise = initial_noise(image_seeds(3, 3), model.image_shape)
     ref = glyffuser_loop(glyffuser_folder, t5_folder, prompts, noise, steps)
     assert 0.05 < float(ref.std())  # a real image, not a constant
@@ -25,11 +25,11 @@ def test_matches_glyffuser_loop(model, glyffuser_folder, t5_folder, steps):
 
 def test_guided_matches_reference_loop(model, glyffuser_folder, t5_folder):
     prompts = ["fire; flame", "heart"]
-    result = generate(model, TorchBackend(model), prompts, 1, GenerationSettings(steps=10, guidance=5.0, seed=1))
+    result = generate(model, TorchBackend(model, device="cpu"), prompts, 1, GenerationSettings(steps=10, guidance=5.0, seed=1))
     ref = glyffuser_loop(
         glyffuser_folder, t5_folder, prompts, initial_noise(image_seeds(1, 2), model.image_shape), 10, guidance=5.0
     )
-    unguided = generate(model, TorchBackend(model), prompts, 1, GenerationSettings(steps=10, guidance=1.0, seed=1))
+    unguided = generate(model, TorchBackend(model, device="cpu"), prompts, 1, GenerationSettings(steps=10, guidance=1.0, seed=1))
     assert (result.images - unguided.images).abs().max() > 1e-2  # guidance changes the images
     # The guided eps is u + 5 (c - u): float32 rounding differences between our batched
     # [uncond; cond] call and the reference's two calls are amplified up to 5x.
@@ -37,16 +37,18 @@ def test_guided_matches_reference_loop(model, glyffuser_folder, t5_folder):
 
 
 def test_default_guidance_comes_from_checkpoint(model):
-    result = generate(model, TorchBackend(model), ["wood"], 1, GenerationSettings(steps=1))
+    result = generate(model, TorchBackend(model, device="cpu"), ["wood"], 1, GenerationSettings(steps=1))
     assert result.guidance == 4.0  # conftest converts with default_guidance=4
 
 
 def test_same_seed_same_images_whatever_the_batch_size(model):
-    backend = TorchBackend(model)
+    backend = TorchBackend(model, device="cpu")
     settings = dict(steps=3, guidance=3.0, seed=11)
     whole = generate(model, backend, ["metal", "water"], 3, GenerationSettings(**settings))
     split = generate(model, backend, ["metal", "water"], 3, GenerationSettings(batch_size=2, **settings))
-    torch.testing.assert_close(whole.images, split.images, rtol=0, atol=1e-5)
+    # Same noise and text; only float rounding may differ: on some CPUs (AVX-512 Xeons) oneDNN
+    # picks convolution kernels by batch size, and guidance 3 amplifies that to ~3e-4.
+    torch.testing.assert_close(whole.images, split.images, rtol=0, atol=1e-3)
     assert whole.prompts == ["metal"] * 3 + ["water"] * 3
     assert len(set(whole.seeds)) == 6
     other = generate(model, backend, ["metal", "water"], 3, GenerationSettings(steps=3, guidance=3.0, seed=12))
@@ -88,26 +90,26 @@ def test_empty_prompt_unconditional_mode(model):
     empty = generate(model, backend, ["metal"], 2, GenerationSettings(steps=3, guidance=3.0))
     assert backend.encoded == [1, 1]  # the prompt, then the empty prompt
     model.unconditional = "zeros"
-    zeros = generate(model, TorchBackend(model), ["metal"], 2, GenerationSettings(steps=3, guidance=3.0))
+    zeros = generate(model, TorchBackend(model, device="cpu"), ["metal"], 2, GenerationSettings(steps=3, guidance=3.0))
     assert (empty.images - zeros.images).abs().max() > 1e-3
 
 
 def test_long_prompt_truncated_with_warning(model, caplog):
     long_prompt = " ".join(["river"] * 400)
     with caplog.at_level(logging.WARNING):
-        result = generate(model, TorchBackend(model), [long_prompt], 1, GenerationSettings(steps=1))
+        result = generate(model, TorchBackend(model, device="cpu"), [long_prompt], 1, GenerationSettings(steps=1))
     assert "truncated to 256" in caplog.text
     assert result.images.shape == (1, 1, 32, 32)
 
 
 def test_output_in_unit_range_for_other_pixel_ranges(model):
     model.pixel_range = (-1.0, 1.0)
-    result = generate(model, TorchBackend(model), ["metal"], 2, GenerationSettings(steps=2))
+    result = generate(model, TorchBackend(model, device="cpu"), ["metal"], 2, GenerationSettings(steps=2))
     assert float(result.images.min()) >= 0.0 and float(result.images.max()) <= 1.0
 
 
 def test_clamp_x0_default_comes_from_checkpoint(model):
-    backend = TorchBackend(model)
+    backend = TorchBackend(model, device="cpu")
     off = generate(model, backend, ["metal"], 2, GenerationSettings(steps=5, guidance=4.0)).images
     model.clamp_x0 = True
     default = generate(model, backend, ["metal"], 2, GenerationSettings(steps=5, guidance=4.0)).images

@@ -190,7 +190,7 @@ def test_caption_gain_is_zero_for_a_model_that_ignores_its_prompt(model):
         np.full(len(DEFINITIONS), 85, np.int16),
     )
     unet = model.unet.float()
-    assert abs(caption_gain(model, TorchBackend(model), glyphs, count=4).gain) > 1e-4  # random weights use the text
+    assert abs(caption_gain(model, TorchBackend(model, device="cpu"), glyphs, count=4).gain) > 1e-4  # random weights use the text
     # Cut both ways the text reaches the U-Net: cross-attention outputs and the pooled text embedding.
     with torch.no_grad():
         for name, module in unet.named_modules():
@@ -199,7 +199,7 @@ def test_caption_gain_is_zero_for_a_model_that_ignores_its_prompt(model):
                 module.to_out[0].bias.zero_()
         unet.add_embedding.norm2.weight.zero_()
         unet.add_embedding.norm2.bias.zero_()
-    assert caption_gain(model, TorchBackend(model), glyphs, count=4).gain == pytest.approx(0.0, abs=1e-6)
+    assert caption_gain(model, TorchBackend(model, device="cpu"), glyphs, count=4).gain == pytest.approx(0.0, abs=1e-6)
 
 
 def test_a_state_from_before_the_radical_loss_points_to_init(glyph_file, tmp_path):
