@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from glyph_engine.backends.tensorrt import MODULES, load_tensorrt, select_build
+from glyph_engine.backends.tensorrt import MODULES, Engine, batch_chunks, load_tensorrt, select_build
 from glyph_engine.cli import app
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.export.engine_build import (
@@ -188,6 +188,50 @@ def test_runtime_refuses_engines_for_another_gpu_or_version():
         select_build(manifest, newer, "sm86", "ckpt.pt")
 
 
+@pytest.mark.parametrize(
+    "batch, low, high, sizes",
+    [(8, 1, 128, [8]), (300, 1, 128, [128, 128, 44]), (256, 1, 128, [128, 128]), (16, 8, 8, [8, 8])],
+)
+def test_a_batch_beyond_the_profile_is_split(batch, low, high, sizes):
+    assert batch_chunks(batch, low, high) == sizes
+
+
+@pytest.mark.parametrize("batch, low, high", [(12, 8, 8), (4, 8, 8), (0, 1, 4)])
+def test_a_batch_the_profile_cannot_cover_is_refused(batch, low, high):
+    with pytest.raises(GlyphEngineError, match=f"takes batches of {low} to {high} and cannot run {batch} rows"):
+        batch_chunks(batch, low, high)
+
+
+class FakeContext:
+    """An execution context whose setters fail like TensorRT's do: by returning False."""
+
+    def __init__(self, accept_shape=True, accept_address=True):
+        self.accept_shape, self.accept_address = accept_shape, accept_address
+
+    def set_input_shape(self, name, shape):
+        return self.accept_shape
+
+    def set_tensor_address(self, name, address):
+        return self.accept_address
+
+
+@pytest.mark.parametrize(
+    "context, message",
+    [
+        (FakeContext(accept_shape=False), "refused input sample of shape .3, 1, 4, 4."),
+        (FakeContext(True, False), "refused the address"),
+    ],
+    ids=["shape", "address"],
+)
+def test_binding_checks_tensorrt_return_values(context, message):
+    import torch
+
+    engine = Engine.__new__(Engine)  # the binding logic alone: no GPU, no plan
+    engine.context, engine.outputs = context, []
+    with pytest.raises(GlyphEngineError, match=message):
+        engine._bind({"sample": torch.zeros(3, 1, 4, 4)})
+
+
 @pytest.mark.gpu
 @pytest.mark.tensorrt
 @pytest.mark.parametrize("cuda_graph", [False, True])
@@ -195,7 +239,8 @@ def test_tensorrt_generation_matches_torch(ckpt_path, tmp_path, cuda_graph):
     from glyph_engine.backends.pytorch import TorchBackend
     from glyph_engine.backends.tensorrt import TensorRTBackend
     from glyph_engine.checkpoint import load_model
-    from glyph_engine.pipeline import GenerationSettings, generate
+    from glyph_engine.pipeline import generate
+    from glyph_engine.settings import GenerationSettings
 
     out = tmp_path / "export"
     result = runner.invoke(app, ["export", str(ckpt_path), "-o", str(out), "--tensorrt"])

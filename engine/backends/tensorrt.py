@@ -136,8 +136,33 @@ def select_build(manifest: dict[str, Any], trt: TensorRT, target: str, source: s
     return name, fitting[name]
 
 
+def batch_chunks(batch: int, low: int, high: int) -> list[int]:
+    """Sizes of the pieces a batch runs in, each within the engine's profile [low, high].
+
+    Rows are independent for both models (each image and prompt is its own), so a batch
+    larger than the profile is split rather than refused; only a remainder the profile
+    cannot take (a static-batch engine) is refused.
+    """
+    if low <= batch <= high:
+        return [batch]
+    if batch > high:
+        full, rest = divmod(batch, high)
+        if rest == 0 or rest >= low:
+            return [high] * full + ([rest] if rest else [])
+    raise GlyphEngineError(
+        f"the TensorRT engine takes batches of {low} to {high} and cannot run {batch} rows; "
+        f"choose --batch-size (and -n) so each U-Net call fits, or rebuild the engines "
+        "(glyph-engine export --tensorrt, without --static-batch for any batch)."
+    )
+
+
 class Engine:
-    """One serialized engine for its life: deserialize, bind torch tensors, run, CUDA graphs."""
+    """One serialized engine for its life: deserialize, bind torch tensors, run, CUDA graphs.
+
+    It runs on a stream of its own: TensorRT on the legacy default stream would serialise
+    with every other stream (and TensorRT warns about it). Each call waits for the caller's
+    stream, and the caller's stream waits for the engine's, so ordering is as if inline.
+    """
 
     TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "INT64": torch.int64, "INT32": torch.int32}
 
@@ -148,56 +173,90 @@ class Engine:
             raise GlyphEngineError("TensorRT could not deserialize an engine (built for another GPU or version?).")
         self.context = self.engine.create_execution_context()
         self.device = device
+        self.stream = torch.cuda.Stream(device)
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         output_mode = trt.module.TensorIOMode.OUTPUT
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == output_mode]
+        first_input = next(n for n in names if self.engine.get_tensor_mode(n) != output_mode)
+        low, _opt, high = self.engine.get_tensor_profile_shape(first_input, 0)
+        self.batch_range = (int(low[0]), int(high[0]))  # every input shares the batch axis
         self.use_cuda_graph = use_cuda_graph
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, Tensor], dict[str, Tensor]]] = {}
 
     def _bind(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Sets shapes and addresses; outputs are allocated on the caller's stream."""
         for name, value in inputs.items():
-            self.context.set_input_shape(name, tuple(value.shape))
-            self.context.set_tensor_address(name, value.data_ptr())
+            if not self.context.set_input_shape(name, tuple(value.shape)):
+                raise GlyphEngineError(
+                    f"the TensorRT engine refused input {name} of shape {tuple(value.shape)} (outside its "
+                    "optimization profile); rebuild the engines with `glyph-engine export --tensorrt --force`."
+                )
+            self._set_address(name, value)
         outputs = {}
         for name in self.outputs:
             dtype = self.TORCH_DTYPES[self.engine.get_tensor_dtype(name).name]
             outputs[name] = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=dtype, device=self.device)
-            self.context.set_tensor_address(name, outputs[name].data_ptr())
+            self._set_address(name, outputs[name])
         return outputs
+
+    def _set_address(self, name: str, value: Tensor) -> None:
+        if not self.context.set_tensor_address(name, value.data_ptr()):
+            raise GlyphEngineError(f"TensorRT refused the address of tensor {name} (misaligned or not on the GPU).")
 
     def _execute(self, stream: torch.cuda.Stream) -> None:
         if not self.context.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError("TensorRT execution failed")
+            raise GlyphEngineError("TensorRT failed to run the engine (run with -v for TensorRT's log).")
 
     def infer(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Runs on torch's current stream. With CUDA graphs, outputs are valid until the next call."""
+        """Runs `inputs` in pieces the engine's profile covers; outputs are concatenated."""
+        batch = next(iter(inputs.values())).shape[0]
+        sizes = batch_chunks(batch, *self.batch_range)
+        if len(sizes) == 1:
+            return {k: v.clone() if self.use_cuda_graph else v for k, v in self._infer_one(inputs).items()}
+        pieces, start = [], 0
+        for size in sizes:
+            piece = self._infer_one({k: v[start : start + size] for k, v in inputs.items()})
+            pieces.append({k: v.clone() if self.use_cuda_graph else v for k, v in piece.items()})
+            start += size
+        return {name: torch.cat([p[name] for p in pieces]) for name in self.outputs}
+
+    def _infer_one(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """One run on the engine's stream, ordered after and before the caller's stream.
+
+        With CUDA graphs the outputs are the graph's static buffers, valid until the next run.
+        """
         inputs = {k: v.contiguous() for k, v in inputs.items()}
-        stream = torch.cuda.current_stream(self.device)
-        if not self.use_cuda_graph:
+        caller = torch.cuda.current_stream(self.device)
+        if self.use_cuda_graph:
+            key = tuple((k, tuple(v.shape)) for k, v in inputs.items())
+            if key not in self.graphs:
+                self.graphs[key] = self._capture(inputs)
+            graph, static_inputs, outputs = self.graphs[key]
+            for name, value in inputs.items():
+                static_inputs[name].copy_(value)
+            run = graph.replay
+        else:
             outputs = self._bind(inputs)
-            self._execute(stream)
-            return outputs
-        key = tuple((k, tuple(v.shape)) for k, v in inputs.items())
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(inputs)
-        graph, static_inputs, static_outputs = self.graphs[key]
-        for name, value in inputs.items():
-            static_inputs[name].copy_(value)
-        graph.replay()
-        return static_outputs
+            run = lambda: self._execute(self.stream)  # noqa: E731
+        self.stream.wait_stream(caller)
+        for value in inputs.values():
+            value.record_stream(self.stream)  # the caller may free it before the engine has read it
+        with torch.cuda.stream(self.stream):
+            run()
+        caller.wait_stream(self.stream)
+        return outputs
 
     def _capture(self, inputs: dict[str, Tensor]):
         """Captures one execution for these shapes; its buffers are reused by every replay."""
         static_inputs = {k: v.clone() for k, v in inputs.items()}
         outputs = self._bind(static_inputs)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            self._execute(side)  # TensorRT needs one run before capture (lazy allocations)
-        torch.cuda.current_stream(self.device).wait_stream(side)
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            self._execute(self.stream)  # TensorRT needs one run before capture (lazy allocations)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=side):
-            self._execute(side)
+        with torch.cuda.graph(graph, stream=self.stream):
+            self._execute(self.stream)
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
         return graph, static_inputs, outputs
 
 
@@ -221,8 +280,7 @@ class TensorRTBackend:
                 f"the TensorRT engines in {export_dir} are damaged ({problems[0]}); "
                 f"run `glyph-engine export {model.source} --tensorrt` to rebuild them."
             )
-        self.device = torch.device("cuda")
-        self.static_batch = build["static_batch"]
+        self.device = torch.device("cuda", torch.cuda.current_device())
         self.engines = {
             component: Engine(
                 trt,
@@ -242,12 +300,6 @@ class TensorRTBackend:
         return self.engines["text_encoder"].infer(inputs)["text_embeddings"]
 
     def denoise(self, x: Tensor, timestep: int, text: Tensor, mask: Tensor) -> Tensor:
-        if self.static_batch is not None and x.shape[0] != 2 * self.static_batch:
-            raise GlyphEngineError(
-                f"these engines were built for a static batch of {self.static_batch} guided images (U-Net batch "
-                f"{2 * self.static_batch}); use --batch-size {self.static_batch} with guidance and -n a multiple of "
-                "it, or rebuild without --static-batch."
-            )
         inputs = {
             "sample": x.to(self.device, torch.float32),
             "timestep": torch.full((x.shape[0],), float(timestep), device=self.device),
