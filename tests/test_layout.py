@@ -1,0 +1,74 @@
+"""The layout a newcomer can draw, checked: dependencies run one way.
+
+cpp_ext (leaf: raw tensors and floats)
+   ^
+glyph_engine runtime (engine/: model, sampler, pipeline, backends, commands)
+   ^                         ^
+glyph_engine.export      glyph_engine.training (dataset, train, eval)
+   ^                         ^
+glyph_engine.cli (wires everything together)
+"""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every absolute module name a file imports, at top level or inside functions."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def files(folder: str) -> list[Path]:
+    return sorted((ROOT / folder).rglob("*.py"))
+
+
+def offenders(paths: list[Path], forbidden: str) -> list[str]:
+    return [
+        f"{p.relative_to(ROOT)} imports {name}"
+        for p in paths
+        for name in sorted(imported_modules(p))
+        if name == forbidden or name.startswith(forbidden + ".")
+    ]
+
+
+def test_cpp_ext_is_a_leaf():
+    assert offenders(files("cpp_ext"), "glyph_engine") == []
+
+
+# The CLI and `python -m glyph_engine` (which runs it) are the top layer.
+RUNTIME = [p for p in files("engine") if "training" not in p.parts and p.name not in ("cli.py", "__main__.py")]
+
+
+@pytest.mark.parametrize("upper", ["glyph_engine.export", "glyph_engine.training", "glyph_engine.cli"])
+def test_the_runtime_never_imports_the_layers_above_it(upper):
+    assert offenders(RUNTIME, upper) == []
+
+
+@pytest.mark.parametrize(
+    "folder, upper", [("export", "glyph_engine.training"), ("engine/training", "glyph_engine.export")]
+)
+def test_export_and_training_stay_apart(folder, upper):
+    assert offenders(files(folder), upper) == [] and offenders(files(folder), "glyph_engine.cli") == []
+
+
+def test_test_helpers_live_in_tests_and_tests_import_no_test_module():
+    assert not (ROOT / "engine" / "testing.py").exists()
+    test_modules = {p.stem for p in files("tests") + files("bench") if p.stem.startswith(("test_", "bench_"))}
+    found = [
+        f"{p.relative_to(ROOT)} imports {name}"
+        for p in files("tests") + files("bench")
+        for name in imported_modules(p)
+        if name.split(".")[0] in test_modules
+    ]
+    assert found == []
