@@ -5,26 +5,13 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers import DPMSolverMultistepScheduler
 from diffusers.schedulers import scheduling_dpmsolver_multistep
 
 from glyph_engine.sampler import dpmpp_step, initial_noise, sample_dpmpp
 from glyph_engine.schedule import SamplerConfig, dpmpp_coefficients
 
-TRAIN = DDPMScheduler(num_train_timesteps=1000)  # the glyffuser's training schedule
-ALPHAS_CUMPROD = TRAIN.alphas_cumprod.numpy()
-
-
-def toy_eps(x: torch.Tensor, t: int) -> torch.Tensor:
-    """A smooth, timestep-dependent stand-in for a trained noise predictor.
-
-    It predicts a clean image in [0, 1] (as the glyffuser does) and returns the matching
-    epsilon, so sample magnitudes stay realistic and float32 rounding inside diffusers stays
-    far below the tolerance.
-    """
-    abar = float(ALPHAS_CUMPROD[t])
-    x0 = 0.5 + 0.5 * torch.tanh(x * (0.5 + t / 1000.0) + 0.2 * torch.sin(3 * x))
-    return (x - abar**0.5 * x0) / (1 - abar) ** 0.5
+from sampler_cases import ALPHAS_CUMPROD, toy_eps
 
 
 class _Float64Module:

@@ -54,6 +54,9 @@ void step_range(const T* __restrict__ x, const T* __restrict__ ec, const T* __re
       eps = u + g * (eps - u);
     }
     float x0v = xs * xv - es * eps;
+    // std::max(v, lo) and std::min(v, hi) return their first argument when the comparison is
+    // false, as it is for NaN: NaN passes through as in torch.clamp. Swapped, they would
+    // return the bound.
     if (Clamp) x0v = std::min(std::max(x0v, lo), hi);
     float next = a * xv + b * x0v;
     if (SecondOrder) next += c * static_cast<float>(xp[i]);

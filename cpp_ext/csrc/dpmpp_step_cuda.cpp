@@ -13,9 +13,9 @@
 namespace glyph_engine {
 
 cudaError_t launch_dpmpp_step_f32(const float* x, const float* eps_cond, const float* eps_uncond, const float* x0_prev,
-                                  float* x_next, float* x0, int64_t n, StepParams p, cudaStream_t stream);
+                                  float* x_next, float* x0, int64_t n, StepParams p, int device, cudaStream_t stream);
 cudaError_t launch_dpmpp_step_f16(const void* x, const void* eps_cond, const void* eps_uncond, const void* x0_prev,
-                                  void* x_next, void* x0, int64_t n, StepParams p, cudaStream_t stream);
+                                  void* x_next, void* x0, int64_t n, StepParams p, int device, cudaStream_t stream);
 void check_inputs(const at::Tensor& x, const at::Tensor& eps_cond, const std::optional<at::Tensor>& eps_uncond,
                   const std::optional<at::Tensor>& x0_prev);
 StepParams make_params(double guidance, double x_scale, double eps_scale, double a, double b, double c,
@@ -36,17 +36,19 @@ std::tuple<at::Tensor, at::Tensor> dpmpp_step_cuda(const at::Tensor& x, const at
                              x0_prev.has_value());
   at::Tensor x_next = at::empty_like(x);
   at::Tensor x0 = at::empty_like(x);
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  const int device = x.device().index();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
   const void* eu = eps_uncond ? eps_uncond->const_data_ptr() : nullptr;
   const void* xp = x0_prev ? x0_prev->const_data_ptr() : nullptr;
   cudaError_t status;
   if (x.scalar_type() == at::kFloat) {
     status = launch_dpmpp_step_f32(x.const_data_ptr<float>(), eps_cond.const_data_ptr<float>(),
                                    static_cast<const float*>(eu), static_cast<const float*>(xp),
-                                   x_next.mutable_data_ptr<float>(), x0.mutable_data_ptr<float>(), x.numel(), p, stream);
+                                   x_next.mutable_data_ptr<float>(), x0.mutable_data_ptr<float>(), x.numel(), p, device,
+                                   stream);
   } else {
     status = launch_dpmpp_step_f16(x.const_data_ptr(), eps_cond.const_data_ptr(), eu, xp, x_next.mutable_data_ptr(),
-                                   x0.mutable_data_ptr(), x.numel(), p, stream);
+                                   x0.mutable_data_ptr(), x.numel(), p, device, stream);
   }
   TORCH_CHECK(status == cudaSuccess, "dpmpp_step (CUDA): kernel launch failed: ", cudaGetErrorString(status));
   return {x_next, x0};
