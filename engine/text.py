@@ -26,9 +26,9 @@ def check_prompts(prompts: Sequence[str]) -> None:
         try:
             prompt.encode("utf-8")
         except UnicodeEncodeError:
-            shown = prompt.encode("utf-8", "backslashreplace").decode("ascii", "replace")
+            raw = prompt.encode("utf-8", "surrogateescape")  # the bytes as they were given
             raise GlyphEngineError(
-                f"prompt {shown!r} is not valid UTF-8 text; check the terminal's or file's encoding."
+                f"prompt {raw!r} is not valid UTF-8 text; check the terminal's or file's encoding."
             ) from None
 
 
