@@ -15,8 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import pickle
 import tempfile
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +30,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5Config, T5EncoderModel
 
 from glyph_engine.errors import GlyphEngineError
-from glyph_engine.files import atomic_path, check_writable_file, sha256_file
+from glyph_engine.files import atomic_path, check_writable_file, sha256_file, zip_damage
 from glyph_engine.model import DEFAULT_TEXT_ENCODER, Glyffuser, validate_configs
 
 logger = logging.getLogger(__name__)
@@ -76,9 +80,9 @@ def source_sha256(source: str | Path, text_encoder: str | None = None) -> str:
 def load_checkpoint(path: Path) -> Glyffuser:
     payload = _read_payload(path)
     try:
-        unet_config = json.loads(payload["unet"]["config"])
-        text_config = json.loads(payload["text_encoder"]["config"])
-        scheduler_config = json.loads(payload["scheduler"]["config"])
+        unet_config = _json_object(payload["unet"]["config"])
+        text_config = _json_object(payload["text_encoder"]["config"])
+        scheduler_config = _json_object(payload["scheduler"]["config"])
         tokenizer_files = payload["tokenizer"]["files"]
         unet_state = payload["unet"]["state_dict"]
         text_state = payload["text_encoder"]["state_dict"]
@@ -87,15 +91,18 @@ def load_checkpoint(path: Path) -> Glyffuser:
         default_guidance = float(payload["default_guidance"])
         max_length = int(payload["tokenizer"]["max_length"])
         clamp_x0 = bool(payload.get("clamp_x0", False))  # optional: absent in early v1 files
+        metadata = dict(payload.get("metadata", {}))
     except (KeyError, TypeError, ValueError) as e:
         raise GlyphEngineError(f"{path} is an incomplete glyph-engine checkpoint (bad or missing field {e}).") from None
     if unconditional not in ("zeros", "empty"):
         raise GlyphEngineError(f"{path}: unknown unconditional embedding kind {unconditional!r}.")
+    _check_settings(path, (low, high), default_guidance, max_length)
     validate_configs(unet_config, text_config, scheduler_config)
+    tokenizer = tokenizer_from_files(tokenizer_files, str(path))  # small: checked before the big parts
     return Glyffuser(
         unet=_build_unet(unet_config, unet_state, path),
         text_encoder=_build_text_encoder(text_config, text_state, path),
-        tokenizer=tokenizer_from_files(tokenizer_files),
+        tokenizer=tokenizer,
         scheduler_config=scheduler_config,
         alphas_cumprod=_alphas_cumprod(scheduler_config),
         source=str(path),
@@ -105,11 +112,48 @@ def load_checkpoint(path: Path) -> Glyffuser:
         default_guidance=default_guidance,
         clamp_x0=clamp_x0,
         max_text_length=max_length,
-        metadata=dict(payload.get("metadata", {})),
+        metadata=metadata,
     )
 
 
+def _json_object(text: str) -> dict[str, Any]:
+    config = json.loads(text)
+    if not isinstance(config, dict):
+        raise TypeError(f"a config is {type(config).__name__}, not an object")
+    return config
+
+
+def _check_settings(path: Path, pixel_range: tuple[float, float], default_guidance: float, max_length: int) -> None:
+    """Refuses sampling settings that would draw nothing sensible: images are scaled by
+    1 / (high - low), and a NaN anywhere turns every pixel into NaN."""
+    low, high = pixel_range
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise GlyphEngineError(
+            f"{path} has pixel range [{low}, {high}]; it must be two finite numbers, low < high "
+            "(glyffusers use [0, 1]). The checkpoint is damaged or was written wrongly: re-create it."
+        )
+    if not (math.isfinite(default_guidance) and default_guidance >= 0):
+        raise GlyphEngineError(
+            f"{path} has default guidance {default_guidance}; it must be a finite number, 0 or more. "
+            "The checkpoint is damaged or was written wrongly: re-create it."
+        )
+    if max_length < 1:
+        raise GlyphEngineError(
+            f"{path} has a tokenizer max_length of {max_length}; it must be at least 1. "
+            "The checkpoint is damaged or was written wrongly: re-create it."
+        )
+
+
 def _read_payload(path: Path) -> dict[str, Any]:
+    # Checksums first: damaged bytes then never reach the unpickler. Files that are not zips
+    # (a bare pickle, text) go on to torch.load, which says what they are.
+    is_zip = zipfile.is_zipfile(path)
+    damage = zip_damage(path) if is_zip else None
+    if damage is not None:
+        raise GlyphEngineError(
+            f"{path} is damaged: {damage}, so its contents are not what was written. Restore it from a "
+            "good copy, or re-create it (`glyph-engine convert`, or `glyph-engine train` for trained models)."
+        )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except PermissionError:
@@ -136,6 +180,11 @@ def _read_payload(path: Path) -> dict[str, Any]:
         raise GlyphEngineError(
             f"{path} has checkpoint format version {version!r}, newer than this glyph-engine reads "
             f"({FORMAT_VERSION}); upgrade glyph-engine."
+        )
+    if not is_zip:
+        raise GlyphEngineError(
+            f"{path} is in PyTorch's legacy (pre-1.6) file format, which has no checksums to detect damage; "
+            "re-save it with a current torch.save (`torch.save(torch.load(path), path)`)."
         )
     return payload
 
@@ -186,36 +235,65 @@ def tokenizer_files(tokenizer: PreTrainedTokenizerBase) -> dict[str, bytes]:
         return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
 
 
-def tokenizer_from_files(files: dict[str, bytes]) -> PreTrainedTokenizerBase:
+def tokenizer_from_files(files: Any, where: str) -> PreTrainedTokenizerBase:
+    """The tokenizer `tokenizer_files` stored (in the checkpoint or training state `where`)."""
+    if not isinstance(files, dict) or not files:
+        raise GlyphEngineError(
+            f"the tokenizer in {where} has no files; the file is damaged or was written wrongly: re-create it."
+        )
     with tempfile.TemporaryDirectory() as tmp:
         for name, data in files.items():
-            if Path(name).name != name:
-                raise GlyphEngineError(f"tokenizer file name {name!r} in the checkpoint is not a plain file name.")
+            plain = isinstance(name, str) and name not in ("", "..") and Path(name).name == name
+            if not plain or not isinstance(data, bytes):
+                raise GlyphEngineError(
+                    f"tokenizer file name {name!r} in {where} is not a plain file name with bytes; "
+                    "the file is damaged or was written wrongly: re-create it."
+                )
             (Path(tmp) / name).write_bytes(data)
-        return AutoTokenizer.from_pretrained(tmp)
+        try:
+            return AutoTokenizer.from_pretrained(tmp)
+        except Exception as e:  # noqa: BLE001 - transformers and sentencepiece raise many types on bad files
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise GlyphEngineError(
+                f"the tokenizer in {where} cannot be loaded ({reason}); the file is damaged or was written "
+                "wrongly: re-create it."
+            ) from None
 
 
 def _build_unet(config: dict[str, Any], state: dict[str, torch.Tensor], path: Path) -> UNet2DConditionModel:
     # Built on the meta device and filled by assignment: skips random initialisation, which
     # costs seconds for the full-size U-Net.
-    with torch.device("meta"):
+    with torch.device("meta"), _inconsistent_config(path, "U-Net"):
         unet = UNet2DConditionModel.from_config(config)
     _assign(unet, state, path, "U-Net")
     return unet.float().eval()
 
 
 def _build_text_encoder(config: dict[str, Any], state: dict[str, torch.Tensor], path: Path) -> T5EncoderModel:
-    with torch.device("meta"):
+    with torch.device("meta"), _inconsistent_config(path, "text encoder"):
         encoder = T5EncoderModel(T5Config.from_dict(config))
     _assign(encoder, state, path, "text encoder")
     encoder.tie_weights()
     return encoder.float().eval()
 
 
+@contextmanager
+def _inconsistent_config(path: Path, what: str) -> Iterator[None]:
+    """diffusers and transformers check a config's consistency (e.g. as many block types as
+    block widths) by raising while they build the model."""
+    try:
+        yield
+    except (ValueError, TypeError, KeyError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise GlyphEngineError(
+            f"the {what} config in {path} is inconsistent ({reason}); the file is damaged or not a glyffuser."
+        ) from None
+
+
 def _assign(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, what: str) -> None:
     try:
         module.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as e:
+    except (RuntimeError, TypeError) as e:  # TypeError: not a dict of tensors at all
         detail = " ".join(str(e).split())[:300]
         raise GlyphEngineError(f"the {what} weights in {path} do not match its config ({detail}).") from None
     left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]

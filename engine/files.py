@@ -1,15 +1,27 @@
-"""File helpers: atomic writes and content hashes."""
+"""File helpers: atomic writes, staging folders, content hashes and zip checksums."""
 
 from __future__ import annotations
 
+import fcntl
+import glob
 import hashlib
+import logging
 import os
+import shutil
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from glyph_engine.errors import GlyphEngineError
+
+logger = logging.getLogger(__name__)
+
+# Inside a staging folder: the file its building process holds an flock on. The kernel drops
+# the lock when the process ends, however it ends, so a folder whose lock can be taken is
+# a killed build's leftover; unlike a recorded PID, this cannot be fooled by PID reuse.
+STAGING_LOCK = ".staging.lock"
 
 
 @contextmanager
@@ -44,6 +56,85 @@ def make_staging_dir(target: Path, suffix: str) -> Path:
     return staging
 
 
+@contextmanager
+def owned_staging_dir(target: Path, suffix: str, attempts: int = 5) -> Iterator[Path]:
+    """`make_staging_dir`, locked by this process while the block runs and removed after it
+    (unless the block renamed it; it must then remove STAGING_LOCK from the new place).
+
+    `remove_stale_staging_dirs` in any process leaves a locked folder alone.
+    """
+    for _ in range(attempts):
+        try:
+            owned = _new_locked_dir(target, suffix)
+        except OSError as e:
+            raise GlyphEngineError(f"cannot write beside {target} ({e.strerror}); choose another place.") from None
+        if owned is not None:
+            break
+    else:
+        raise GlyphEngineError(f"cannot create a folder in {target.parent}; check that it exists and is writable.")
+    staging, fd = owned
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        os.close(fd)
+
+
+def _new_locked_dir(target: Path, suffix: str) -> tuple[Path, int] | None:
+    """A new staging folder and the descriptor holding its lock; None if a concurrent
+    `remove_stale_staging_dirs` took it for a leftover in the moment before it was locked."""
+    try:
+        staging = make_staging_dir(target, suffix)
+        fd = os.open(staging / STAGING_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    except FileNotFoundError:
+        return None
+    fcntl.flock(fd, fcntl.LOCK_EX)  # waits while a cleaner that got there first removes it
+    if _is_open_file(fd, staging / STAGING_LOCK):
+        return staging, fd
+    os.close(fd)
+    return None
+
+
+def _is_open_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def remove_stale_staging_dirs(target: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    """Removes the hidden `.NAME.*SUFFIX` folders beside `target` that no live process owns
+    (see `owned_staging_dir`): what killed runs left behind. Returns the folders removed."""
+    removed = []
+    for name in glob.glob(f".{glob.escape(target.name)}.*", root_dir=target.parent):
+        folder = target.parent / name
+        if folder.suffix in suffixes and folder.is_dir() and not folder.is_symlink() and _remove_if_unowned(folder):
+            removed.append(folder)
+    return removed
+
+
+def _remove_if_unowned(folder: Path) -> bool:
+    # Creating the lock file when it is missing (a folder from before these locks, or one
+    # created a moment ago) makes the owner's own lock attempt see that it lost the folder.
+    try:
+        fd = os.open(folder / STAGING_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:
+        return False  # gone already, or not ours to touch
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if not _is_open_file(fd, folder / STAGING_LOCK):
+            return False  # its owner finished and renamed it away meanwhile
+        shutil.rmtree(folder, ignore_errors=True)
+    except BlockingIOError:
+        return False  # a live process is building it
+    finally:
+        os.close(fd)
+    if folder.exists():
+        logger.warning("could not remove the stale staging folder %s; remove it by hand", folder)
+        return False
+    return True
+
+
 def check_writable_file(path: str | os.PathLike) -> Path:
     """Fails early, before minutes of work, if `path` cannot be written."""
     path = Path(path)
@@ -68,3 +159,19 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def zip_damage(path: str | os.PathLike) -> str | None:
+    """Why the zip archive at `path` fails its own consistency checks, or None if it passes.
+
+    torch.save writes a zip with a CRC-32 of every member (the pickled fields and each
+    tensor's bytes), which torch.load never checks. Checking them catches any accidental
+    change to the contents at the cost of one read (about 2.5 GB/s here).
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except Exception as e:  # noqa: BLE001 - damaged headers make zipfile raise many types
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    # torch.save files every member under a folder named after the file it first wrote.
+    return None if bad is None else f"its part {bad.partition('/')[2] or bad} fails its CRC-32 check"

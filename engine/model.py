@@ -46,6 +46,37 @@ DEFAULT_TEXT_ENCODER = "google-t5/t5-small"
 DEFAULT_CHECKPOINT = Path(__file__).parent / "models" / "glyffuser-small.pt"
 MAX_TEXT_LENGTH = 256  # the glyffuser's tokenizer max_length
 
+# Bounds on the config values that size what is built and allocated (image size, layer
+# counts, widths): far beyond any glyffuser (128px, 4 blocks of up to 512 channels, T5-small),
+# far below what would exhaust memory. Without them a damaged or hostile file asks for,
+# say, 160 GB of noise (sample_size 100000) or a million layers.
+UNET_LIMITS: dict[str, tuple[int, int]] = {
+    "sample_size": (8, 1024),
+    "in_channels": (1, 16),
+    "out_channels": (1, 16),
+    "block_out_channels": (1, 4096),
+    "layers_per_block": (1, 16),
+    "transformer_layers_per_block": (1, 16),
+    "cross_attention_dim": (1, 4096),
+    "encoder_hid_dim": (1, 4096),
+    "attention_head_dim": (1, 4096),
+    "num_attention_heads": (1, 1024),
+    "addition_embed_type_num_heads": (1, 1024),
+    "norm_num_groups": (1, 4096),
+}
+TEXT_ENCODER_LIMITS: dict[str, tuple[int, int]] = {
+    "vocab_size": (1, 1_000_000),
+    "d_model": (1, 4096),
+    "d_kv": (1, 1024),
+    "d_ff": (1, 16384),
+    "num_layers": (1, 48),
+    "num_heads": (1, 128),
+    "relative_attention_num_buckets": (1, 1024),
+    "relative_attention_max_distance": (1, 100_000),
+}
+SCHEDULER_LIMITS: dict[str, tuple[int, int]] = {"num_train_timesteps": (2, 100_000)}
+MAX_BLOCKS = 8  # entries in a per-block list (block_out_channels, layers_per_block, ...)
+
 
 @dataclass
 class Glyffuser:
@@ -81,6 +112,16 @@ def validate_configs(
     unet_config: dict[str, Any], text_config: dict[str, Any], scheduler_config: dict[str, Any]
 ) -> None:
     """Refuses configurations glyph-engine cannot serve, with a reason a user can act on."""
+    if unet_config.get("sample_size") is None:
+        raise GlyphEngineError("the U-Net config has no sample_size (the image size); the model is incomplete.")
+    for what, config, limits in (
+        ("U-Net", unet_config, UNET_LIMITS),
+        ("text encoder", text_config, TEXT_ENCODER_LIMITS),
+        ("noise schedule", scheduler_config, SCHEDULER_LIMITS),
+    ):
+        for key, (low, high) in limits.items():
+            if config.get(key) is not None:
+                _check_size(what, key, config[key], low, high)
     name = unet_config.get("_class_name", "UNet2DConditionModel")
     if name != "UNet2DConditionModel":
         raise GlyphEngineError(f"the U-Net is a {name}; glyph-engine serves diffusers' UNet2DConditionModel only.")
@@ -105,4 +146,22 @@ def validate_configs(
     if prediction != "epsilon":
         raise GlyphEngineError(
             f"the model predicts {prediction!r}; glyph-engine's sampler supports epsilon prediction only."
+        )
+
+
+def _check_size(what: str, key: str, value: Any, low: int, high: int) -> None:
+    """`value` is an integer in [low, high], or a list of at most MAX_BLOCKS of them (lists
+    may nest one level: per block, per layer)."""
+    values = value if isinstance(value, list | tuple) else [value]
+    flat = [v for item in values for v in (item if isinstance(item, list | tuple) else [item])]
+    fits = len(values) <= MAX_BLOCKS and all(
+        isinstance(v, int) and not isinstance(v, bool) and low <= v <= high for v in flat
+    )
+    if not fits:
+        allowed = f"a whole number from {low} to {high}"
+        if isinstance(value, list | tuple):
+            allowed += f", at most {MAX_BLOCKS} of them"
+        raise GlyphEngineError(
+            f"the {what} config's {key} is {str(value)[:60]}, but glyph-engine serves {allowed}; "
+            "the model file is damaged or not a glyffuser."
         )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -38,7 +37,7 @@ from glyph_engine.export_manifest import (
     read_manifest,
     write_manifest,
 )
-from glyph_engine.files import make_staging_dir
+from glyph_engine.files import STAGING_LOCK, owned_staging_dir, remove_stale_staging_dirs
 from glyph_engine.model import Glyffuser
 from glyph_engine.timing import median_seconds
 
@@ -111,6 +110,8 @@ def export_model(
     key = export_key(source_sha256, options)
     if out.exists() and not out.is_dir():
         raise GlyphEngineError(f"--out {out} is a file; give a folder for the export.")
+    for folder in remove_stale_staging_dirs(out, (".partial", ".old")):
+        report(f"removed {folder}, left by an export that did not finish")
     if out.is_dir() and any(out.iterdir()):
         if not (out / MANIFEST).is_file():
             raise GlyphEngineError(
@@ -123,15 +124,12 @@ def export_model(
         report(f"rebuilding {out}: {reason}")
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = make_staging_dir(out, ".partial")
-    try:
+    with owned_staging_dir(out, ".partial") as staging:
         model = load()
         if model.sha256 != source_sha256:
             raise GlyphEngineError(f"{model.source} changed while it was being exported; run export again.")
         manifest = _build(model, staging, options, key, report)
         _swap_in(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return manifest, False
 
 
@@ -142,20 +140,21 @@ def _why_rebuild(out: Path, key: str, force: bool) -> str | None:
         manifest = read_manifest(out)
     except GlyphEngineError as e:
         return str(e)
-    if manifest.get("key") != key:
+    if manifest["key"] != key:
         return "the checkpoint, options or library versions changed"
     problems = damaged_files(out, onnx_files(manifest))
     return f"damaged: {'; '.join(problems)}" if problems else None
 
 
 def _swap_in(staging: Path, out: Path) -> None:
-    old = None
     if out.exists():
-        old = make_staging_dir(out, ".old")
-        out.rename(old / "previous")
-    staging.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        with owned_staging_dir(out, ".old") as old:
+            out.rename(old / "previous")
+            staging.rename(out)
+    else:
+        staging.rename(out)
+    # The lock went along with the rename; `out` is no staging folder.
+    (out / STAGING_LOCK).unlink()
 
 
 def _build(

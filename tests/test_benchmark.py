@@ -60,7 +60,9 @@ def test_peer_loop_draws_what_generate_draws(model):
 
     noise = initial_noise(image_seeds(0, 2), model.image_shape)
     peer = peer_generate(model, DPMSolverMultistepScheduler(), ["metal", "metal"], noise, 5)
-    ours = generate(model, TorchBackend(model, device="cpu"), ["metal"], 2, GenerationSettings(steps=5, guidance=1.0)).images
+    ours = generate(
+        model, TorchBackend(model, device="cpu"), ["metal"], 2, GenerationSettings(steps=5, guidance=1.0)
+    ).images
     torch.testing.assert_close(ours, peer, rtol=0, atol=1e-4)
 
 

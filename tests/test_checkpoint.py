@@ -5,6 +5,8 @@ import json
 import os
 import pickle
 import shutil
+import struct
+import zipfile
 
 import pytest
 import torch
@@ -194,3 +196,102 @@ def test_checkpoint_loads_from_bytes_round_trip(ckpt_path):
     buffer = io.BytesIO(ckpt_path.read_bytes())
     payload = torch.load(buffer, weights_only=True)
     assert isinstance(next(iter(payload["tokenizer"]["files"].values())), bytes)
+
+
+# --- damage and absurd contents ----------------------------------------------------------
+
+
+def flip(path, start, count=400):
+    data = bytearray(path.read_bytes())
+    data[start : start + count] = bytes(b ^ 0xFF for b in data[start : start + count])
+    path.write_bytes(data)
+    return path
+
+
+def largest_tensor_bytes(path):
+    """(offset, size) of the largest tensor's raw bytes inside the checkpoint's zip."""
+    with zipfile.ZipFile(path) as archive:
+        info = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        header = f.read(30)  # the local file header; its name and extra field follow
+    name_length, extra_length = struct.unpack("<HH", header[26:30])
+    return info.header_offset + 30 + name_length + extra_length, info.file_size
+
+
+def test_flipped_bytes_in_the_middle_are_caught(ckpt_path, tmp_path):
+    copy = shutil.copy(ckpt_path, tmp_path / "flipped.pt")
+    flip(copy, copy.stat().st_size // 2)
+    with pytest.raises(GlyphEngineError, match="is damaged: its part .* fails its CRC-32 check"):
+        load_model(copy)
+
+
+def test_flipped_tensor_bytes_are_caught(ckpt_path, tmp_path):
+    copy = shutil.copy(ckpt_path, tmp_path / "flipped.pt")
+    offset, size = largest_tensor_bytes(copy)
+    flip(copy, offset + size // 2)
+    # torch.load itself reads the altered weights without complaint...
+    altered = torch.load(copy, weights_only=True)["unet"]["state_dict"]
+    original = torch.load(ckpt_path, weights_only=True)["unet"]["state_dict"]
+    assert any(not torch.equal(altered[k], original[k]) for k in original)
+    # ...so glyph-engine checks the zip's CRC-32s first.
+    with pytest.raises(GlyphEngineError, match="damaged"):
+        load_model(copy)
+
+
+def test_the_embedded_checkpoint_passes_its_checksums():
+    from glyph_engine.files import zip_damage
+    from glyph_engine.model import DEFAULT_CHECKPOINT
+
+    assert zip_damage(DEFAULT_CHECKPOINT) is None
+
+
+def test_legacy_format_is_refused(ckpt_path, tmp_path):
+    """PyTorch's pre-zip format has no checksums, so damage to it could not be caught."""
+    path = tmp_path / "legacy.pt"
+    torch.save(torch.load(ckpt_path, weights_only=True), path, _use_new_zipfile_serialization=False)
+    with pytest.raises(GlyphEngineError, match="legacy"):
+        load_model(path)
+
+
+def set_field(key, value):
+    return lambda payload: payload.update({key: value})
+
+
+def set_tokenizer(**changes):
+    return lambda payload: payload["tokenizer"].update(changes)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (set_field("pixel_range", [0.0, 0.0]), r"pixel range \[0.0, 0.0\]; it must be two finite numbers, low < high"),
+        (set_field("pixel_range", [1.0, 0.0]), "low < high"),
+        (set_field("pixel_range", [float("nan"), 1.0]), "low < high"),
+        (set_field("pixel_range", [0.0, float("inf")]), "low < high"),
+        (set_field("pixel_range", [0.0]), "incomplete"),
+        (set_field("default_guidance", float("nan")), "default guidance nan"),
+        (set_tokenizer(max_length=0), "max_length of 0"),
+        (set_config("unet", sample_size=100000), "sample_size is 100000, but glyph-engine serves a whole number"),
+        (set_config("unet", sample_size=[32, 0]), "sample_size is"),
+        (set_config("unet", sample_size=None), "no sample_size"),
+        (set_config("unet", block_out_channels=[32, 32, 64, 10**6]), "block_out_channels"),
+        (set_config("unet", layers_per_block=10**6), "layers_per_block"),
+        (set_config("unet", layers_per_block=2.5), "layers_per_block"),
+        (set_config("unet", in_channels=True, out_channels=True), "in_channels"),
+        (set_config("unet", down_block_types=["DownBlock2D"] * 9), "inconsistent"),
+        (set_config("text_encoder", num_layers=10**6), "num_layers"),
+        (set_config("scheduler", num_train_timesteps=10**12), "num_train_timesteps"),
+        (set_tokenizer(files={}), "tokenizer in .* has no files"),
+        (set_tokenizer(files=None), "tokenizer in .* has no files"),
+        (set_tokenizer(files={"spiece.model": b"not a sentencepiece model"}), "tokenizer in .* cannot be loaded"),
+        (set_tokenizer(files={"..": b"x"}), "not a plain file name"),
+        (lambda p: p["unet"].update(config="[1, 2]"), "incomplete"),
+        (lambda p: p["unet"].update(state_dict=[1, 2]), "do not match its config"),
+        (set_field("metadata", 5), "incomplete"),
+    ],
+    ids=lambda v: None if callable(v) else v[:30],
+)
+def test_absurd_contents_are_refused(ckpt_path, tmp_path, edit, message):
+    with pytest.raises(GlyphEngineError, match=message):
+        load_model(edited_checkpoint(ckpt_path, tmp_path, edit))

@@ -197,3 +197,56 @@ def test_version():
 
     result = run("version")
     assert result.exit_code == 0 and result.output.strip() == __version__
+
+
+def flipped_mid_file(tmp_path, ckpt_path):
+    path = tmp_path / "flipped.pt"
+    data = bytearray(ckpt_path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 400] = bytes(b ^ 0xFF for b in data[middle : middle + 400])
+    path.write_bytes(data)
+    return path
+
+
+def edited(tmp_path, ckpt_path, edit):
+    payload = torch.load(ckpt_path, weights_only=True)
+    edit(payload)
+    path = tmp_path / "edited.pt"
+    torch.save(payload, path)  # torch.save writes fresh checksums: the edit itself is all that is wrong
+    return path
+
+
+def unet_config_with(**changes):
+    def edit(payload):
+        payload["unet"]["config"] = json.dumps({**json.loads(payload["unet"]["config"]), **changes})
+
+    return edit
+
+
+def nan_weight(payload):
+    payload["unet"]["state_dict"]["conv_in.weight"][0, 0, 0, 0] = float("nan")
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (flipped_mid_file, "is damaged: its part data/"),
+        (lambda t, c: edited(t, c, lambda p: p.update(pixel_range=[0.0, 0.0])), "must be two finite numbers"),
+        (lambda t, c: edited(t, c, lambda p: p.update(pixel_range=[float("nan"), 1.0])), "low < high"),
+        (lambda t, c: edited(t, c, unet_config_with(sample_size=100000)), "sample_size is 100000"),
+        (lambda t, c: edited(t, c, unet_config_with(layers_per_block=10**6)), "layers_per_block"),
+        (lambda t, c: edited(t, c, lambda p: p["tokenizer"].update(files={})), "has no files"),
+        (lambda t, c: edited(t, c, nan_weight), "sampling produced NaN"),
+    ],
+    ids=["flipped", "pixel-range-empty", "pixel-range-nan", "huge-image", "huge-depth", "no-tokenizer", "nan-weights"],
+)
+def test_generate_refuses_damaged_or_absurd_checkpoints(make, message, tmp_path, ckpt_path):
+    ckpt = make(tmp_path, ckpt_path)
+    out = tmp_path / "out.png"
+    before = set(tmp_path.rglob("*"))
+    result = run("generate", "metal", "-n", 2, "--steps", 2, "--ckpt", ckpt, "-o", out, "--out-dir", tmp_path / "each")
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert result.output.startswith("error: ") and result.output.strip().count("\n") == 0
+    assert "Traceback" not in result.output
+    assert set(tmp_path.rglob("*")) == before and not out.exists()

@@ -96,3 +96,42 @@ def test_missing_inputs_name_the_package(tmp_path):
             build_glyph_set(unihan_dir=tmp_path)
     with pytest.raises(GlyphEngineError, match="glyph-engine dataset"):
         load_glyph_set(tmp_path / "missing.npz")
+
+
+def glyph_arrays(n=4, size=8):
+    return {
+        "images": np.full((n, size, size), 255, np.uint8),
+        "captions": np.array([f"metal {i}" for i in range(n)]),
+        "codepoints": np.arange(n, dtype=np.int32) + 0x4E00,
+        "radicals": np.full(n, 167, np.int16),
+    }
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({}, None),
+        ({"images": np.full((4, 8, 6), 255, np.uint8)}, "square uint8"),
+        ({"images": np.full((4, 8, 8), 1.0, np.float32)}, "square uint8"),
+        ({"captions": np.array(["metal"] * 3)}, "one per image"),
+        ({"radicals": np.full(4, 999, np.int16)}, "1 to 214"),
+        ({"radicals": np.array(["167"] * 4)}, "whole numbers"),
+    ],
+    ids=["intact", "not-square", "float", "short-captions", "radical-999", "text-radicals"],
+)
+def test_inconsistent_datasets_are_refused(tmp_path, changes, message):
+    path = tmp_path / "g.npz"
+    np.savez_compressed(path, **{**glyph_arrays(), **changes})
+    if message is None:
+        assert len(load_glyph_set(path)) == 4
+        return
+    with pytest.raises(GlyphEngineError, match=message):
+        load_glyph_set(path)
+
+
+@pytest.mark.parametrize("data", [b"", b"PK\x03\x04 not really a zip"], ids=["empty", "bad-zip"])
+def test_unreadable_dataset_files_are_refused(tmp_path, data):
+    path = tmp_path / "g.npz"
+    path.write_bytes(data)
+    with pytest.raises(GlyphEngineError, match="is not a glyph dataset"):
+        load_glyph_set(path)

@@ -1,13 +1,19 @@
 """ONNX export: validity, agreement with PyTorch, FP16 islands, the artifact folder's reuse."""
 
 import json
+import logging
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 from glyph_engine.backends import create_backend
@@ -20,7 +26,8 @@ from glyph_engine.export.exporter import ExportOptions, export_model
 from glyph_engine.export.specs import text_encoder_spec, unet_spec
 from glyph_engine.export.to_onnx import TextEncoderForExport, UNetForExport
 from glyph_engine.export.validate import compare
-from glyph_engine.export_manifest import default_export_dir, read_manifest
+from glyph_engine.export_manifest import MANIFEST, default_export_dir, open_export, read_manifest
+from glyph_engine.files import STAGING_LOCK, owned_staging_dir, remove_stale_staging_dirs
 from glyph_engine.pipeline import generate
 from glyph_engine.settings import GenerationSettings
 
@@ -154,7 +161,7 @@ def test_onnxruntime_gpu_fp16_matches_torch(exported, model):
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("needs onnxruntime-gpu (pip install 'glyph-engine[onnx-gpu]')")
     out, _ = exported
-    backend = OnnxRuntimeBackend(model, out, device="cpu")
+    backend = OnnxRuntimeBackend(model, out, device="cuda")
     assert backend.device.type == "cuda" and backend.precision == "fp16"
     settings = GenerationSettings(steps=20, guidance=4.0, seed=2)
     gpu = generate(model, backend, ["metal"], 4, settings).images.cpu()
@@ -265,6 +272,7 @@ def test_generate_cli_onnxruntime(ckpt_path, tmp_path, exported):
         (["export", "{ckpt}", "--max-batch", "0"], "--max-batch"),
         (["export", "{ckpt}", "--opset", "3"], "--opset"),
         (["export", "{ckpt}", "-o", "{ckpt}"], "is a file"),
+        (["export", "{ckpt}", "-o", "/proc/ckpt-export"], "cannot create a folder in /proc"),
         (["generate", "x", "--ckpt", "{ckpt}", "--backend", "onnxruntime", "--export-dir", "{tmp}/none"], "no export"),
     ],
 )
@@ -272,3 +280,190 @@ def test_bad_export_input(args, message, tmp_path, ckpt_path):
     result = runner.invoke(app, [a.format(tmp=tmp_path, ckpt=ckpt_path) for a in args])
     assert result.exit_code == 2, result.output
     assert message in result.output
+
+
+# --- damaged exports, verified hashes, leftovers of killed exports --------------------------
+
+
+@pytest.fixture
+def export_copy(exported, ckpt_path, tmp_path):
+    """A copy of the checkpoint with a copy of its export at the default place beside it;
+    the export says ONNX Runtime is faster, so `--backend auto` takes it when it is intact."""
+    ckpt = shutil.copy(ckpt_path, tmp_path / "ckpt.pt")
+    out = shutil.copytree(exported[0], default_export_dir(ckpt))
+    edit_manifest(lambda m: m["cpu_benchmark"].update(preferred="onnxruntime"))(out)
+    return ckpt, out
+
+
+def edit_manifest(change):
+    def edit(out):
+        manifest = json.loads((out / MANIFEST).read_text())
+        change(manifest)
+        (out / MANIFEST).write_text(json.dumps(manifest))
+
+    return edit
+
+
+def random_onnx_bytes(out):
+    path = out / "unet.fp32.onnx"
+    path.write_bytes(np.random.default_rng(0).bytes(path.stat().st_size))  # same size: only the hash tells
+
+
+DAMAGE = {
+    "onnx-random-bytes": (random_onnx_bytes, "unet.fp32.onnx has changed since export"),
+    "components-a-list": (
+        edit_manifest(lambda m: m.update(components=list(m["components"].values()))),
+        "manifest.components should be an object, not a list",
+    ),
+    "bytes-a-string": (
+        edit_manifest(lambda m: m["components"]["unet"]["files"]["fp32"].update(bytes="12345")),
+        "manifest.components.unet.files.fp32.bytes should be a byte count, not '12345'",
+    ),
+    "benchmark-a-string": (
+        edit_manifest(lambda m: m.update(cpu_benchmark="fast")),
+        "manifest.cpu_benchmark should be an object, not text",
+    ),
+}
+
+
+def generate_cli(ckpt, out, backend):
+    args = ["generate", "fire", "-n", "1", "--steps", "2", "--ckpt", ckpt, "--backend", backend, "-o", out]
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_onnxruntime_refuses_a_damaged_export(export_copy, tmp_path, damage):
+    ckpt, out = export_copy
+    make, problem = DAMAGE[damage]
+    make(out)
+    png = tmp_path / "g.png"
+    result = generate_cli(ckpt, png, "onnxruntime")
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: ") and result.output.strip().count("\n") == 0
+    assert problem in result.output and "Traceback" not in result.output
+    assert f"run `glyph-engine export {ckpt} --force` to rebuild it" in result.output
+    assert not png.exists()
+
+
+@pytest.mark.parametrize("damage", [None, *DAMAGE])
+def test_auto_falls_back_to_torch_on_a_damaged_export(export_copy, tmp_path, damage, caplog):
+    ckpt, out = export_copy
+    if damage is not None:
+        DAMAGE[damage][0](out)
+    png = tmp_path / "g.png"
+    with caplog.at_level(logging.INFO, logger="glyph_engine"):
+        result = generate_cli(ckpt, png, "auto")
+    assert result.exit_code == 0, result.output
+    used = Image.open(png).text["backend"]
+    if damage is None:
+        assert used == "onnxruntime"  # the intact copy is used, so a fallback below is the damage's doing
+    else:
+        assert used == "torch"
+        assert "not using the ONNX export" in caplog.text and DAMAGE[damage][1] in caplog.text
+
+
+@pytest.mark.parametrize("damage", ["onnx-random-bytes", "components-a-list"])
+def test_export_rebuilds_a_damaged_export(export_copy, damage):
+    ckpt, out = export_copy
+    make, problem = DAMAGE[damage]
+    make(out)
+    result = runner.invoke(app, ["export", str(ckpt)])
+    assert result.exit_code == 0, result.output
+    assert f"rebuilding {out}" in result.output and problem in result.output
+    model = load_model(ckpt)
+    assert OnnxRuntimeBackend(model, out, device="cpu").precision == "fp32"
+
+
+def test_opening_an_export_hashes_only_changed_files(export_copy, monkeypatch):
+    import glyph_engine.export_manifest as export_manifest
+
+    ckpt, out = export_copy
+    model = load_model(ckpt)
+    hashed = []
+    real_sha256 = export_manifest.sha256_file
+    monkeypatch.setattr(export_manifest, "sha256_file", lambda p: hashed.append(p.name) or real_sha256(p))
+    open_export(out, model.sha256, str(ckpt))
+    assert sorted(hashed) == sorted(p.name for p in out.glob("*.onnx"))  # the copies: all new to it
+    hashed.clear()
+    open_export(out, model.sha256, str(ckpt))
+    assert hashed == []  # unchanged since they were verified
+
+    # Other bytes of the same size, with the old modification time put back: the change of
+    # ctime (which cannot be set back) still marks the file for hashing.
+    path = out / "text_encoder.fp16.onnx"
+    stat = path.stat()
+    path.write_bytes(bytes(b ^ 1 for b in path.read_bytes()))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(GlyphEngineError, match="text_encoder.fp16.onnx has changed since export"):
+        open_export(out, model.sha256, str(ckpt))
+    assert hashed == ["text_encoder.fp16.onnx"]
+
+
+def make_leftover(parent, name, owner_lock=True):
+    folder = parent / name
+    (folder / "half").mkdir(parents=True)
+    (folder / "half" / "unet.fp32.onnx").write_bytes(b"partial")
+    if owner_lock:
+        (folder / STAGING_LOCK).touch()  # its owner was killed: nobody holds the lock
+    return folder
+
+
+def test_export_removes_leftovers_of_killed_exports_only(exported, ckpt_path):
+    out, _ = exported
+    stale = [
+        make_leftover(out.parent, f".{out.name}.k1ll3d.partial"),
+        make_leftover(out.parent, f".{out.name}.0ld.old"),
+        make_leftover(out.parent, f".{out.name}.b3f0re.partial", owner_lock=False),  # from before the locks
+    ]
+    other = make_leftover(out.parent, ".other-export.x.partial")
+    with owned_staging_dir(out, ".partial") as live:
+        (live / "unet.fp32.onnx").write_bytes(b"being written")
+        messages = []
+        _, reused = export(ckpt_path, out, report=messages.append)
+        assert reused
+        assert not any(folder.exists() for folder in stale)
+        assert sum("left by an export that did not finish" in m for m in messages) == 3
+        assert (live / "unet.fp32.onnx").read_bytes() == b"being written"  # its owner is alive
+    assert not live.exists()
+    assert other.exists()  # another target's
+    shutil.rmtree(other)
+
+
+def test_a_staging_folder_taken_before_its_lock_is_replaced(tmp_path, monkeypatch):
+    """The moment between creating a staging folder and locking it: a concurrent cleanup may
+    remove it, and the owner must notice and make another."""
+    import glyph_engine.files as files
+
+    target = tmp_path / "ckpt-export"
+    real = files.make_staging_dir
+    made = []
+
+    def made_then_cleaned(target, suffix):
+        folder = real(target, suffix)
+        made.append(folder)
+        if len(made) == 1:
+            assert remove_stale_staging_dirs(target, (suffix,)) == [folder]
+        return folder
+
+    monkeypatch.setattr(files, "make_staging_dir", made_then_cleaned)
+    with owned_staging_dir(target, ".partial") as staging:
+        assert staging == made[1] and staging.is_dir()
+        assert remove_stale_staging_dirs(target, (".partial",)) == []
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_killed_owner_leaves_a_staging_folder_that_is_then_removed(tmp_path):
+    target = tmp_path / "ckpt-export"
+    holds_one = (
+        "import sys; from pathlib import Path; from glyph_engine.files import owned_staging_dir\n"
+        "with owned_staging_dir(Path(sys.argv[1]), '.partial') as staging:\n"
+        "    print(staging, flush=True); sys.stdin.read()\n"
+    )
+    pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "text": True}
+    with subprocess.Popen([sys.executable, "-c", holds_one, str(target)], **pipes) as owner:
+        staging = Path(owner.stdout.readline().strip())
+        assert staging.is_dir() and remove_stale_staging_dirs(target, (".partial",)) == []  # its owner is alive
+        owner.kill()
+    assert staging.is_dir()  # nothing cleaned up after the kill...
+    assert remove_stale_staging_dirs(target, (".partial",)) == [staging]  # ...until the next export
+    assert list(tmp_path.iterdir()) == []

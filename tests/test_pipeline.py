@@ -16,7 +16,9 @@ from reference import glyffuser_loop
 @pytest.mark.parametrize("steps", [2, 20])
 def test_matches_glyffuser_loop(model, glyffuser_folder, t5_folder, steps):
     prompts = ["metal; gold", "a kind of fish found in the southern seas", "water"]
-    result = generate(model, TorchBackend(model, device="cpu"), prompts, 1, GenerationSettings(steps=steps, guidance=1.0, seed=3))
+    result = generate(
+        model, TorchBackend(model, device="cpu"), prompts, 1, GenerationSettings(steps=steps, guidance=1.0, seed=3)
+    )
     noise = initial_noise(image_seeds(3, 3), model.image_shape)
     ref = glyffuser_loop(glyffuser_folder, t5_folder, prompts, noise, steps)
     assert 0.05 < float(ref.std())  # a real image, not a constant
@@ -25,11 +27,15 @@ def test_matches_glyffuser_loop(model, glyffuser_folder, t5_folder, steps):
 
 def test_guided_matches_reference_loop(model, glyffuser_folder, t5_folder):
     prompts = ["fire; flame", "heart"]
-    result = generate(model, TorchBackend(model, device="cpu"), prompts, 1, GenerationSettings(steps=10, guidance=5.0, seed=1))
+    result = generate(
+        model, TorchBackend(model, device="cpu"), prompts, 1, GenerationSettings(steps=10, guidance=5.0, seed=1)
+    )
     ref = glyffuser_loop(
         glyffuser_folder, t5_folder, prompts, initial_noise(image_seeds(1, 2), model.image_shape), 10, guidance=5.0
     )
-    unguided = generate(model, TorchBackend(model, device="cpu"), prompts, 1, GenerationSettings(steps=10, guidance=1.0, seed=1))
+    unguided = generate(
+        model, TorchBackend(model, device="cpu"), prompts, 1, GenerationSettings(steps=10, guidance=1.0, seed=1)
+    )
     assert (result.images - unguided.images).abs().max() > 1e-2  # guidance changes the images
     # The guided eps is u + 5 (c - u): float32 rounding differences between our batched
     # [uncond; cond] call and the reference's two calls are amplified up to 5x.

@@ -190,7 +190,8 @@ def test_caption_gain_is_zero_for_a_model_that_ignores_its_prompt(model):
         np.full(len(DEFINITIONS), 85, np.int16),
     )
     unet = model.unet.float()
-    assert abs(caption_gain(model, TorchBackend(model, device="cpu"), glyphs, count=4).gain) > 1e-4  # random weights use the text
+    # Random weights use the text.
+    assert abs(caption_gain(model, TorchBackend(model, device="cpu"), glyphs, count=4).gain) > 1e-4
     # Cut both ways the text reaches the U-Net: cross-attention outputs and the pooled text embedding.
     with torch.no_grad():
         for name, module in unet.named_modules():
@@ -211,3 +212,59 @@ def test_a_state_from_before_the_radical_loss_points_to_init(glyph_file, tmp_pat
     torch.save(payload, tmp_path / STATE)
     with pytest.raises(GlyphEngineError, match="--init"):
         load_state(tmp_path, None)
+
+
+def cli_train(*args):
+    return CliRunner().invoke(app, ["train", *(str(a) for a in args)])
+
+
+def assert_one_line_error(result, message):
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: ") and result.output.strip().count("\n") == 0
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_a_dataset_smaller_than_one_batch_is_refused(tmp_path):
+    small = tmp_path / "small.npz"
+    images = np.full((10, 32, 32), 255, np.uint8)
+    captions = np.array([f"metal {i}" for i in range(10)])
+    save_glyph_set(GlyphSet(images, captions, np.arange(10, dtype=np.int32), np.full(10, 167, np.int16)), small)
+    result = cli_train("--data", small, "--workdir", tmp_path / "run", "--steps", 1)
+    assert_one_line_error(result, "has 10 glyphs, fewer than one training batch (64)")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("option", ["--save-every", "--sample-every"])
+def test_zero_save_or_sample_interval_is_refused(glyph_file, tmp_path, option):
+    result = cli_train("--data", glyph_file, "--workdir", tmp_path / "run", "--steps", 1, option, 0)
+    assert_one_line_error(result, f"{option} must be positive (got 0)")
+    assert not (tmp_path / "run").exists()
+
+
+def flip_middle(path):
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 400] = bytes(b ^ 0xFF for b in data[middle : middle + 400])
+    path.write_bytes(data)
+
+
+def drop_optimizer(path):
+    payload = torch.load(path, weights_only=True)
+    del payload["optimizer"]
+    torch.save(payload, path)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [flip_middle, lambda p: p.write_bytes(p.read_bytes()[:5000]), drop_optimizer],
+    ids=["flipped", "truncated", "incomplete"],
+)
+def test_a_damaged_training_state_is_refused(glyph_file, tmp_path, damage):
+    workdir = tmp_path / "run"
+    train(glyph_file, workdir, TINY, max_steps=1)
+    damage(workdir / STATE)
+    before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+    result = cli_train("--data", glyph_file, "--workdir", workdir, "--steps", 2)
+    assert_one_line_error(result, f"{workdir / STATE} is damaged or incomplete")
+    assert "Delete it to start this --workdir from scratch" in result.output
+    assert {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == before

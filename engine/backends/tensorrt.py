@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from glyph_engine.errors import GlyphEngineError
-from glyph_engine.export_manifest import damaged_files, engine_files, open_export
+from glyph_engine.export_manifest import damaged_files_cached, engine_files, open_export
 from glyph_engine.model import Glyffuser
 
 logger = logging.getLogger(__name__)
@@ -274,7 +274,7 @@ class TensorRTBackend:
         manifest = open_export(export_dir, model.sha256, model.source)
         major, minor = torch.cuda.get_device_capability()
         name, build = select_build(manifest, trt, f"sm{major}{minor}", model.source)
-        problems = damaged_files(export_dir, engine_files(build), check_hashes=False)
+        problems = damaged_files_cached(export_dir, engine_files(build))
         if problems:
             raise GlyphEngineError(
                 f"the TensorRT engines in {export_dir} are damaged ({problems[0]}); "

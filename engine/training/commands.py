@@ -31,8 +31,13 @@ def run_train(
 
     if steps is None and minutes is None:
         raise GlyphEngineError("give --steps and/or --minutes: how long to train in this run.")
-    for name, value in (("--steps", steps), ("--minutes", minutes), ("--sample-every", sample_every)):
-        if value is not None and value <= 0:
+    for name, value in (
+        ("--steps", steps),
+        ("--minutes", minutes),
+        ("--sample-every", sample_every),
+        ("--save-every", save_every),
+    ):
+        if value is not None and not value > 0:  # NaN minutes too
             raise GlyphEngineError(f"{name} must be positive (got {value}).")
     state = train(data, workdir, None, steps, minutes, save_every, sample_every, progress, init=init)
     glyph_count = state.dataset_size

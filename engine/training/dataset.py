@@ -12,6 +12,7 @@ from __future__ import annotations
 import bz2
 import logging
 import re
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ DEFAULT_FONT = Path("/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc")
 DEFAULT_FONT_FACE = "Noto Sans CJK SC"  # the glyffuser's Noto Sans SC design
 CODEPOINTS = (0x3400, 0x9FFF)  # CJK Extension A and the Unified Ideographs
 FONT_SCALE = 100 / 128  # the original: font size 100 on a 128x128 canvas
+RADICALS = 214  # Kangxi radicals, numbered from 1
 
 _PARENTHESES = re.compile(r"\([^()]*\)")
 _CJK_OR_REF = re.compile(r"U\+[0-9A-Fa-f]{4,5}|[^\x00-\x7f]")
@@ -167,8 +169,29 @@ def save_glyph_set(glyphs: GlyphSet, path: Path) -> None:
 def load_glyph_set(path: Path) -> GlyphSet:
     try:
         with np.load(path, allow_pickle=False) as data:
-            return GlyphSet(data["images"], data["captions"], data["codepoints"], data["radicals"])
+            glyphs = GlyphSet(data["images"], data["captions"], data["codepoints"], data["radicals"])
     except FileNotFoundError:
         raise GlyphEngineError(f"dataset {path} not found; build it with `glyph-engine dataset -o {path}`.") from None
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
         raise GlyphEngineError(f"{path} is not a glyph dataset ({e}).") from None
+    problem = _shape_problem(glyphs)
+    if problem:
+        raise GlyphEngineError(
+            f"{path} is not a usable glyph dataset ({problem}); rebuild it with `glyph-engine dataset`."
+        )
+    return glyphs
+
+
+def _shape_problem(glyphs: GlyphSet) -> str | None:
+    """What makes the arrays unusable for training, which indexes all four by glyph."""
+    images = glyphs.images
+    if images.ndim != 3 or images.shape[1] != images.shape[2] or images.dtype != np.uint8:
+        return f"images must be square uint8 glyphs (N, H, H), not {images.dtype} {images.shape}"
+    if any(a.ndim != 1 or len(a) != len(images) for a in (glyphs.captions, glyphs.codepoints, glyphs.radicals)):
+        return f"captions, code points and radicals must be lists of one per image ({len(images)})"
+    radicals = glyphs.radicals
+    if not np.issubdtype(radicals.dtype, np.integer):
+        return f"radicals must be whole numbers, not {radicals.dtype}"
+    if len(radicals) and not 1 <= radicals.min() <= radicals.max() <= RADICALS:
+        return f"radical numbers must be Kangxi radicals, 1 to {RADICALS}"
+    return None

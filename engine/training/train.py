@@ -31,15 +31,14 @@ from transformers import T5Config, T5EncoderModel
 
 from glyph_engine.checkpoint import load_model, save_checkpoint, tokenizer_files, tokenizer_from_files
 from glyph_engine.errors import GlyphEngineError
-from glyph_engine.files import atomic_path
+from glyph_engine.files import atomic_path, zip_damage
 from glyph_engine.model import GLYFFUSER_SCHEDULER_CONFIG, MAX_TEXT_LENGTH, Glyffuser
 from glyph_engine.text import train_tokenizer
-from glyph_engine.training.dataset import GlyphSet, load_glyph_set
+from glyph_engine.training.dataset import RADICALS, GlyphSet, load_glyph_set
 
 logger = logging.getLogger(__name__)
 
 STATE = "train_state.pt"
-RADICALS = 214  # Kangxi radicals, numbered from 1
 SAMPLE_PROMPTS = ["metal", "water", "wood", "fire", "grass", "hand", "heart", "speech"]
 
 
@@ -196,26 +195,58 @@ def save_state(state: TrainState, workdir: Path) -> None:
 
 
 def load_state(workdir: Path, config: TrainConfig | None) -> TrainState:
-    payload = torch.load(workdir / STATE, map_location="cpu", weights_only=True)
+    path = workdir / STATE
+    payload = _read_state(path)
     if "radical_head" not in payload:
         raise GlyphEngineError(
-            f"{workdir / STATE} predates the radical loss and cannot be resumed; go on from its checkpoint "
+            f"{path} predates the radical loss and cannot be resumed; go on from its checkpoint "
             f"instead: --init {workdir / 'glyffuser.pt'} with a new --workdir."
         )
-    saved = TrainConfig.from_json(payload["config"])
+    try:
+        saved = TrainConfig.from_json(payload["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise _unusable_state(path, f"bad or missing settings: {e}") from None
     if config is not None and config != saved:
-        raise GlyphEngineError(f"{workdir / STATE} was trained with other settings; use another --workdir.")
-    tokenizer = tokenizer_from_files(payload["tokenizer"])
-    unet = UNet2DConditionModel(**saved.unet_config())
+        raise GlyphEngineError(f"{path} was trained with other settings; use another --workdir.")
+    tokenizer = tokenizer_from_files(payload.get("tokenizer"), str(path))
+    try:
+        return _restore(saved, tokenizer, payload)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # missing parts, wrong shapes
+        raise _unusable_state(path, " ".join(str(e).split())[:200]) from None
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    # CRC-32s first (see zip_damage): a state with damaged weights would otherwise resume.
+    damage = zip_damage(path)
+    if damage is not None:
+        raise _unusable_state(path, damage)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - damaged bytes make the unpickler raise anything
+        raise _unusable_state(path, str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    if not isinstance(payload, dict):
+        raise _unusable_state(path, "not a training state")
+    return payload
+
+
+def _unusable_state(path: Path, reason: str) -> GlyphEngineError:
+    return GlyphEngineError(
+        f"{path} is damaged or incomplete ({reason}) and cannot be resumed. Delete it to start this --workdir "
+        f"from scratch; if {path.parent / 'glyffuser.pt'} exists, go on from it with --init in a new --workdir."
+    )
+
+
+def _restore(config: TrainConfig, tokenizer: Any, payload: dict[str, Any]) -> TrainState:
+    unet = UNet2DConditionModel(**config.unet_config())
     unet.load_state_dict(payload["unet"])
-    text_encoder = T5EncoderModel(T5Config(**saved.text_config(len(tokenizer))))
+    text_encoder = T5EncoderModel(T5Config(**config.text_config(len(tokenizer))))
     text_encoder.load_state_dict(payload["text_encoder"])
-    state = _state(saved, unet, text_encoder, tokenizer)
+    state = _state(config, unet, text_encoder, tokenizer)
     state.radical_head.load_state_dict(payload["radical_head"])
     state.optimizer.load_state_dict(payload["optimizer"])
     state.ema.load_state_dict(payload["ema"])
     torch.set_rng_state(payload["rng"])
-    state.step, state.seconds, state.losses = payload["step"], payload["seconds"], payload["losses"]
+    state.step, state.seconds, state.losses = int(payload["step"]), float(payload["seconds"]), list(payload["losses"])
     return state
 
 
@@ -292,6 +323,7 @@ def train(
     """Trains (or resumes) in `workdir` until `max_steps` or `minutes` of this run; a new
     workdir starts from `init` (a checkpoint `train` wrote) when given, else from scratch."""
     glyphs = load_glyph_set(dataset)
+    state: TrainState | None = None
     if (workdir / STATE).is_file():
         if init is not None:
             raise GlyphEngineError(
@@ -304,15 +336,11 @@ def train(
         if config is not None and config != state.config:
             raise GlyphEngineError(f"{init} was trained with other settings than those asked for.")
         logger.info("starting from %s at step %d", init, state.step)
-    else:
-        state = _new_state(config or TrainConfig(), [str(c) for c in glyphs.captions])
-    config = state.config
+    config = state.config if state is not None else config or TrainConfig()
+    _check_dataset(glyphs, config, dataset)  # before a new state's tokenizer is trained on it
+    if state is None:
+        state = _new_state(config, [str(c) for c in glyphs.captions])
     state.dataset_size = len(glyphs)
-    if glyphs.images.shape[1] != config.resolution:
-        raise GlyphEngineError(
-            f"{dataset} has {glyphs.images.shape[1]}px glyphs; the model trains at {config.resolution}px: "
-            f"build the dataset with --resolution {config.resolution}."
-        )
     workdir.mkdir(parents=True, exist_ok=True)
     images = torch.from_numpy(glyphs.images).float().div_(255).unsqueeze(1)  # (N, 1, H, W) in [0, 1]
     captions = [str(c) for c in glyphs.captions]
@@ -353,6 +381,20 @@ def train(
     if state.step > run_start:
         save_state(state, workdir)
     return state
+
+
+def _check_dataset(glyphs: GlyphSet, config: TrainConfig, dataset: Path) -> None:
+    if glyphs.images.shape[1] != config.resolution:
+        raise GlyphEngineError(
+            f"{dataset} has {glyphs.images.shape[1]}px glyphs; the model trains at {config.resolution}px: "
+            f"build the dataset with --resolution {config.resolution}."
+        )
+    # Batches are whole: an epoch of a set smaller than one batch would have no batches.
+    if len(glyphs) < config.batch_size:
+        raise GlyphEngineError(
+            f"{dataset} has {len(glyphs)} glyphs, fewer than one training batch ({config.batch_size}); "
+            f"build a larger one with `glyph-engine dataset` (a --limit of at least {config.batch_size}, or none)."
+        )
 
 
 def _train_step(
