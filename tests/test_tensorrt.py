@@ -251,3 +251,26 @@ def test_tensorrt_generation_matches_torch(ckpt_path, tmp_path, cuda_graph):
     reference = generate(load_model(ckpt_path), TorchBackend(load_model(ckpt_path), "cpu"), ["metal"], 4, settings)
     mse = float(((ours - reference.images) ** 2).mean())
     assert 10 * np.log10(1 / max(mse, 1e-12)) >= 30
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+def test_tensorrt_splits_a_batch_beyond_its_profile(ckpt_path, tmp_path):
+    """Engines for at most 2 images (U-Net batch 4) still draw 6 guided glyphs in one call."""
+    from glyph_engine.backends.pytorch import TorchBackend
+    from glyph_engine.backends.tensorrt import TensorRTBackend
+    from glyph_engine.checkpoint import load_model
+    from glyph_engine.pipeline import generate
+    from glyph_engine.settings import GenerationSettings
+
+    out = tmp_path / "export"
+    result = runner.invoke(app, ["export", str(ckpt_path), "-o", str(out), "--tensorrt", "--max-batch", "2"])
+    assert result.exit_code == 0, result.output
+    model = load_model(ckpt_path)
+    backend = TensorRTBackend(model, out)
+    assert backend.engines["unet"].batch_range[1] == 4
+    settings = GenerationSettings(steps=10, guidance=4.0, seed=5)
+    ours = generate(model, backend, ["metal", "water"], 3, settings).images.cpu()
+    reference = generate(model, TorchBackend(model, "cpu"), ["metal", "water"], 3, settings).images
+    mse = float(((ours - reference) ** 2).mean())
+    assert 10 * np.log10(1 / max(mse, 1e-12)) >= 30
