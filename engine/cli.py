@@ -308,7 +308,16 @@ def eval_(
 
 @app.command()
 def bench(
-    ckpt: Annotated[Optional[Path], typer.Option(help="Checkpoint [default: the embedded model].")] = None,
+    ckpt: Annotated[
+        Optional[Path],
+        typer.Option(help="glyph-engine checkpoint (.pt) or glyffuser diffusers folder [default: the embedded model]."),
+    ] = None,
+    text_encoder: Annotated[
+        Optional[str], typer.Option(help="T5 hub id or folder, for diffusers folders [default: google-t5/t5-small].")
+    ] = None,
+    export_dir: Annotated[
+        Optional[Path], typer.Option(help="ONNX export folder [default: beside the checkpoint, NAME-export/].")
+    ] = None,
     backends: Annotated[
         Optional[str], typer.Option(help="Comma-separated backends [default: every one that runs here].")
     ] = None,
@@ -326,7 +335,8 @@ def bench(
         from glyph_engine.commands import run_bench
 
         _quiet_libraries()
-        for line in run_bench(ckpt, backends, batch, steps, out, repeats, lambda m: typer.echo(m, err=True)):
+        report = lambda m: typer.echo(m, err=True)  # noqa: E731
+        for line in run_bench(ckpt, backends, batch, steps, out, repeats, report, text_encoder, export_dir):
             typer.echo(line)
 
 

@@ -207,16 +207,24 @@ def run_bench(
     out: Path,
     repeats: int,
     report: Callable[[str], None],
+    text_encoder: str | None = None,
+    export_dir: Path | None = None,
 ) -> list[str]:
-    """Measures and writes results.json, .csv, .md and throughput.png into `out`."""
+    """Measures and writes results.json, .csv, .md and throughput.png into `out`.
+
+    The model is loaded as `generate` loads it (a checkpoint, or a diffusers folder with
+    `text_encoder`), and ONNX Runtime and TensorRT read the same export folder.
+    """
     from glyph_engine.benchmark import BenchConfig, run_benchmark, write_results
 
     config = BenchConfig(
         batch_sizes=_int_list(batch, "--batch"), steps=_int_list(steps, "--steps"), repeats=max(1, repeats)
     )
+    if out.exists() and not out.is_dir():
+        raise GlyphEngineError(f"--out {out} is a file; give a folder for the results.")
     ckpt = ckpt or DEFAULT_CHECKPOINT
-    model = load_model(ckpt)
-    export_dir = default_export_dir(ckpt)
+    model = load_model(ckpt, text_encoder)
+    export_dir = export_dir or default_export_dir(ckpt)
     names = (
         [n.strip() for n in backends.split(",")] if backends else [b.value for b in BackendName if b.value != "auto"]
     )

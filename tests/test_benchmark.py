@@ -86,3 +86,24 @@ def test_bench_bad_input(ckpt_path, tmp_path, args, message):
     result = CliRunner().invoke(app, ["bench", "--ckpt", str(ckpt_path), "-o", str(tmp_path / "r"), *args])
     assert result.exit_code == 2, result.output
     assert message in result.output
+
+
+def test_bench_runs_a_diffusers_folder_offline_with_its_export(glyffuser_folder, t5_folder, tmp_path):
+    """What users run: a glyffuser folder with a local T5, and an export folder of their choice."""
+    export_dir = tmp_path / "my-export"
+    made = CliRunner().invoke(
+        app,
+        ["export", str(glyffuser_folder), "--text-encoder", str(t5_folder), "-o", str(export_dir)]
+        + ["--precision", "fp32", "--no-tensorrt"],
+    )
+    assert made.exit_code == 0, made.output
+    out = tmp_path / "results"
+    args = ["bench", "--ckpt", str(glyffuser_folder), "--text-encoder", str(t5_folder), "--export-dir", str(export_dir)]
+    args += ["--backends", "torch,onnxruntime", "--steps", "1", "--batch", "2", "--repeats", "1", "-o", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert results["model"]["source"] == str(glyffuser_folder)
+    assert set(results["backends"]) == {"torch", "onnxruntime"}
+    assert {p["backend"] for p in results["points"]} == {"peer", "torch", "onnxruntime"}
+    assert "flags" in results["machine"]["cpu_features"] and results["machine"]["libraries"]["onnxruntime"]
