@@ -71,6 +71,14 @@ def generate(
         Optional[float],
         typer.Option(help="Classifier-free guidance scale; 1 turns it off. Default: the checkpoint's."),
     ] = _SETTINGS.guidance,
+    guidance_interval: Annotated[
+        Optional[tuple[float, float]],
+        typer.Option(
+            metavar="LOW HIGH",
+            help="Guide only the steps whose noise level sigma is in (LOW, HIGH] (e.g. 0.5 inf); the other "
+            "steps run half the U-Net batch. Default: guide every step.",
+        ),
+    ] = _SETTINGS.guidance_interval,
     seed: Annotated[
         int, typer.Option(help="Seed (0 or more); image i's noise depends only on (seed, i).")
     ] = _SETTINGS.seed,
@@ -114,6 +122,7 @@ def generate(
         settings = GenerationSettings(
             steps=steps,
             guidance=guidance,
+            guidance_interval=guidance_interval,
             seed=seed,
             batch_size=batch_size,
             sampler=SamplerConfig(order=order, spacing=spacing, karras_sigmas=karras),
@@ -297,13 +306,18 @@ def eval_(
     num_samples: Annotated[int, typer.Option("-n", help="Glyphs per prompt.")] = 64,
     steps: Annotated[int, typer.Option(help="Sampler steps.")] = 20,
     guidance: Annotated[Optional[float], typer.Option(help="Guidance [default: the checkpoint's].")] = None,
+    guidance_interval: Annotated[
+        Optional[tuple[float, float]],
+        typer.Option(metavar="LOW HIGH", help="Guide only at noise levels in (LOW, HIGH], as in generate."),
+    ] = None,
 ) -> None:
     """Radical hit rate: how often "metal" draws glyphs whose nearest training glyph has 金."""
     with user_errors():
         from glyph_engine.training.commands import run_eval
 
         _quiet_libraries()
-        typer.echo(run_eval(data, ckpt, num_samples, steps, guidance))
+        settings = GenerationSettings(steps=steps, guidance=guidance, guidance_interval=guidance_interval)
+        typer.echo(run_eval(data, ckpt, num_samples, settings))
 
 
 @app.command()

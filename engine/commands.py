@@ -96,6 +96,7 @@ def run_generate(request: GenerateRequest) -> list[Path]:
     common = {
         "steps": settings.steps,
         "guidance": result.guidance,
+        "guidance_interval": list(settings.guidance_interval) if settings.guidance_interval else None,
         "seed": settings.seed,
         "sampler": f"dpmsolver++ order {sampler.order}, {sampler.spacing.value}"
         + (", karras" if sampler.karras_sigmas else ""),

@@ -13,7 +13,7 @@ from glyph_engine.backends.base import Backend
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.model import Glyffuser
 from glyph_engine.sampler import Predictor, initial_noise, sample_dpmpp
-from glyph_engine.schedule import dpmpp_coefficients
+from glyph_engine.schedule import StepCoefficients, dpmpp_coefficients
 from glyph_engine.settings import GenerationSettings, StepImpl
 from glyph_engine.step import select_step
 from glyph_engine.text import tokenize
@@ -60,23 +60,30 @@ def unconditional_text(model: Glyffuser, backend: Backend, like: Tensor) -> tupl
     return backend.encode_text(input_ids, mask), mask.to(like.device)
 
 
-def _predictor(backend: Backend, text: Tensor, mask: Tensor, guided: bool) -> Predictor:
+def _predictor(backend: Backend, text: Tensor, mask: Tensor, guided_at: set[int]) -> Predictor:
     """The sampler's view of the backend: x, t -> (eps_cond, eps_uncond or None).
 
-    With guidance, `text` and `mask` hold the unconditional rows first, then the conditional.
+    At timesteps in `guided_at`, `text` and `mask` hold the unconditional rows first, then
+    the conditional, and one U-Net call runs both; elsewhere the conditional rows run alone.
     """
-    if guided:
+    rows = mask.shape[0] // 2 if guided_at else mask.shape[0]  # the conditional rows
+    cond_text, cond_mask = text[-rows:], mask[-rows:]
 
-        def predict(x: Tensor, t: int) -> tuple[Tensor, Tensor | None]:
+    def predict(x: Tensor, t: int) -> tuple[Tensor, Tensor | None]:
+        if t in guided_at:
             eps_uncond, eps_cond = backend.denoise(torch.cat([x, x]), t, text, mask).chunk(2)
             return eps_cond, eps_uncond
-
-    else:
-
-        def predict(x: Tensor, t: int) -> tuple[Tensor, Tensor | None]:
-            return backend.denoise(x, t, text, mask), None
+        return backend.denoise(x, t, cond_text, cond_mask), None
 
     return predict
+
+
+def guided_timesteps(coefficients: Sequence[StepCoefficients], interval: tuple[float, float] | None) -> set[int]:
+    """The steps that get guidance: those whose noise level sigma is in (low, high]."""
+    if interval is None:
+        return {c.timestep for c in coefficients}
+    low, high = interval
+    return {c.timestep for c in coefficients if low < c.eps_scale <= high}  # eps_scale is the step's sigma
 
 
 def generate(
@@ -104,6 +111,7 @@ def generate(
         uncond_text, uncond_mask = unconditional_text(model, backend, text[:1])
 
     coefficients = dpmpp_coefficients(model.alphas_cumprod, settings.steps, settings.sampler)
+    guided_at = guided_timesteps(coefficients, settings.guidance_interval) if guided else set()
     step, step_impl = select_step(settings.step_impl, backend.device)
     clamp_x0 = model.clamp_x0 if settings.clamp_x0 is None else settings.clamp_x0
     clamp = model.pixel_range if clamp_x0 else None
@@ -113,11 +121,11 @@ def generate(
         idx = prompt_index[start : start + batch].to(text.device)
         b = len(idx)
         cond_text, cond_mask = text[idx], mask[idx]
-        if guided:
-            # One U-Net call per step: [unconditional; conditional].
+        if guided_at:
+            # One U-Net call per guided step: [unconditional; conditional].
             cond_text = torch.cat([uncond_text.expand(b, -1, -1), cond_text])
             cond_mask = torch.cat([uncond_mask.expand(b, -1), cond_mask])
-        predict = _predictor(backend, cond_text, cond_mask, guided)
+        predict = _predictor(backend, cond_text, cond_mask, guided_at)
         x = noise[start : start + b].to(backend.device, torch.float32)
         x = sample_dpmpp(
             predict, x, coefficients, guidance, clamp, step=step, callback=(lambda _: on_step()) if on_step else None

@@ -124,6 +124,8 @@ def unsupported(tmp_path, ckpt_path):
         (["metal", "--guidance", "nan", "--ckpt", "{ckpt}"], "--guidance must be a finite number, 0 or more"),
         (["metal", "--guidance", "inf", "--no-clamp-x0", "--ckpt", "{ckpt}"], "--guidance must be a finite number"),
         (["metal", "--batch-size", "0", "--ckpt", "{ckpt}"], "--batch-size"),
+        (["metal", "--guidance-interval", "2", "1", "--ckpt", "{ckpt}"], "--guidance-interval must be"),
+        (["metal", "--guidance-interval", "nan", "1", "--ckpt", "{ckpt}"], "--guidance-interval must be"),
         (["metal", "--seed", "-1", "--ckpt", "{ckpt}"], "--seed"),
         (["metal", "--order", "3", "--ckpt", "{ckpt}"], "--order"),
         (["metal", "-n", "x", "--ckpt", "{ckpt}"], "-n"),

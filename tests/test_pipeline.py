@@ -63,7 +63,7 @@ def test_same_seed_same_images_whatever_the_batch_size(model):
 
 class CountingBackend(TorchBackend):
     def __init__(self, model):
-        super().__init__(model)
+        super().__init__(model, device="cpu")
         self.encoded: list[int] = []
         self.denoise_batches: list[int] = []
 
@@ -122,3 +122,34 @@ def test_clamp_x0_default_comes_from_checkpoint(model):
     explicit_off = generate(model, backend, ["metal"], 2, GenerationSettings(steps=5, guidance=4.0, clamp_x0=False))
     assert (default - off).abs().max() > 1e-4
     torch.testing.assert_close(explicit_off.images, off, rtol=0, atol=0)
+
+
+def test_guidance_interval_guides_only_its_noise_levels(model):
+    """CFG at the steps whose sigma is in (low, high]; the others run the conditional half."""
+    from glyph_engine.pipeline import guided_timesteps
+    from glyph_engine.schedule import dpmpp_coefficients
+
+    coefficients = dpmpp_coefficients(model.alphas_cumprod, 10)
+    sigmas = [c.eps_scale for c in coefficients]  # falling from ~157 to ~0.1
+    interval = (1.0, 20.0)
+    inside = [1.0 < s <= 20.0 for s in sigmas]
+    assert 0 < sum(inside) < 10
+    expected = {c.timestep for c, i in zip(coefficients, inside, strict=True) if i}
+    assert guided_timesteps(coefficients, interval) == expected
+    backend = CountingBackend(model)
+    generate(model, backend, ["metal"], 3, GenerationSettings(steps=10, guidance=4.0, guidance_interval=interval))
+    assert backend.denoise_batches == [6 if i else 3 for i in inside]
+
+
+def test_guidance_interval_limits_are_plain_cfg_and_no_cfg(model):
+    backend = TorchBackend(model, device="cpu")
+
+    def images(**settings):
+        return generate(model, backend, ["metal", "water"], 2, GenerationSettings(steps=8, seed=4, **settings)).images
+
+    everywhere = images(guidance=4.0, guidance_interval=(0.0, float("inf")))
+    torch.testing.assert_close(everywhere, images(guidance=4.0), rtol=0, atol=0)
+    nowhere = images(guidance=4.0, guidance_interval=(1e6, 1e7))
+    torch.testing.assert_close(nowhere, images(guidance=1.0), rtol=0, atol=0)
+    partly = images(guidance=4.0, guidance_interval=(1.0, 20.0))
+    assert (partly - everywhere).abs().max() > 1e-3 and (partly - nowhere).abs().max() > 1e-3

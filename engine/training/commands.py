@@ -59,15 +59,15 @@ def run_train(
     ]
 
 
-def run_eval(data: Path, ckpt: Path | None, num_samples: int, steps: int, guidance: float | None) -> str:
+def run_eval(data: Path, ckpt: Path | None, num_samples: int, settings: GenerationSettings) -> str:
     from glyph_engine.training.dataset import load_glyph_set
     from glyph_engine.training.evaluate import caption_gain, radical_hit_rates, table
 
-    if num_samples < 1 or steps < 1:
-        raise GlyphEngineError("-n and --steps must be at least 1.")
+    if num_samples < 1:
+        raise GlyphEngineError(f"-n must be at least 1 (got {num_samples}).")
+    settings.validate()
     glyphs = load_glyph_set(data)
     model = load_model(ckpt or DEFAULT_CHECKPOINT)
     backend = create_backend("auto", model, default_export_dir(ckpt or DEFAULT_CHECKPOINT))
-    settings = GenerationSettings(steps=steps, guidance=guidance)
     rates = table(radical_hit_rates(model, backend, glyphs, num_samples, settings))
     return f"{rates}\n\n{caption_gain(model, backend, glyphs)}"
