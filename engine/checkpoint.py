@@ -32,6 +32,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5Config, T5Enc
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.files import atomic_path, check_writable_file, sha256_file, zip_damage
 from glyph_engine.model import DEFAULT_TEXT_ENCODER, Glyffuser, validate_configs
+from glyph_engine.settings import valid_interval
 
 logger = logging.getLogger(__name__)
 
@@ -91,12 +92,19 @@ def load_checkpoint(path: Path) -> Glyffuser:
         default_guidance = float(payload["default_guidance"])
         max_length = int(payload["tokenizer"]["max_length"])
         clamp_x0 = bool(payload.get("clamp_x0", False))  # optional: absent in early v1 files
+        interval = payload.get("guidance_interval")  # optional: absent before guidance intervals
+        guidance_interval = None if interval is None else (float(interval[0]), float(interval[1]))
         metadata = dict(payload.get("metadata", {}))
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, IndexError, TypeError, ValueError) as e:
         raise GlyphEngineError(f"{path} is an incomplete glyph-engine checkpoint (bad or missing field {e}).") from None
     if unconditional not in ("zeros", "empty"):
         raise GlyphEngineError(f"{path}: unknown unconditional embedding kind {unconditional!r}.")
     _check_settings(path, (low, high), default_guidance, max_length)
+    if guidance_interval is not None and not valid_interval(guidance_interval):
+        raise GlyphEngineError(
+            f"{path} has guidance interval {guidance_interval}; it must be two noise levels 0 <= low < high. "
+            "The checkpoint is damaged or was written wrongly: re-create it."
+        )
     validate_configs(unet_config, text_config, scheduler_config)
     tokenizer = tokenizer_from_files(tokenizer_files, str(path))  # small: checked before the big parts
     return Glyffuser(
@@ -111,6 +119,7 @@ def load_checkpoint(path: Path) -> Glyffuser:
         unconditional=unconditional,
         default_guidance=default_guidance,
         clamp_x0=clamp_x0,
+        guidance_interval=guidance_interval,
         max_text_length=max_length,
         metadata=metadata,
     )
@@ -216,6 +225,7 @@ def save_checkpoint(model: Glyffuser, path: str | Path, dtype: torch.dtype | Non
         "unconditional": model.unconditional,
         "default_guidance": float(model.default_guidance),
         "clamp_x0": bool(model.clamp_x0),
+        "guidance_interval": None if model.guidance_interval is None else [float(v) for v in model.guidance_interval],
         "metadata": dict(model.metadata),
     }
     path = Path(path)

@@ -96,7 +96,7 @@ def run_generate(request: GenerateRequest) -> list[Path]:
     common = {
         "steps": settings.steps,
         "guidance": result.guidance,
-        "guidance_interval": list(settings.guidance_interval) if settings.guidance_interval else None,
+        "guidance_interval": list(result.guidance_interval) if result.guidance_interval else None,
         "seed": settings.seed,
         "sampler": f"dpmsolver++ order {sampler.order}, {sampler.spacing.value}"
         + (", karras" if sampler.karras_sigmas else ""),
@@ -154,6 +154,10 @@ def environment() -> list[tuple[str, str]]:
     ]
 
 
+def _interval_text(interval: tuple[float, float] | None) -> str:
+    return "every step" if interval is None else f"sigma in ({interval[0]:g}, {interval[1]:g}]"
+
+
 def describe(model: Glyffuser) -> list[tuple[str, str]]:
     """What `glyph-engine info` prints: (field, value) rows."""
     unet, t5 = model.unet.config, model.text_encoder.config
@@ -186,6 +190,7 @@ def describe(model: Glyffuser) -> list[tuple[str, str]]:
         ("unconditional", model.unconditional),
         ("default guidance", f"{model.default_guidance:g}"),
         ("clamp x0", "yes" if model.clamp_x0 else "no"),
+        ("guidance interval", _interval_text(model.guidance_interval)),
         *[(k, v) for k, v in model.metadata.items()],
     ]
 

@@ -93,6 +93,8 @@ class Glyffuser:
     unconditional: Unconditional = "zeros"
     default_guidance: float = 1.0  # 1.0 = no guidance; CFG-trained models want 5-15
     clamp_x0: bool = False  # clamp each step's x0 to the pixel range by default (steadies weak models)
+    # Default for GenerationSettings.guidance_interval: guide only at noise levels in (low, high].
+    guidance_interval: tuple[float, float] | None = None
     max_text_length: int = MAX_TEXT_LENGTH
     metadata: dict[str, str] = field(default_factory=dict)  # free-form notes from the file
 

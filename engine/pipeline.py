@@ -25,6 +25,7 @@ class Generation:
     prompts: list[str]  # per image
     seeds: list[int]  # per image: its noise depends only on this
     guidance: float
+    guidance_interval: tuple[float, float] | None  # the noise levels that were guided; None: all
     step_impl: StepImpl  # the step implementation that ran
 
 
@@ -111,7 +112,8 @@ def generate(
         uncond_text, uncond_mask = unconditional_text(model, backend, text[:1])
 
     coefficients = dpmpp_coefficients(model.alphas_cumprod, settings.steps, settings.sampler)
-    guided_at = guided_timesteps(coefficients, settings.guidance_interval) if guided else set()
+    interval = model.guidance_interval if settings.guidance_interval is None else settings.guidance_interval
+    guided_at = guided_timesteps(coefficients, interval) if guided else set()
     step, step_impl = select_step(settings.step_impl, backend.device)
     clamp_x0 = model.clamp_x0 if settings.clamp_x0 is None else settings.clamp_x0
     clamp = model.pixel_range if clamp_x0 else None
@@ -144,4 +146,11 @@ def generate(
     low, high = model.pixel_range
     images = ((samples - low) / (high - low)).clamp(0.0, 1.0)
     prompts_out = [distinct[i] for i in prompt_index]
-    return Generation(images=images, prompts=prompts_out, seeds=seeds, guidance=guidance, step_impl=step_impl)
+    return Generation(
+        images=images,
+        prompts=prompts_out,
+        seeds=seeds,
+        guidance=guidance,
+        guidance_interval=interval if guided else None,
+        step_impl=step_impl,
+    )

@@ -40,7 +40,7 @@ class GenerationSettings:
     clamp_x0: bool | None = None  # clamp each step's x0 to the pixel range; None: the checkpoint's default
     # Guidance only at steps whose noise level sigma lies in (low, high] (Kynkaanniemi et al.
     # 2024, arXiv 2404.07724); the other steps run the conditional half of the batch alone.
-    # None: guidance at every step.
+    # None: the checkpoint's default; (0, inf) guides every step.
     guidance_interval: tuple[float, float] | None = None
     step_impl: StepImpl = StepImpl.auto  # "fused" C++/CUDA op, "torch" eager reference; auto: fused where built
 
@@ -56,12 +56,17 @@ class GenerationSettings:
             raise GlyphEngineError(f"--seed must be 0 or more (got {self.seed}).")
         if self.batch_size is not None and self.batch_size < 1:
             raise GlyphEngineError(f"--batch-size must be at least 1 (got {self.batch_size}).")
-        if self.guidance_interval is not None:
+        if self.guidance_interval is not None and not valid_interval(self.guidance_interval):
             low, high = self.guidance_interval
-            if not (math.isfinite(low) and low >= 0 and low < high):
-                raise GlyphEngineError(
-                    f"--guidance-interval must be two noise levels LOW,HIGH with 0 <= LOW < HIGH "
-                    f"(got {low:g},{high:g}); HIGH may be inf."
-                )
+            raise GlyphEngineError(
+                f"--guidance-interval must be two noise levels LOW HIGH with 0 <= LOW < HIGH "
+                f"(got {low:g} {high:g}); HIGH may be inf, and 0 inf guides every step."
+            )
         if self.sampler.order not in (1, 2):
             raise GlyphEngineError(f"--order must be 1 or 2 (got {self.sampler.order}).")
+
+
+def valid_interval(interval: tuple[float, float]) -> bool:
+    """A guidance interval (low, high] of noise levels: 0 <= low < high, high may be inf."""
+    low, high = interval
+    return math.isfinite(low) and low >= 0 and low < high

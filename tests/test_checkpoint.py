@@ -271,6 +271,9 @@ def set_tokenizer(**changes):
         (set_field("pixel_range", [0.0, float("inf")]), "low < high"),
         (set_field("pixel_range", [0.0]), "incomplete"),
         (set_field("default_guidance", float("nan")), "default guidance nan"),
+        (set_field("guidance_interval", [20.0, 0.5]), r"guidance interval \(20.0, 0.5\); it must be"),
+        (set_field("guidance_interval", [float("nan"), 1.0]), "guidance interval"),
+        (set_field("guidance_interval", [1.0]), "incomplete"),
         (set_tokenizer(max_length=0), "max_length of 0"),
         (set_config("unet", sample_size=100000), "sample_size is 100000, but glyph-engine serves a whole number"),
         (set_config("unet", sample_size=[32, 0]), "sample_size is"),
@@ -295,3 +298,11 @@ def set_tokenizer(**changes):
 def test_absurd_contents_are_refused(ckpt_path, tmp_path, edit, message):
     with pytest.raises(GlyphEngineError, match=message):
         load_model(edited_checkpoint(ckpt_path, tmp_path, edit))
+
+
+def test_guidance_interval_round_trips(model, tmp_path):
+    from glyph_engine.checkpoint import save_checkpoint
+
+    model.guidance_interval = (0.5, float("inf"))
+    save_checkpoint(model, tmp_path / "c.pt")
+    assert load_model(tmp_path / "c.pt").guidance_interval == (0.5, float("inf"))

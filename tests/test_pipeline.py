@@ -153,3 +153,15 @@ def test_guidance_interval_limits_are_plain_cfg_and_no_cfg(model):
     torch.testing.assert_close(nowhere, images(guidance=1.0), rtol=0, atol=0)
     partly = images(guidance=4.0, guidance_interval=(1.0, 20.0))
     assert (partly - everywhere).abs().max() > 1e-3 and (partly - nowhere).abs().max() > 1e-3
+
+
+def test_the_checkpoint_default_interval_applies_unless_overridden(model):
+    model.guidance_interval = (1.0, 20.0)
+    backend = CountingBackend(model)
+    result = generate(model, backend, ["metal"], 2, GenerationSettings(steps=10, guidance=4.0))
+    assert result.guidance_interval == (1.0, 20.0) and 2 in backend.denoise_batches
+    backend.denoise_batches.clear()
+    everywhere = (0.0, float("inf"))
+    settings = GenerationSettings(steps=10, guidance=4.0, guidance_interval=everywhere)
+    result = generate(model, backend, ["metal"], 2, settings)
+    assert result.guidance_interval == everywhere and backend.denoise_batches == [4] * 10
