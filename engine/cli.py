@@ -75,8 +75,8 @@ def generate(
         Optional[tuple[float, float]],
         typer.Option(
             metavar="LOW HIGH",
-            help="Guide only the steps whose noise level sigma is in (LOW, HIGH] (e.g. 0.5 inf); the other "
-            "steps run half the U-Net batch. Default: guide every step.",
+            help="Guide only the steps whose noise level sigma is in (LOW, HIGH] (e.g. 0.5 20); the other "
+            "steps run half the U-Net batch. Default: the checkpoint's; 0 inf guides every step.",
         ),
     ] = _SETTINGS.guidance_interval,
     seed: Annotated[
