@@ -57,6 +57,26 @@ def _setup(
     )
 
 
+# Options several commands share, each defined once.
+CkptOption = Annotated[
+    Optional[Path],
+    typer.Option(help="glyph-engine checkpoint (.pt) or glyffuser diffusers folder [default: the embedded model]."),
+]
+TextEncoderOption = Annotated[
+    Optional[str], typer.Option(help="T5 hub id or folder, for diffusers folders [default: google-t5/t5-small].")
+]
+ExportDirOption = Annotated[
+    Optional[Path], typer.Option(help="ONNX export folder [default: beside the checkpoint, NAME-export/].")
+]
+GuidanceIntervalOption = Annotated[
+    Optional[tuple[float, float]],
+    typer.Option(
+        metavar="LOW HIGH",
+        help="Guide only the steps whose noise level sigma is in (LOW, HIGH] (e.g. 0.5 20); the other "
+        "steps run half the U-Net batch. Default: the checkpoint's; 0 inf guides every step.",
+    ),
+]
+
 # Defaults come from the library's own settings types, so they are stated once.
 _SETTINGS = GenerationSettings()
 _SAMPLER = SamplerConfig()
@@ -71,29 +91,16 @@ def generate(
         Optional[float],
         typer.Option(help="Classifier-free guidance scale; 1 turns it off. Default: the checkpoint's."),
     ] = _SETTINGS.guidance,
-    guidance_interval: Annotated[
-        Optional[tuple[float, float]],
-        typer.Option(
-            metavar="LOW HIGH",
-            help="Guide only the steps whose noise level sigma is in (LOW, HIGH] (e.g. 0.5 20); the other "
-            "steps run half the U-Net batch. Default: the checkpoint's; 0 inf guides every step.",
-        ),
-    ] = _SETTINGS.guidance_interval,
+    guidance_interval: GuidanceIntervalOption = _SETTINGS.guidance_interval,
     seed: Annotated[
         int, typer.Option(help="Seed (0 or more); image i's noise depends only on (seed, i).")
     ] = _SETTINGS.seed,
-    ckpt: Annotated[
-        Optional[Path], typer.Option(help="glyph-engine checkpoint (.pt) or glyffuser diffusers folder.")
-    ] = None,
-    text_encoder: Annotated[
-        Optional[str], typer.Option(help="T5 hub id or folder, for diffusers folders [default: google-t5/t5-small].")
-    ] = None,
+    ckpt: CkptOption = None,
+    text_encoder: TextEncoderOption = None,
     backend: Annotated[BackendName, typer.Option(help="Inference backend; auto picks the fastest here.")] = (
         BackendName.auto
     ),
-    export_dir: Annotated[
-        Optional[Path], typer.Option(help="ONNX export folder [default: beside the checkpoint, NAME-export/].")
-    ] = None,
+    export_dir: ExportDirOption = None,
     batch_size: Annotated[
         Optional[int], typer.Option(help="Images per U-Net call (x2 with guidance). Default: all at once.")
     ] = _SETTINGS.batch_size,
@@ -154,7 +161,7 @@ def info(
     ckpt: Annotated[
         Optional[Path], typer.Argument(help="glyph-engine checkpoint (.pt) or glyffuser diffusers folder.")
     ] = None,
-    text_encoder: Annotated[Optional[str], typer.Option(help="T5 hub id or folder, for diffusers folders.")] = None,
+    text_encoder: TextEncoderOption = None,
 ) -> None:
     """Print this machine's backends and sampler step, and what a checkpoint holds."""
     with user_errors():
@@ -199,7 +206,7 @@ def export_(
         Optional[Path],
         typer.Option("--out", "-o", help="Export folder [default: beside the checkpoint, NAME-export/]."),
     ] = None,
-    text_encoder: Annotated[Optional[str], typer.Option(help="T5 hub id or folder, for diffusers folders.")] = None,
+    text_encoder: TextEncoderOption = None,
     precision: Annotated[str, typer.Option(help="Comma-separated precisions to export: fp32, fp16.")] = "fp32,fp16",
     opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
     max_batch: Annotated[int, typer.Option(help="Largest image batch the exported shapes cover.")] = 64,
@@ -302,14 +309,11 @@ def eval_(
     data: Annotated[Path, typer.Option(help="Dataset from `glyph-engine dataset` (same resolution).")] = Path(
         "glyphs.npz"
     ),
-    ckpt: Annotated[Optional[Path], typer.Option(help="Checkpoint [default: the embedded model].")] = None,
+    ckpt: CkptOption = None,
     num_samples: Annotated[int, typer.Option("-n", help="Glyphs per prompt.")] = 64,
     steps: Annotated[int, typer.Option(help="Sampler steps.")] = 20,
     guidance: Annotated[Optional[float], typer.Option(help="Guidance [default: the checkpoint's].")] = None,
-    guidance_interval: Annotated[
-        Optional[tuple[float, float]],
-        typer.Option(metavar="LOW HIGH", help="Guide only at noise levels in (LOW, HIGH], as in generate."),
-    ] = None,
+    guidance_interval: GuidanceIntervalOption = None,
 ) -> None:
     """Radical hit rate: how often "metal" draws glyphs whose nearest training glyph has 金."""
     with user_errors():
@@ -322,16 +326,9 @@ def eval_(
 
 @app.command()
 def bench(
-    ckpt: Annotated[
-        Optional[Path],
-        typer.Option(help="glyph-engine checkpoint (.pt) or glyffuser diffusers folder [default: the embedded model]."),
-    ] = None,
-    text_encoder: Annotated[
-        Optional[str], typer.Option(help="T5 hub id or folder, for diffusers folders [default: google-t5/t5-small].")
-    ] = None,
-    export_dir: Annotated[
-        Optional[Path], typer.Option(help="ONNX export folder [default: beside the checkpoint, NAME-export/].")
-    ] = None,
+    ckpt: CkptOption = None,
+    text_encoder: TextEncoderOption = None,
+    export_dir: ExportDirOption = None,
     backends: Annotated[
         Optional[str], typer.Option(help="Comma-separated backends [default: every one that runs here].")
     ] = None,
