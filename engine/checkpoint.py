@@ -93,6 +93,7 @@ def load_checkpoint(path: Path) -> Glyffuser:
         max_length = int(payload["tokenizer"]["max_length"])
         clamp_x0 = bool(payload.get("clamp_x0", False))  # optional: absent in early v1 files
         interval = payload.get("guidance_interval")  # optional: absent before guidance intervals
+        center_noise = bool(payload.get("center_noise", False))  # optional: absent before it
         guidance_interval = None if interval is None else (float(interval[0]), float(interval[1]))
         metadata = dict(payload.get("metadata", {}))
     except (KeyError, IndexError, TypeError, ValueError) as e:
@@ -120,6 +121,7 @@ def load_checkpoint(path: Path) -> Glyffuser:
         default_guidance=default_guidance,
         clamp_x0=clamp_x0,
         guidance_interval=guidance_interval,
+        center_noise=center_noise,
         max_text_length=max_length,
         metadata=metadata,
     )
@@ -226,6 +228,7 @@ def save_checkpoint(model: Glyffuser, path: str | Path, dtype: torch.dtype | Non
         "default_guidance": float(model.default_guidance),
         "clamp_x0": bool(model.clamp_x0),
         "guidance_interval": None if model.guidance_interval is None else [float(v) for v in model.guidance_interval],
+        "center_noise": bool(model.center_noise),
         "metadata": dict(model.metadata),
     }
     path = Path(path)

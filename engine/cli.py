@@ -120,6 +120,13 @@ def generate(
             "--clamp-x0/--no-clamp-x0", help="Clamp each step's x0 to the pixel range [default: the checkpoint's]."
         ),
     ] = _SETTINGS.clamp_x0,
+    center_noise: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--center-noise/--no-center-noise",
+            help="Remove each image's mean from its initial noise [default: the checkpoint's].",
+        ),
+    ] = _SETTINGS.center_noise,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Draw glyphs for one or more prompts and write them as a PNG grid (and single PNGs)."""
@@ -130,6 +137,7 @@ def generate(
             steps=steps,
             guidance=guidance,
             guidance_interval=guidance_interval,
+            center_noise=center_noise,
             seed=seed,
             batch_size=batch_size,
             sampler=SamplerConfig(order=order, spacing=spacing, karras_sigmas=karras),

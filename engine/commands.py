@@ -97,6 +97,7 @@ def run_generate(request: GenerateRequest) -> list[Path]:
         "steps": settings.steps,
         "guidance": result.guidance,
         "guidance_interval": list(result.guidance_interval) if result.guidance_interval else None,
+        "center_noise": model.center_noise if settings.center_noise is None else settings.center_noise,
         "seed": settings.seed,
         "sampler": f"dpmsolver++ order {sampler.order}, {sampler.spacing.value}"
         + (", karras" if sampler.karras_sigmas else ""),
@@ -190,6 +191,7 @@ def describe(model: Glyffuser) -> list[tuple[str, str]]:
         ("unconditional", model.unconditional),
         ("default guidance", f"{model.default_guidance:g}"),
         ("clamp x0", "yes" if model.clamp_x0 else "no"),
+        ("center noise", "yes" if model.center_noise else "no"),
         ("guidance interval", _interval_text(model.guidance_interval)),
         *[(k, v) for k, v in model.metadata.items()],
     ]

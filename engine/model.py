@@ -95,6 +95,7 @@ class Glyffuser:
     clamp_x0: bool = False  # clamp each step's x0 to the pixel range by default (steadies weak models)
     # Default for GenerationSettings.guidance_interval: guide only at noise levels in (low, high].
     guidance_interval: tuple[float, float] | None = None
+    center_noise: bool = False  # default for GenerationSettings.center_noise
     max_text_length: int = MAX_TEXT_LENGTH
     metadata: dict[str, str] = field(default_factory=dict)  # free-form notes from the file
 

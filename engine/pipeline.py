@@ -107,6 +107,8 @@ def generate(
     total = len(prompt_index)
     seeds = image_seeds(settings.seed, total)
     noise = initial_noise(seeds, model.image_shape)
+    if model.center_noise if settings.center_noise is None else settings.center_noise:
+        noise = noise - noise.mean(dim=tuple(range(1, noise.dim())), keepdim=True)
     guided = guidance != 1.0
     if guided:
         uncond_text, uncond_mask = unconditional_text(model, backend, text[:1])

@@ -42,6 +42,10 @@ class GenerationSettings:
     # 2024, arXiv 2404.07724); the other steps run the conditional half of the batch alone.
     # None: the checkpoint's default; (0, inf) guides every step.
     guidance_interval: tuple[float, float] | None = None
+    # Remove each image's mean from its initial noise; None: the checkpoint's default. Small
+    # models may fail to correct the noise's mean, drawing grey backgrounds for seeds whose
+    # noise is darker than average (docs/broken-samples.md).
+    center_noise: bool | None = None
     step_impl: StepImpl = StepImpl.auto  # "fused" C++/CUDA op, "torch" eager reference; auto: fused where built
 
     def validate(self) -> None:

@@ -300,9 +300,10 @@ def test_absurd_contents_are_refused(ckpt_path, tmp_path, edit, message):
         load_model(edited_checkpoint(ckpt_path, tmp_path, edit))
 
 
-def test_guidance_interval_round_trips(model, tmp_path):
+def test_sampling_defaults_round_trip(model, tmp_path):
     from glyph_engine.checkpoint import save_checkpoint
 
-    model.guidance_interval = (0.5, float("inf"))
+    model.guidance_interval, model.center_noise = (0.5, float("inf")), True
     save_checkpoint(model, tmp_path / "c.pt")
-    assert load_model(tmp_path / "c.pt").guidance_interval == (0.5, float("inf"))
+    loaded = load_model(tmp_path / "c.pt")
+    assert loaded.guidance_interval == (0.5, float("inf")) and loaded.center_noise

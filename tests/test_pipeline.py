@@ -165,3 +165,22 @@ def test_the_checkpoint_default_interval_applies_unless_overridden(model):
     settings = GenerationSettings(steps=10, guidance=4.0, guidance_interval=everywhere)
     result = generate(model, backend, ["metal"], 2, settings)
     assert result.guidance_interval == everywhere and backend.denoise_batches == [4] * 10
+
+
+class FirstInput(TorchBackend):
+    """Remembers the images of the first U-Net call: the initial noise."""
+
+    def denoise(self, x, timestep, text, mask):
+        self.__dict__.setdefault("first", x.clone())
+        return super().denoise(x, timestep, text, mask)
+
+
+def test_centered_noise_has_zero_mean_per_image(model):
+    runs = {}
+    for center in (False, True):
+        backend = FirstInput(model, device="cpu")
+        generate(model, backend, ["metal"], 4, GenerationSettings(steps=2, guidance=1.0, center_noise=center))
+        runs[center] = backend.first
+    means = runs[True].mean(dim=(1, 2, 3))
+    torch.testing.assert_close(means, torch.zeros(4), rtol=0, atol=1e-6)
+    torch.testing.assert_close(runs[True], runs[False] - runs[False].mean(dim=(1, 2, 3), keepdim=True))
