@@ -213,9 +213,15 @@ def _damage(folder: Path, entry: dict[str, Any], check_hash: bool) -> str | None
 
 
 def damaged_files_cached(folder: Path, entries: list[dict[str, Any]]) -> list[str]:
-    """`damaged_files` with hashes, hashing only the files changed since they last matched."""
+    """`damaged_files` with hashes, hashing only the files changed since they last matched.
+
+    One record serves every caller (the ONNX files, each TensorRT build): entries not checked
+    here keep their stamps, so callers do not erase each other's.
+    """
     record = _read_verified(folder)
-    verified, problems = {}, []
+    checked = {entry["path"] for entry in entries}
+    verified = {path: stamp for path, stamp in record.items() if path not in checked}
+    problems = []
     for entry in entries:
         try:
             stat = (folder / entry["path"]).stat()

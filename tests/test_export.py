@@ -399,6 +399,25 @@ def test_opening_an_export_hashes_only_changed_files(export_copy, monkeypatch):
     assert hashed == ["text_encoder.fp16.onnx"]
 
 
+def test_verification_records_of_onnx_files_and_engines_coexist(export_copy, monkeypatch):
+    """The ONNX files and a TensorRT build are verified by separate calls into one record:
+    neither erases the other's stamps, so neither is hashed again on the next open."""
+    import glyph_engine.export_manifest as export_manifest
+
+    _, out = export_copy
+    manifest = read_manifest(out)
+    onnx = export_manifest.onnx_files(manifest)
+    first, rest = onnx[:1], onnx[1:]  # stand-ins for the two callers' file lists
+    assert export_manifest.damaged_files_cached(out, first) == []
+    assert export_manifest.damaged_files_cached(out, rest) == []
+    hashed = []
+    real_sha256 = export_manifest.sha256_file
+    monkeypatch.setattr(export_manifest, "sha256_file", lambda p: hashed.append(p.name) or real_sha256(p))
+    assert export_manifest.damaged_files_cached(out, first) == []
+    assert export_manifest.damaged_files_cached(out, rest) == []
+    assert hashed == []
+
+
 def make_leftover(parent, name, owner_lock=True):
     folder = parent / name
     (folder / "half").mkdir(parents=True)
