@@ -48,15 +48,21 @@ class BenchConfig:
     warmup: int = 1
 
 
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo ({} where there is none)."""
+    fields: dict[str, str] = {}
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
+        return fields
+    for line in text.split("\n\n", 1)[0].splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def machine() -> dict[str, Any]:
+    cpuinfo = _cpuinfo()
     libraries = {}
     for name in ("glyph-engine", "torch", "diffusers", "transformers", "onnxruntime", "numpy"):
         try:
@@ -64,8 +70,8 @@ def machine() -> dict[str, Any]:
         except PackageNotFoundError:
             libraries[name] = None
     return {
-        "cpu": cpu,
-        "cpu_features": cpu_features(),
+        "cpu": cpuinfo.get("model name") or platform.processor() or platform.machine(),
+        "cpu_features": cpu_features(cpuinfo),
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
@@ -74,16 +80,9 @@ def machine() -> dict[str, Any]:
     }
 
 
-def cpu_features() -> dict[str, Any]:
+def cpu_features(cpuinfo: dict[str, str]) -> dict[str, Any]:
     """What the CPU's vector units can do, read at run time (machines of one project differ)."""
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
+    flags = set(cpuinfo.get("flags", "").split())
     wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
     return {
         "torch_capability": torch.backends.cpu.get_cpu_capability(),
