@@ -97,7 +97,7 @@ def run_generate(request: GenerateRequest) -> list[Path]:
         "steps": settings.steps,
         "guidance": result.guidance,
         "guidance_interval": list(result.guidance_interval) if result.guidance_interval else None,
-        "center_noise": model.center_noise if settings.center_noise is None else settings.center_noise,
+        "center_noise": result.center_noise,
         "seed": settings.seed,
         "sampler": f"dpmsolver++ order {sampler.order}, {sampler.spacing.value}"
         + (", karras" if sampler.karras_sigmas else ""),

@@ -26,6 +26,7 @@ class Generation:
     seeds: list[int]  # per image: its noise depends only on this
     guidance: float
     guidance_interval: tuple[float, float] | None  # the noise levels that were guided; None: all
+    center_noise: bool  # whether each image's initial noise had its mean removed
     step_impl: StepImpl  # the step implementation that ran
 
 
@@ -107,7 +108,8 @@ def generate(
     total = len(prompt_index)
     seeds = image_seeds(settings.seed, total)
     noise = initial_noise(seeds, model.image_shape)
-    if model.center_noise if settings.center_noise is None else settings.center_noise:
+    center_noise = model.center_noise if settings.center_noise is None else settings.center_noise
+    if center_noise:
         noise = noise - noise.mean(dim=tuple(range(1, noise.dim())), keepdim=True)
     guided = guidance != 1.0
     if guided:
@@ -154,5 +156,6 @@ def generate(
         seeds=seeds,
         guidance=guidance,
         guidance_interval=interval if guided else None,
+        center_noise=center_noise,
         step_impl=step_impl,
     )
