@@ -196,18 +196,18 @@ def engine_files(build: dict[str, Any]) -> list[dict[str, Any]]:
     return list(build.get("engines", {}).values())
 
 
-def damaged_files(folder: Path, entries: list[dict[str, Any]], check_hashes: bool = True) -> list[str]:
-    """Files that are missing, of the wrong size, or (if `check_hashes`) of the wrong content."""
-    return [problem for entry in entries if (problem := _damage(folder, entry, check_hashes))]
+def damaged_files(folder: Path, entries: list[dict[str, Any]]) -> list[str]:
+    """Files that are missing, of the wrong size, or of the wrong content."""
+    return [problem for entry in entries if (problem := _damage(folder, entry))]
 
 
-def _damage(folder: Path, entry: dict[str, Any], check_hash: bool) -> str | None:
+def _damage(folder: Path, entry: dict[str, Any]) -> str | None:
     path = folder / entry["path"]
     if not path.is_file():
         return f"{entry['path']} is missing"
     if path.stat().st_size != entry["bytes"]:
         return f"{entry['path']} has {path.stat().st_size} bytes, not {entry['bytes']} (truncated?)"
-    if check_hash and sha256_file(path) != entry["sha256"]:
+    if sha256_file(path) != entry["sha256"]:
         return f"{entry['path']} has changed since export"
     return None
 
@@ -229,7 +229,7 @@ def damaged_files_cached(folder: Path, entries: list[dict[str, Any]]) -> list[st
             stat = None  # _damage says what is wrong
         # Stamped before hashing: a file rewritten meanwhile gets a new stamp and is hashed again.
         stamp = None if stat is None else [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, entry["sha256"]]
-        problem = None if stamp is not None and record.get(entry["path"]) == stamp else _damage(folder, entry, True)
+        problem = None if stamp is not None and record.get(entry["path"]) == stamp else _damage(folder, entry)
         if problem:
             problems.append(problem)
         elif stamp is not None:
