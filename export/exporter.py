@@ -17,15 +17,7 @@ import torch
 
 from glyph_engine import __version__
 from glyph_engine.errors import GlyphEngineError
-from glyph_engine.export.specs import ComponentSpec, text_encoder_spec, unet_spec
-from glyph_engine.export.to_onnx import (
-    DEFAULT_OPSET,
-    T5_FP32_NODES,
-    TextEncoderForExport,
-    UNetForExport,
-    convert_to_fp16,
-    export_onnx,
-)
+from glyph_engine.export.fp16 import T5_FP32_NODES, convert_to_fp16
 from glyph_engine.export.validate import summarize, validate
 from glyph_engine.export_manifest import (
     FORMAT,
@@ -39,7 +31,9 @@ from glyph_engine.export_manifest import (
 )
 from glyph_engine.files import STAGING_LOCK, owned_staging_dir, remove_stale_staging_dirs
 from glyph_engine.model import Glyffuser
+from glyph_engine.specs import ComponentSpec, text_encoder_spec, unet_spec
 from glyph_engine.timing import median_seconds
+from glyph_engine.to_onnx import DEFAULT_OPSET, TextEncoderForExport, UNetForExport, export_onnx
 
 logger = logging.getLogger(__name__)
 

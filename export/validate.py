@@ -11,7 +11,7 @@ import onnxruntime as ort
 import torch
 
 from glyph_engine.errors import GlyphEngineError
-from glyph_engine.export.specs import ComponentSpec, Sizes
+from glyph_engine.specs import ComponentSpec, Sizes
 
 # FP32: the same math in another order; errors are float32 rounding, ~1e-6 here.
 FP32_TOLERANCE = {"max_abs_error": 1e-3, "cosine": 0.99999}

@@ -23,13 +23,13 @@ from glyph_engine.checkpoint import load_model, save_checkpoint
 from glyph_engine.cli import app
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.export.exporter import ExportOptions, export_model
-from glyph_engine.export.specs import text_encoder_spec, unet_spec
-from glyph_engine.export.to_onnx import TextEncoderForExport, UNetForExport
 from glyph_engine.export.validate import compare
 from glyph_engine.export_manifest import MANIFEST, default_export_dir, open_export, read_manifest
 from glyph_engine.files import STAGING_LOCK, owned_staging_dir, remove_stale_staging_dirs
 from glyph_engine.pipeline import generate
 from glyph_engine.settings import GenerationSettings
+from glyph_engine.specs import text_encoder_spec, unet_spec
+from glyph_engine.to_onnx import TextEncoderForExport, UNetForExport
 
 runner = CliRunner()
 
