@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import platform
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -22,6 +21,7 @@ import torch
 from diffusers import DPMSolverMultistepScheduler
 
 from glyph_engine.backends.base import Backend
+from glyph_engine.cpu import cpu_info
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.files import atomic_path
 from glyph_engine.model import Glyffuser
@@ -48,45 +48,22 @@ class BenchConfig:
     warmup: int = 1
 
 
-def _cpuinfo() -> dict[str, str]:
-    """The first processor's fields in /proc/cpuinfo ({} where there is none)."""
-    fields: dict[str, str] = {}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return fields
-    for line in text.split("\n\n", 1)[0].splitlines():
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
-    return fields
-
-
 def machine() -> dict[str, Any]:
-    cpuinfo = _cpuinfo()
+    cpu = cpu_info()
     libraries = {}
-    for name in ("glyph-engine", "torch", "diffusers", "transformers", "onnxruntime", "numpy"):
+    for name in ("glyph-engine", "torch", "diffusers", "transformers", "onnxruntime", "openvino", "nncf", "numpy"):
         try:
             libraries[name] = version(name)
         except PackageNotFoundError:
             libraries[name] = None
     return {
-        "cpu": cpuinfo.get("model name") or platform.processor() or platform.machine(),
-        "cpu_features": cpu_features(cpuinfo),
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpu": cpu.model,
+        "cpu_features": {"torch_capability": torch.backends.cpu.get_cpu_capability(), "flags": list(cpu.flags)},
+        "cores": cpu.cores,
         "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "python": platform.python_version(),
         "libraries": libraries,
-    }
-
-
-def cpu_features(cpuinfo: dict[str, str]) -> dict[str, Any]:
-    """What the CPU's vector units can do, read at run time (machines of one project differ)."""
-    flags = set(cpuinfo.get("flags", "").split())
-    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-    return {
-        "torch_capability": torch.backends.cpu.get_cpu_capability(),
-        "flags": [f for f in wanted if f in flags],
     }
 
 

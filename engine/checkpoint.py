@@ -22,17 +22,20 @@ import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from diffusers import DDPMScheduler, UNet2DConditionModel
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5Config, T5EncoderModel
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.files import atomic_path, check_writable_file, sha256_file, zip_damage
-from glyph_engine.model import DEFAULT_TEXT_ENCODER, Glyffuser, validate_configs
+from glyph_engine.model import DEFAULT_TEXT_ENCODER, Glyffuser, image_shape_of, validate_configs
 from glyph_engine.settings import valid_interval
+
+if TYPE_CHECKING:  # building these imports diffusers and transformers' models: only on first use
+    from diffusers import UNet2DConditionModel
+    from transformers import T5EncoderModel
 
 logger = logging.getLogger(__name__)
 
@@ -109,8 +112,9 @@ def load_checkpoint(path: Path) -> Glyffuser:
     validate_configs(unet_config, text_config, scheduler_config)
     tokenizer = tokenizer_from_files(tokenizer_files, str(path))  # small: checked before the big parts
     return Glyffuser(
-        unet=_build_unet(unet_config, unet_state, path),
-        text_encoder=_build_text_encoder(text_config, text_state, path),
+        unet_source=lambda: _build_unet(unet_config, unet_state, path),
+        text_encoder_source=lambda: _build_text_encoder(text_config, text_state, path),
+        image_shape=image_shape_of(unet_config),
         tokenizer=tokenizer,
         scheduler_config=scheduler_config,
         alphas_cumprod=_alphas_cumprod(scheduler_config),
@@ -274,6 +278,8 @@ def tokenizer_from_files(files: Any, where: str) -> PreTrainedTokenizerBase:
 
 
 def _build_unet(config: dict[str, Any], state: dict[str, torch.Tensor], path: Path) -> UNet2DConditionModel:
+    from diffusers import UNet2DConditionModel
+
     # Built on the meta device and filled by assignment: skips random initialisation, which
     # costs seconds for the full-size U-Net.
     with torch.device("meta"), _inconsistent_config(path, "U-Net"):
@@ -283,6 +289,8 @@ def _build_unet(config: dict[str, Any], state: dict[str, torch.Tensor], path: Pa
 
 
 def _build_text_encoder(config: dict[str, Any], state: dict[str, torch.Tensor], path: Path) -> T5EncoderModel:
+    from transformers import T5Config, T5EncoderModel
+
     with torch.device("meta"), _inconsistent_config(path, "text encoder"):
         encoder = T5EncoderModel(T5Config.from_dict(config))
     _assign(encoder, state, path, "text encoder")
@@ -314,9 +322,27 @@ def _assign(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path,
         raise GlyphEngineError(f"the {what} in {path} lacks weights for {', '.join(left[:5])}.")
 
 
+# The schedules computed here as diffusers' DDPMScheduler computes them (tests compare the
+# two): importing diffusers costs seconds, most of a warm start. Other configs go to diffusers.
+_PLAIN_BETAS = {
+    "linear": lambda start, end, n: torch.linspace(start, end, n, dtype=torch.float32),
+    "scaled_linear": lambda start, end, n: torch.linspace(start**0.5, end**0.5, n, dtype=torch.float32) ** 2,
+}
+_DDPM_DEFAULTS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}
+
+
 def _alphas_cumprod(scheduler_config: dict[str, Any]) -> np.ndarray:
-    # diffusers' own training scheduler defines the schedule (float32, as the glyffuser
+    # diffusers' training scheduler defines the schedule (float32, as the glyffuser
     # pipeline's sampler sees it); the solver math then runs in float64.
+    config = {**_DDPM_DEFAULTS, **{k: v for k, v in scheduler_config.items() if not k.startswith("_")}}
+    plain = config["beta_schedule"] in _PLAIN_BETAS and config.get("trained_betas") is None
+    if plain and not config.get("rescale_betas_zero_snr", False):
+        betas = _PLAIN_BETAS[config["beta_schedule"]](
+            config["beta_start"], config["beta_end"], int(config["num_train_timesteps"])
+        )
+        return torch.cumprod(1.0 - betas, dim=0).numpy().astype(np.float64)
+    from diffusers import DDPMScheduler
+
     try:
         scheduler = DDPMScheduler.from_config(scheduler_config)
     except (ValueError, NotImplementedError, TypeError) as e:
@@ -347,6 +373,8 @@ def load_diffusers_folder(folder: Path, text_encoder: str = DEFAULT_TEXT_ENCODER
             "Convert them to safetensors first."
         )
 
+    from diffusers import UNet2DConditionModel
+
     encoder, tokenizer = load_text_encoder(text_encoder)
     validate_configs(unet_config, encoder.config.to_dict(), scheduler_config)
     try:
@@ -355,8 +383,9 @@ def load_diffusers_folder(folder: Path, text_encoder: str = DEFAULT_TEXT_ENCODER
         raise GlyphEngineError(f"cannot load the U-Net from {unet_dir}: {str(e).splitlines()[0]}") from None
 
     return Glyffuser(
-        unet=unet.float().eval(),
-        text_encoder=encoder,
+        unet_source=unet.float().eval(),
+        text_encoder_source=encoder,
+        image_shape=image_shape_of(unet.config),
         tokenizer=tokenizer,
         scheduler_config={k: v for k, v in scheduler_config.items() if not k.startswith("_")},
         alphas_cumprod=_alphas_cumprod(scheduler_config),
@@ -375,6 +404,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def load_text_encoder(name_or_path: str) -> tuple[T5EncoderModel, PreTrainedTokenizerBase]:
     """The T5 encoder and its tokenizer, from a Hugging Face hub id or a local folder."""
+    from transformers import T5EncoderModel
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         encoder = T5EncoderModel.from_pretrained(name_or_path, use_safetensors=True)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from diffusers import UNet2DConditionModel
-from transformers import PreTrainedTokenizerBase, T5EncoderModel
+import torch
+
+if TYPE_CHECKING:  # importing diffusers and transformers' models takes seconds; see Glyffuser
+    from diffusers import UNet2DConditionModel
+    from transformers import PreTrainedTokenizerBase, T5EncoderModel
 
 from glyph_engine.errors import GlyphEngineError
 
@@ -80,10 +84,17 @@ MAX_BLOCKS = 8  # entries in a per-block list (block_out_channels, layers_per_bl
 
 @dataclass
 class Glyffuser:
-    """Everything needed to turn prompts into glyphs, whatever the file it came from."""
+    """Everything needed to turn prompts into glyphs, whatever the file it came from.
 
-    unet: UNet2DConditionModel
-    text_encoder: T5EncoderModel
+    The U-Net and the text encoder may be given as functions that build them: `unet` and
+    `text_encoder` build them on first use. A run whose compiled artifacts are cached never
+    touches the PyTorch modules, and so never pays for importing diffusers and building them
+    (seconds on a small CPU, most of a warm start).
+    """
+
+    unet_source: UNet2DConditionModel | Callable[[], UNet2DConditionModel]
+    text_encoder_source: T5EncoderModel | Callable[[], T5EncoderModel]
+    image_shape: tuple[int, int, int]  # (C, H, W) the U-Net draws
     tokenizer: PreTrainedTokenizerBase
     scheduler_config: dict[str, Any]  # the training noise schedule (DDPMScheduler config)
     alphas_cumprod: np.ndarray  # of that schedule, as diffusers computes it
@@ -100,11 +111,23 @@ class Glyffuser:
     metadata: dict[str, str] = field(default_factory=dict)  # free-form notes from the file
 
     @property
-    def image_shape(self) -> tuple[int, int, int]:
-        c = self.unet.config
-        size = c.sample_size
-        h, w = (size, size) if isinstance(size, int) else tuple(size)
-        return (c.in_channels, h, w)
+    def unet(self) -> UNet2DConditionModel:
+        if not isinstance(self.unet_source, torch.nn.Module):
+            self.unet_source = self.unet_source()
+        return self.unet_source
+
+    @property
+    def text_encoder(self) -> T5EncoderModel:
+        if not isinstance(self.text_encoder_source, torch.nn.Module):
+            self.text_encoder_source = self.text_encoder_source()
+        return self.text_encoder_source
+
+
+def image_shape_of(unet_config: Mapping[str, Any]) -> tuple[int, int, int]:
+    """(C, H, W) of the images a U-Net with this (diffusers) config draws."""
+    size = unet_config["sample_size"]
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return (int(unet_config["in_channels"]), int(h), int(w))
 
 
 def unet_parameter_count(model: Glyffuser) -> int:

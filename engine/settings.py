@@ -17,7 +17,18 @@ class BackendName(str, enum.Enum):
     auto = "auto"
     torch = "torch"
     onnxruntime = "onnxruntime"
+    openvino = "openvino"
     tensorrt = "tensorrt"
+
+
+class Precision(str, enum.Enum):
+    """`--precision` of the U-Net on a CPU. "auto": bf16 where the CPU has BF16 units (AVX-512
+    BF16 or AMX), int8 where an int8 build of this model passed the quality gate, else fp32."""
+
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    int8 = "int8"
 
 
 class StepImpl(str, enum.Enum):

@@ -40,6 +40,18 @@ def model(ckpt_path):
     return load_model(ckpt_path)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def artifact_cache(tmp_path_factory) -> Path:
+    """One artifact cache for the session (never the user's): compiled models built by one
+    test are reused by the next, as they are between a user's runs."""
+    from glyph_engine.cache import ENV_VAR
+
+    folder = tmp_path_factory.mktemp("artifact-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(ENV_VAR, str(folder))
+        yield folder
+
+
 @pytest.fixture(autouse=True)
 def cpu_unless_marked_gpu(request, monkeypatch):
     """Hides the GPU from unmarked tests: code that picks "cuda if available" (auto backends,

@@ -10,7 +10,12 @@ from glyph_engine.pipeline import encode_prompts, generate
 from glyph_engine.settings import GenerationSettings
 
 
-def test_auto_is_torch_on_cpu(model):
+def test_auto_on_cpu_is_openvino_else_torch(model, monkeypatch):
+    import glyph_engine.backends
+
+    backend = create_backend("auto", model)
+    assert backend.name == "openvino" and backend.device.type == "cpu"
+    monkeypatch.setattr(glyph_engine.backends, "openvino_installed", lambda: False)
     backend = create_backend("auto", model)
     assert backend.name == "torch" and backend.device.type == "cpu"
 

@@ -157,7 +157,13 @@ def set_config(part, **changes):
 )
 def test_unsupported_or_inconsistent_configs(ckpt_path, tmp_path, edit, message):
     with pytest.raises(GlyphEngineError, match=message):
-        load_model(edited_checkpoint(ckpt_path, tmp_path, edit))
+        load_and_build(edited_checkpoint(ckpt_path, tmp_path, edit))
+
+
+def load_and_build(path):
+    """Loads a checkpoint and builds its modules (which `load_model` defers to first use)."""
+    model = load_model(path)
+    return model, model.unet, model.text_encoder
 
 
 def test_text_encoder_option_only_for_folders(ckpt_path):
@@ -297,7 +303,7 @@ def set_tokenizer(**changes):
 )
 def test_absurd_contents_are_refused(ckpt_path, tmp_path, edit, message):
     with pytest.raises(GlyphEngineError, match=message):
-        load_model(edited_checkpoint(ckpt_path, tmp_path, edit))
+        load_and_build(edited_checkpoint(ckpt_path, tmp_path, edit))
 
 
 def test_sampling_defaults_round_trip(model, tmp_path):

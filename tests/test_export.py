@@ -196,7 +196,15 @@ def test_changed_options_or_checkpoint_rebuild(ckpt_path, tmp_path, model):
     assert not reused and third["source"]["sha256"] != second["source"]["sha256"]
 
 
-def test_truncated_onnx_is_detected(ckpt_path, tmp_path, model):
+@pytest.fixture
+def without_openvino(monkeypatch):
+    """auto on a CPU without OpenVINO: the export's ONNX Runtime files, or PyTorch."""
+    import glyph_engine.backends
+
+    monkeypatch.setattr(glyph_engine.backends, "openvino_installed", lambda: False)
+
+
+def test_truncated_onnx_is_detected(ckpt_path, tmp_path, model, without_openvino):
     out = tmp_path / "export"
     options = ExportOptions(precisions=("fp32",))
     export(ckpt_path, out, options)
@@ -234,7 +242,7 @@ def test_foreign_folder_is_refused(ckpt_path, tmp_path):
     assert (out / "notes.txt").read_text() == "keep me"
 
 
-def test_auto_follows_the_measured_winner(exported, model, tmp_path):
+def test_auto_follows_the_measured_winner(exported, model, tmp_path, without_openvino):
     out, manifest = exported
     assert create_backend("auto", model, out).name == manifest["cpu_benchmark"]["preferred"]
     copy = tmp_path / "export"
@@ -346,7 +354,7 @@ def test_onnxruntime_refuses_a_damaged_export(export_copy, tmp_path, damage):
 
 
 @pytest.mark.parametrize("damage", [None, *DAMAGE])
-def test_auto_falls_back_to_torch_on_a_damaged_export(export_copy, tmp_path, damage, caplog):
+def test_auto_falls_back_to_torch_on_a_damaged_export(export_copy, tmp_path, damage, caplog, without_openvino):
     ckpt, out = export_copy
     if damage is not None:
         DAMAGE[damage][0](out)

@@ -2,40 +2,62 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from pathlib import Path
 
 import torch
 
 from glyph_engine.backends.base import Backend
+from glyph_engine.cache import ArtifactCache, default_cache_dir
+from glyph_engine.cpu import cpu_info
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.export_manifest import open_export
 from glyph_engine.model import Glyffuser
-from glyph_engine.settings import BackendName
+from glyph_engine.settings import BackendName, Precision
 
 logger = logging.getLogger(__name__)
 
 
 def create_backend(
-    name: BackendName | str, model: Glyffuser, export_dir: Path | None = None, use_cuda_graph: bool = False
+    name: BackendName | str,
+    model: Glyffuser,
+    export_dir: Path | None = None,
+    use_cuda_graph: bool = False,
+    precision: Precision | str = Precision.auto,
+    cache: ArtifactCache | None = None,
+    progress: bool = False,
 ) -> Backend:
     """The named backend for `model`; "auto" picks the fastest one available here.
 
     `export_dir` holds the export (`glyph-engine export`): the ONNX files ONNX Runtime runs
-    and the TensorRT engines.
+    and the TensorRT engines. On a CPU, auto needs no export: the OpenVINO backend compiles
+    the model for this CPU on first use into `cache` (None: the default cache folder), at
+    `precision` (auto: the fastest that passes the quality gate here; see
+    `glyph_engine.backends.openvino`). `progress` shows a bar while building.
     """
     try:
         name = BackendName(name)
     except ValueError:
         choices = ", ".join(b.value for b in BackendName)
         raise GlyphEngineError(f"unknown backend {name!r}; choose one of {choices}.") from None
+    try:
+        precision = Precision(precision)
+    except ValueError:
+        raise GlyphEngineError(f"unknown precision {precision!r}; choose one of auto, fp32, bf16, int8.") from None
     if name is BackendName.auto:
         name = _fastest(model, export_dir)
         logger.info("backend auto: %s", name)
+    if name == "openvino":
+        return _openvino(model, precision, cache or ArtifactCache(default_cache_dir()), progress)
+    if precision not in (Precision.auto, Precision.fp32):
+        raise GlyphEngineError(
+            f"--precision {precision.value} runs on the openvino backend (CPU); drop --backend {name} or the precision."
+        )
     if name == "torch":
         from glyph_engine.backends.pytorch import TorchBackend
 
-        return TorchBackend(model)
+        return TorchBackend(model, dtype=torch.float32 if precision is Precision.fp32 else None)
     if name == "onnxruntime":
         try:
             from glyph_engine.backends.onnx_runtime import OnnxRuntimeBackend
@@ -57,13 +79,38 @@ def create_backend(
     raise AssertionError(f"unhandled backend {name}")
 
 
+def _openvino(model: Glyffuser, requested: Precision, cache: ArtifactCache, progress: bool) -> Backend:
+    try:
+        from glyph_engine.backends.openvino import int8_gate, open_openvino
+    except ImportError:
+        raise GlyphEngineError("the openvino backend needs OpenVINO: pip install openvino.") from None
+    cpu = cpu_info()
+    precision = requested
+    if requested is Precision.auto:
+        gate = int8_gate(model, cache)
+        if cpu.has_int8 and gate is not None and gate["passed"]:
+            precision = Precision.int8
+        else:
+            precision = Precision.bf16 if cpu.has_bf16 else Precision.fp32
+    elif requested is Precision.bf16 and not cpu.has_bf16:
+        logger.warning("this CPU has no BF16 units (AVX-512 BF16 or AMX): bf16 runs emulated, slower than fp32")
+    backend, artifacts = open_openvino(model, cache, precision, progress)
+    logger.info("openvino %s: %s", precision.value, ", ".join(a.source for a in artifacts))
+    return backend
+
+
 def _fastest(model: Glyffuser, export_dir: Path | None) -> str:
-    """TensorRT on a GPU when engines for it exist; on a CPU, ONNX Runtime when the export's
+    """TensorRT on a GPU when engines for it exist, else PyTorch. On a CPU, OpenVINO (built on
+    first use, no export needed) where it is installed; else ONNX Runtime when the export's
     own measurement says it beats PyTorch; PyTorch otherwise."""
+    if torch.cuda.is_available():
+        if export_dir is None or not export_dir.is_dir():
+            return "torch"
+        return "tensorrt" if _has_engines_for_this_gpu(model, export_dir) else "torch"
+    if openvino_installed():
+        return "openvino"
     if export_dir is None or not export_dir.is_dir():
         return "torch"
-    if torch.cuda.is_available():
-        return "tensorrt" if _has_engines_for_this_gpu(model, export_dir) else "torch"
     try:
         import onnxruntime  # noqa: F401
 
@@ -72,6 +119,10 @@ def _fastest(model: Glyffuser, export_dir: Path | None) -> str:
         logger.info("backend auto: not using the ONNX export (%s)", e)
         return "torch"
     return manifest.get("cpu_benchmark", {}).get("preferred", "torch")
+
+
+def openvino_installed() -> bool:
+    return importlib.util.find_spec("openvino") is not None
 
 
 def _has_engines_for_this_gpu(model: Glyffuser, export_dir: Path) -> bool:

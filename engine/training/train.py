@@ -32,7 +32,7 @@ from transformers import T5Config, T5EncoderModel
 from glyph_engine.checkpoint import load_model, save_checkpoint, tokenizer_files, tokenizer_from_files
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.files import atomic_path, zip_damage
-from glyph_engine.model import GLYFFUSER_SCHEDULER_CONFIG, MAX_TEXT_LENGTH, Glyffuser
+from glyph_engine.model import GLYFFUSER_SCHEDULER_CONFIG, MAX_TEXT_LENGTH, Glyffuser, image_shape_of
 from glyph_engine.text import train_tokenizer
 from glyph_engine.training.dataset import RADICALS, GlyphSet, load_glyph_set
 
@@ -270,8 +270,9 @@ def to_glyffuser(state: TrainState, source: str) -> Glyffuser:
     """The model being trained, as the pipeline and the checkpoint writer take it."""
     schedule = DDPMScheduler(**GLYFFUSER_SCHEDULER_CONFIG)
     return Glyffuser(
-        unet=state.unet,
-        text_encoder=state.text_encoder,
+        unet_source=state.unet,
+        text_encoder_source=state.text_encoder,
+        image_shape=image_shape_of(state.unet.config),
         tokenizer=state.tokenizer,
         scheduler_config=dict(GLYFFUSER_SCHEDULER_CONFIG),
         alphas_cumprod=schedule.alphas_cumprod.numpy().astype(np.float64),

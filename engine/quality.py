@@ -1,0 +1,100 @@
+"""The U-Net part of the quality gate: inputs taken from real sampling trajectories, and the
+relative error of a reduced-precision U-Net against FP32 on them.
+
+Random inputs flatter quantization (real trajectories have the value ranges that matter:
+near-clean images at the last steps, real text embeddings), so calibration and the gate both
+use what the sampler really feeds the U-Net.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from glyph_engine.backends.base import Backend
+from glyph_engine.model import Glyffuser
+from glyph_engine.pipeline import generate
+from glyph_engine.settings import GenerationSettings
+
+# The gate's limit on the U-Net: ||eps - eps_fp32|| / ||eps_fp32||, worst call of a trajectory.
+MAX_UNET_RELATIVE_ERROR = 0.01
+
+# Calibration draws on prompts the evaluation does not use (RADICAL_PROMPTS), so a calibrated
+# model is not tuned to the prompts that judge it.
+CALIBRATION_PROMPTS = ("tree", "fish", "mountain", "rain", "gold", "eye", "bird", "stone")
+GATE_PROMPTS = ("metal", "heart", "speech", "grass")
+
+
+@dataclass(frozen=True)
+class UNetCall:
+    sample: Tensor
+    timestep: int
+    text: Tensor
+    mask: Tensor
+
+    def as_numpy(self) -> dict[str, np.ndarray]:
+        """The feed of an exported U-Net (names of `glyph_engine.specs.unet_spec`)."""
+        return {
+            "sample": self.sample.numpy(),
+            "timestep": np.full((self.sample.shape[0],), float(self.timestep), np.float32),
+            "encoder_hidden_states": self.text.numpy(),
+            "encoder_attention_mask": self.mask.numpy().astype(np.int64),
+        }
+
+
+class _Recorder:
+    """A backend that records every U-Net call of the one it wraps."""
+
+    def __init__(self, inner: Backend):
+        self.inner, self.name, self.device = inner, inner.name, inner.device
+        self.calls: list[UNetCall] = []
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.inner.encode_text(input_ids, attention_mask)
+
+    def denoise(self, x: Tensor, timestep: int, text: Tensor, mask: Tensor) -> Tensor:
+        self.calls.append(UNetCall(x.float().cpu(), timestep, text.float().cpu(), mask.cpu()))
+        return self.inner.denoise(x, timestep, text, mask)
+
+
+def trajectory_calls(
+    model: Glyffuser,
+    backend: Backend,
+    prompts: Sequence[str],
+    per_prompt: int,
+    seed: int,
+    steps: int = 20,
+    on_step: Callable[[], None] | None = None,
+) -> list[UNetCall]:
+    """Every U-Net call of a real generation (the model's default guidance and interval)."""
+    recorder = _Recorder(backend)
+    generate(model, recorder, list(prompts), per_prompt, GenerationSettings(steps=steps, seed=seed), on_step=on_step)
+    return recorder.calls
+
+
+def relative_errors(
+    candidate: Callable[[UNetCall], Tensor], reference: Callable[[UNetCall], Tensor], calls: Sequence[UNetCall]
+) -> list[float]:
+    """||candidate - reference|| / ||reference|| for each call, computed in float64."""
+    errors = []
+    for call in calls:
+        ref = reference(call).double()
+        errors.append(float((candidate(call).double() - ref).norm() / ref.norm().clamp_min(1e-30)))
+    return errors
+
+
+def torch_unet(model: Glyffuser, dtype: torch.dtype = torch.float32) -> Callable[[UNetCall], Tensor]:
+    """The eager PyTorch U-Net (autocast for dtypes below FP32): the gate's reference."""
+
+    @torch.inference_mode()
+    def run(call: UNetCall) -> Tensor:
+        with torch.autocast("cpu", dtype, enabled=dtype != torch.float32):
+            return model.unet(
+                call.sample, call.timestep, encoder_hidden_states=call.text, encoder_attention_mask=call.mask
+            ).sample.float()
+
+    return run
