@@ -14,7 +14,7 @@ import typer
 from glyph_engine import __version__
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.schedule import SamplerConfig, Spacing
-from glyph_engine.settings import BackendName, GenerationSettings, StepImpl
+from glyph_engine.settings import BackendName, GenerationSettings, Precision, StepImpl
 
 app = typer.Typer(
     name="glyph-engine",
@@ -77,6 +77,21 @@ GuidanceIntervalOption = Annotated[
     ),
 ]
 
+PrecisionOption = Annotated[
+    Precision,
+    typer.Option(
+        help="U-Net precision on a CPU (openvino backend). auto: bf16 where the CPU has BF16 units (AVX-512 "
+        "BF16 or AMX), int8 where an int8 build of the model passed the quality gate, else fp32."
+    ),
+]
+CacheDirOption = Annotated[
+    Optional[Path],
+    typer.Option(
+        help="Where models compiled for this CPU are kept between runs [default: $GLYPH_ENGINE_CACHE, else "
+        "$XDG_CACHE_HOME/glyph-engine, else ~/.cache/glyph-engine]."
+    ),
+]
+
 # Defaults come from the library's own settings types, so they are stated once.
 _SETTINGS = GenerationSettings()
 _SAMPLER = SamplerConfig()
@@ -101,6 +116,8 @@ def generate(
         BackendName.auto
     ),
     export_dir: ExportDirOption = None,
+    precision: PrecisionOption = Precision.auto,
+    cache_dir: CacheDirOption = None,
     batch_size: Annotated[
         Optional[int], typer.Option(help="Images per U-Net call (x2 with guidance). Default: all at once.")
     ] = _SETTINGS.batch_size,
@@ -153,6 +170,8 @@ def generate(
             backend=backend,
             export_dir=export_dir,
             cuda_graph=cuda_graph,
+            precision=precision,
+            cache_dir=cache_dir,
             out=out,
             out_dir=out_dir,
             progress=not quiet and sys.stderr.isatty(),
@@ -322,14 +341,23 @@ def eval_(
     steps: Annotated[int, typer.Option(help="Sampler steps.")] = 20,
     guidance: Annotated[Optional[float], typer.Option(help="Guidance [default: the checkpoint's].")] = None,
     guidance_interval: GuidanceIntervalOption = None,
+    backend: Annotated[BackendName, typer.Option(help="Inference backend; auto picks the fastest here.")] = (
+        BackendName.auto
+    ),
+    precision: PrecisionOption = Precision.auto,
+    cache_dir: CacheDirOption = None,
 ) -> None:
-    """Radical hit rate: how often "metal" draws glyphs whose nearest training glyph has 金."""
+    """Radical hit rate: how often "metal" draws glyphs whose nearest training glyph has 金.
+
+    Also the share of broken samples (a grey page or speckle instead of ink on white); with
+    --backend/--precision, the quality of each inference path can be compared.
+    """
     with user_errors():
         from glyph_engine.training.commands import run_eval
 
         _quiet_libraries()
         settings = GenerationSettings(steps=steps, guidance=guidance, guidance_interval=guidance_interval)
-        typer.echo(run_eval(data, ckpt, num_samples, settings))
+        typer.echo(run_eval(data, ckpt, num_samples, settings, backend, precision, cache_dir))
 
 
 @app.command()

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from glyph_engine import __version__
 from glyph_engine.backends import create_backend
 from glyph_engine.backends.tensorrt import load_tensorrt, require_gpu
+from glyph_engine.cache import ArtifactCache, default_cache_dir
 from glyph_engine.checkpoint import load_model
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.export_manifest import default_export_dir
@@ -23,7 +24,7 @@ from glyph_engine.files import check_writable_file
 from glyph_engine.images import grid, save_folder, save_png, to_uint8
 from glyph_engine.model import DEFAULT_CHECKPOINT, Glyffuser, unet_parameter_count
 from glyph_engine.pipeline import Generation, generate
-from glyph_engine.settings import BackendName, GenerationSettings
+from glyph_engine.settings import BackendName, GenerationSettings, Precision
 from glyph_engine.text import check_prompts
 
 MAX_IMAGES = 4096  # per prompt; more is a typo more often than a plan
@@ -44,6 +45,8 @@ class GenerateRequest:
     backend: BackendName = BackendName.auto
     export_dir: Path | None = None  # None: beside the checkpoint
     cuda_graph: bool = False  # TensorRT only
+    precision: Precision = Precision.auto  # the U-Net's on a CPU (openvino backend)
+    cache_dir: Path | None = None  # compiled models; None: default_cache_dir()
     out: Path | None = Path("glyphs.png")  # grid; None: no grid
     out_dir: Path | None = None  # one PNG per glyph
     progress: bool = False
@@ -85,7 +88,15 @@ def run_generate(request: GenerateRequest) -> list[Path]:
     sampler = replace(settings.sampler, steps_offset=int(model.scheduler_config.get("steps_offset", 0)))
     settings = replace(settings, sampler=sampler)
     export_dir = request.export_dir or default_export_dir(ckpt)
-    backend = create_backend(request.backend, model, export_dir, request.cuda_graph)
+    backend = create_backend(
+        request.backend,
+        model,
+        export_dir,
+        request.cuda_graph,
+        precision=request.precision,
+        cache=ArtifactCache(request.cache_dir or default_cache_dir()),
+        progress=request.progress,
+    )
     total = len(request.prompts) * request.num_images
     batches = -(-total // (settings.batch_size or total))
     with tqdm(
@@ -103,6 +114,7 @@ def run_generate(request: GenerateRequest) -> list[Path]:
         + (", karras" if sampler.karras_sigmas else ""),
         "model_sha256": model.sha256,
         "backend": backend.name,
+        "precision": backend.precision,
         "step_impl": result.step_impl.value,
         "software": f"glyph-engine {__version__}",
     }

@@ -17,6 +17,7 @@ class Backend(Protocol):
 
     name: str
     device: torch.device  # where the backend computes and leaves its outputs
+    precision: str  # the U-Net's compute precision: "fp32", "fp16", "bf16" or "int8"
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """T5 encoder last hidden state, (P, L, D) float32, padded positions zeroed."""

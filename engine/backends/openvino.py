@@ -74,7 +74,7 @@ class OpenVINOBackend:
     device = torch.device("cpu")
 
     def __init__(self, unet: ov.CompiledModel, text_encoder: ov.CompiledModel, precision: Precision):
-        self.precision = precision
+        self.precision = precision.value
         self._unet = unet.create_infer_request()
         self._text_encoder = text_encoder.create_infer_request()
 

@@ -34,6 +34,7 @@ class TorchBackend:
         # FP16 halves memory traffic on a GPU; CPUs here have no fast half math. T5 stays
         # FP32 everywhere: its feed-forward output overflows in FP16.
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
+        self.precision = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.dtype]
         self.unet = _placed(model.unet, self.device, self.dtype)
         self.text_encoder = _placed(model.text_encoder, self.device, torch.float32)
 

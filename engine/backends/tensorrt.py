@@ -262,6 +262,7 @@ class Engine:
 
 class TensorRTBackend:
     name = "tensorrt"
+    precision = "fp16"  # engines are built from the FP16 ONNX files
 
     def __init__(self, model: Glyffuser, export_dir: Path, use_cuda_graph: bool = False):
         require_gpu()

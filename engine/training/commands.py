@@ -6,11 +6,12 @@ import sys
 from pathlib import Path
 
 from glyph_engine.backends import create_backend
+from glyph_engine.cache import ArtifactCache, default_cache_dir
 from glyph_engine.checkpoint import load_model
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.export_manifest import default_export_dir
 from glyph_engine.model import DEFAULT_CHECKPOINT
-from glyph_engine.settings import GenerationSettings
+from glyph_engine.settings import BackendName, GenerationSettings, Precision
 
 
 def run_train(
@@ -59,7 +60,15 @@ def run_train(
     ]
 
 
-def run_eval(data: Path, ckpt: Path | None, num_samples: int, settings: GenerationSettings) -> str:
+def run_eval(
+    data: Path,
+    ckpt: Path | None,
+    num_samples: int,
+    settings: GenerationSettings,
+    backend_name: BackendName = BackendName.auto,
+    precision: Precision = Precision.auto,
+    cache_dir: Path | None = None,
+) -> str:
     from glyph_engine.training.dataset import load_glyph_set
     from glyph_engine.training.evaluate import caption_gain, radical_hit_rates, table
 
@@ -68,6 +77,11 @@ def run_eval(data: Path, ckpt: Path | None, num_samples: int, settings: Generati
     settings.validate()
     glyphs = load_glyph_set(data)
     model = load_model(ckpt or DEFAULT_CHECKPOINT)
-    backend = create_backend("auto", model, default_export_dir(ckpt or DEFAULT_CHECKPOINT))
-    rates = table(radical_hit_rates(model, backend, glyphs, num_samples, settings))
+    cache = ArtifactCache(cache_dir or default_cache_dir())
+    backend = create_backend(
+        backend_name, model, default_export_dir(ckpt or DEFAULT_CHECKPOINT), precision=precision, cache=cache
+    )
+    rates = f"Backend: {backend.name} {backend.precision}\n\n" + table(
+        radical_hit_rates(model, backend, glyphs, num_samples, settings)
+    )
     return f"{rates}\n\n{caption_gain(model, backend, glyphs)}"

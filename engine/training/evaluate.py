@@ -44,10 +44,18 @@ class RadicalResult:
     hit_rate: float
     base_rate: float
     mean_nn_distance: float  # RMS pixel difference in [0, 1] to the nearest training glyph
+    broken_share: float  # of samples that are a grey page or speckle (`is_broken`)
 
     @property
     def lift(self) -> float:
         return self.hit_rate / self.base_rate if self.base_rate else float("inf")
+
+
+def is_broken(images: np.ndarray) -> np.ndarray:
+    """Per image in [0, 1] (white 1): a grey background (median pixel below 0.8) or speckle
+    (over a quarter of the pixels mid-grey) instead of ink on white (docs/broken-samples.md)."""
+    flat = images.reshape(len(images), -1)
+    return (np.median(flat, 1) < 0.8) | (((flat > 0.15) & (flat < 0.85)).mean(1) > 0.25)
 
 
 def nearest(samples: np.ndarray, train: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
@@ -91,6 +99,7 @@ def radical_hit_rates(
                 float(hits.mean()),
                 float((glyphs.radicals == radical).mean()),
                 float(distance.mean()),
+                float(is_broken(images).mean()),
             )
         )
     return results
@@ -98,15 +107,16 @@ def radical_hit_rates(
 
 def table(results: list[RadicalResult]) -> str:
     lines = [
-        "| prompt | radical | hit rate | base rate | lift | mean NN distance |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| prompt | radical | hit rate | base rate | lift | mean NN distance | broken |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         lines.append(
             f"| {r.prompt} | {r.radical} | {r.hit_rate:.1%} | {r.base_rate:.1%} | {r.lift:.1f}x | "
-            f"{r.mean_nn_distance:.3f} |"
+            f"{r.mean_nn_distance:.3f} | {r.broken_share:.1%} |"
         )
-    return "\n".join(lines)
+    broken = sum(r.broken_share for r in results) / max(1, len(results))
+    return "\n".join(lines) + f"\n\nBroken samples: {broken:.1%} of all."
 
 
 @dataclass(frozen=True)

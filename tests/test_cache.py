@@ -1,0 +1,171 @@
+"""The artifact cache: keys, reuse, damage, read-only and full caches, two processes at once."""
+
+import errno
+import logging
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from glyph_engine.cache import ENV_VAR, Artifact, ArtifactCache, ArtifactKey, default_cache_dir
+
+KEY = ArtifactKey("ab" * 32, "openvino", "fp32", (("openvino", "1.0"),), ("avx2",))
+
+
+class Builder:
+    def __init__(self, files=None):
+        self.files = files or {"unet.blob": b"compiled" * 100, "text_encoder.blob": b"t5"}
+        self.calls = 0
+
+    def __call__(self) -> Artifact:
+        self.calls += 1
+        return Artifact(files=dict(self.files), meta={"gate": {"passed": True}})
+
+
+def test_key_covers_model_kind_precision_versions_and_cpu():
+    variants = [
+        ArtifactKey("cd" * 32, *list(vars(KEY).values())[1:]),
+        ArtifactKey(KEY.model_sha256, "onnx", KEY.precision, KEY.versions, KEY.cpu_flags),
+        ArtifactKey(KEY.model_sha256, KEY.kind, "bf16", KEY.versions, KEY.cpu_flags),
+        ArtifactKey(KEY.model_sha256, KEY.kind, KEY.precision, (("openvino", "1.1"),), KEY.cpu_flags),
+        ArtifactKey(KEY.model_sha256, KEY.kind, KEY.precision, KEY.versions, ("avx2", "avx512_bf16")),
+    ]
+    names = {KEY.name, *(v.name for v in variants)}
+    assert len(names) == 6 and KEY.name.startswith("openvino-fp32-")
+
+
+def test_built_once_then_read(tmp_path):
+    cache, build = ArtifactCache(tmp_path / "cache"), Builder()
+    first = cache.get(KEY, build)
+    second = cache.get(KEY, build)
+    assert build.calls == 1 and (first.source, second.source) == ("built", "cache")
+    assert second.files == build.files and second.meta == {"gate": {"passed": True}}
+    assert cache.peek(KEY) == {"gate": {"passed": True}}
+    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")] == [KEY.name]
+
+
+def test_default_folder_follows_env_then_xdg(monkeypatch, tmp_path):
+    monkeypatch.setenv(ENV_VAR, str(tmp_path / "mine"))
+    assert default_cache_dir() == tmp_path / "mine"
+    monkeypatch.delenv(ENV_VAR)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "glyph-engine"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/ignored")  # the XDG spec: relative paths are invalid
+    assert default_cache_dir() == Path.home() / ".cache" / "glyph-engine"
+
+
+def flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda entry: flip_byte(entry / "unet.blob"),
+        lambda entry: (entry / "unet.blob").write_bytes(b"compiled"),  # truncated
+        lambda entry: (entry / "text_encoder.blob").unlink(),
+        lambda entry: (entry / "entry.json").write_text("{not json"),
+        lambda entry: (entry / "entry.json").write_text('{"format": 1, "key": {}, "files": {}, "meta": {}}'),
+    ],
+    ids=["flipped-byte", "truncated", "missing-file", "bad-json", "foreign-key"],
+)
+def test_damaged_entry_is_rebuilt_never_used(tmp_path, damage, caplog):
+    cache, build = ArtifactCache(tmp_path), Builder()
+    cache.get(KEY, build)
+    damage(tmp_path / KEY.name)
+    assert cache.peek(KEY) is None  # peek never trusts it either
+    with caplog.at_level(logging.WARNING):
+        artifact = cache.get(KEY, build)
+    assert build.calls == 2 and artifact.files == build.files
+    assert any("damaged" in r.getMessage() and "rebuilding" in r.getMessage() for r in caplog.records)
+    assert cache.get(KEY, build).source == "cache"  # the rebuilt entry is sound
+
+
+def test_killed_build_leftover_is_replaced(tmp_path):
+    leftover = tmp_path / f".{KEY.name}.partial"
+    leftover.mkdir(parents=True)
+    (leftover / "unet.blob").write_bytes(b"half")
+    cache, build = ArtifactCache(tmp_path), Builder()
+    assert cache.get(KEY, build).source == "built" and not leftover.exists()
+    assert cache.get(KEY, build).source == "cache"
+
+
+def _fail_with(code: int):
+    def fail(*args, **kwargs):
+        raise OSError(code, __import__("os").strerror(code))
+
+    return fail
+
+
+def test_read_only_cache_builds_in_memory_with_one_warning(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(Path, "mkdir", _fail_with(errno.EROFS))
+    cache, build = ArtifactCache(tmp_path / "ro"), Builder()
+    other = ArtifactKey(KEY.model_sha256, KEY.kind, "bf16", KEY.versions, KEY.cpu_flags)
+    with caplog.at_level(logging.WARNING):
+        artifacts = [cache.get(KEY, build), cache.get(other, build)]
+    assert [a.source for a in artifacts] == ["built", "built"] and artifacts[0].files == build.files
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "cannot write the artifact cache" in warnings[0] and ENV_VAR in warnings[0]
+    assert not (tmp_path / "ro").exists()
+
+
+def test_read_only_cache_still_serves_its_entries(tmp_path, monkeypatch):
+    cache, build = ArtifactCache(tmp_path), Builder()
+    cache.get(KEY, build)
+    monkeypatch.setattr("glyph_engine.cache.os.open", _fail_with(errno.EROFS))  # no lock file can be made
+    assert ArtifactCache(tmp_path).get(KEY, build).source == "cache" and build.calls == 1
+
+
+def test_full_cache_falls_back_and_leaves_nothing_half_written(tmp_path, monkeypatch, caplog):
+    cache, build = ArtifactCache(tmp_path), Builder()
+    monkeypatch.setattr(Path, "write_bytes", _fail_with(errno.ENOSPC))
+    with caplog.at_level(logging.WARNING):
+        artifact = cache.get(KEY, build)
+    assert artifact.files == build.files and artifact.source == "built"
+    assert "No space left" in caplog.text
+    assert [p.name for p in tmp_path.iterdir()] == [".locks"]  # no entry, no staging folder
+
+
+def test_no_root_keeps_nothing(tmp_path):
+    cache, build = ArtifactCache(None), Builder()
+    cache.get(KEY, build), cache.get(KEY, build)
+    assert build.calls == 2 and cache.peek(KEY) is None
+
+
+CONCURRENT = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from glyph_engine.cache import Artifact, ArtifactCache, ArtifactKey
+    key = ArtifactKey("ab" * 32, "openvino", "fp32", (), ())
+    root, log = Path(sys.argv[1]), Path(sys.argv[2])
+
+    def build():
+        with log.open("a") as f:
+            f.write("built\\n")
+        time.sleep(1.0)  # long enough that the other process arrives while this one builds
+        return Artifact(files={"unet.blob": b"x" * 1000})
+
+    artifact = ArtifactCache(root).get(key, build)
+    print(artifact.source, len(artifact.files["unet.blob"]))
+    """
+)
+
+
+def test_two_processes_build_once(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(CONCURRENT)
+    log = tmp_path / "builds.log"
+    workers = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path / "cache"), str(log)], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    outputs = sorted(w.communicate(timeout=120)[0].strip() for w in workers)
+    assert all(w.returncode == 0 for w in workers)
+    assert outputs == ["built 1000", "cache 1000"] and log.read_text() == "built\n"

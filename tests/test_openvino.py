@@ -1,0 +1,172 @@
+"""The CPU default: OpenVINO compiled on first use, cached, at the precision this CPU suits.
+
+Numerics are checked against eager PyTorch FP32; the embedded model's quality gate (U-Net
+relative error on real trajectories) runs here for every precision that can run.
+"""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+import glyph_engine.backends
+import glyph_engine.backends.openvino as openvino_backend
+from glyph_engine.backends import create_backend
+from glyph_engine.backends.pytorch import TorchBackend
+from glyph_engine.cache import ArtifactCache
+from glyph_engine.checkpoint import load_model
+from glyph_engine.cli import app
+from glyph_engine.cpu import CpuInfo, cpu_info
+from glyph_engine.errors import GlyphEngineError
+from glyph_engine.model import DEFAULT_CHECKPOINT
+from glyph_engine.pipeline import generate
+from glyph_engine.quality import GATE_PROMPTS, MAX_UNET_RELATIVE_ERROR, relative_errors, torch_unet, trajectory_calls
+from glyph_engine.settings import GenerationSettings
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def build_count(monkeypatch):
+    """How many OpenVINO models were compiled from PyTorch (cache misses)."""
+    calls = []
+    original = openvino_backend._build
+
+    def counting(core, model, precision, progress):
+        calls.append(precision.value)
+        return original(core, model, precision, progress)
+
+    monkeypatch.setattr(openvino_backend, "_build", counting)
+    return calls
+
+
+def fake_cpu(monkeypatch, *flags):
+    info = CpuInfo("test CPU", tuple(flags), 2)
+    monkeypatch.setattr(glyph_engine.backends, "cpu_info", lambda: info)
+    monkeypatch.setattr(openvino_backend, "cpu_info", lambda: info)
+
+
+def test_matches_pytorch_fp32(model, tmp_path):
+    backend = create_backend("openvino", model, precision="fp32", cache=ArtifactCache(tmp_path))
+    assert backend.precision == "fp32"
+    assert_matches_pytorch(model, backend)
+
+
+def test_first_run_builds_later_runs_read(model, tmp_path, build_count):
+    cache = ArtifactCache(tmp_path)
+    images = []
+    for _ in range(2):
+        backend = create_backend("openvino", model, precision="fp32", cache=cache)
+        images.append(generate(model, backend, ["metal"], 2, GenerationSettings(steps=3)).images)
+    assert build_count == ["fp32"]
+    torch.testing.assert_close(images[0], images[1], atol=0, rtol=0)
+
+
+def test_damaged_entry_is_rebuilt(model, tmp_path, build_count, caplog):
+    cache = ArtifactCache(tmp_path)
+    create_backend("openvino", model, precision="fp32", cache=cache)
+    entry = tmp_path / openvino_backend.artifact_key(model, openvino_backend.Precision.fp32).name
+    blob = entry / openvino_backend.UNET
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 3] ^= 0x55
+    blob.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING):
+        backend = create_backend("openvino", model, precision="fp32", cache=cache)
+    assert build_count == ["fp32", "fp32"] and "damaged" in caplog.text
+    assert_matches_pytorch(model, backend)
+
+
+def assert_matches_pytorch(model, backend):
+    reference = TorchBackend(model, device="cpu")
+    ids = torch.tensor([[5, 9, 3, 1], [7, 1, 0, 0]])
+    mask = (ids != 0).long()
+    text = backend.encode_text(ids, mask)
+    torch.testing.assert_close(text, reference.encode_text(ids, mask), atol=1e-4, rtol=1e-4)
+    x = torch.randn(2, *model.image_shape, generator=torch.Generator().manual_seed(0))
+    eps = backend.denoise(x, 500, text, mask)
+    assert eps.dtype == torch.float32
+    torch.testing.assert_close(eps, reference.denoise(x, 500, text, mask), atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [((), "fp32"), (("avx2", "fma"), "fp32"), (("avx512f", "avx512_bf16"), "bf16"), (("amx_bf16",), "bf16")],
+)
+def test_auto_precision_follows_the_cpu(model, tmp_path, monkeypatch, flags, expected):
+    fake_cpu(monkeypatch, *flags)
+    backend = create_backend("auto", model, cache=ArtifactCache(tmp_path))
+    assert (backend.name, backend.precision) == ("openvino", expected)
+
+
+def test_auto_takes_int8_only_where_it_passed_the_gate(model, tmp_path, monkeypatch):
+    fake_cpu(monkeypatch, "avx512f", "avx512_vnni")
+    opened = []
+    monkeypatch.setattr(openvino_backend, "open_openvino", lambda m, c, p, progress: opened.append(p) or (None, []))
+    for gate, expected in [(None, "fp32"), ({"passed": False}, "fp32"), ({"passed": True}, "int8")]:
+        monkeypatch.setattr(openvino_backend, "int8_gate", lambda model, cache, gate=gate: gate)
+        create_backend("auto", model, cache=ArtifactCache(tmp_path))
+        assert opened.pop().value == expected
+    fake_cpu(monkeypatch, "avx2")  # no int8 units: a passed gate does not make int8 fast
+    create_backend("auto", model, cache=ArtifactCache(tmp_path))
+    assert opened.pop().value == "fp32"
+
+
+def test_int8_failing_the_gate_is_refused_and_remembered(model, tmp_path, monkeypatch):
+    """The tiny random test model cannot keep 1% in int8: the build measures that, keeps the
+    verdict, and refuses (later runs refuse without quantizing again)."""
+    cache = ArtifactCache(tmp_path)
+    with pytest.raises(GlyphEngineError, match="quality gate"):
+        create_backend("openvino", model, precision="int8", cache=cache)
+    gate = openvino_backend.int8_gate(model, cache)
+    assert gate is not None and not gate["passed"] and gate["max_relative_error"] > MAX_UNET_RELATIVE_ERROR
+    monkeypatch.setattr(openvino_backend, "_build_int8", lambda *a: pytest.fail("quantized again"))
+    with pytest.raises(GlyphEngineError, match="quality gate"):
+        create_backend("openvino", model, precision="int8", cache=cache)
+
+
+def test_precision_needs_the_openvino_backend(model):
+    with pytest.raises(GlyphEngineError, match="openvino backend"):
+        create_backend("torch", model, precision="bf16")
+
+
+def test_generate_default_is_openvino_and_records_it(ckpt_path, tmp_path):
+    png = tmp_path / "g.png"
+    result = runner.invoke(
+        app, ["generate", "metal", "-n", "2", "--steps", "3", "--ckpt", str(ckpt_path), "-o", str(png)]
+    )
+    assert result.exit_code == 0, result.output
+    expected = "bf16" if cpu_info().has_bf16 else "fp32"
+    assert (Image.open(png).text["backend"], Image.open(png).text["precision"]) == ("openvino", expected)
+
+
+def test_cache_dir_flag_wins_over_the_environment(ckpt_path, tmp_path):
+    folder = tmp_path / "flag-cache"
+    args = ["generate", "metal", "-n", "1", "--steps", "2", "--ckpt", str(ckpt_path), "-o", str(tmp_path / "g.png")]
+    result = runner.invoke(app, [*args, "--cache-dir", str(folder)])
+    assert result.exit_code == 0, result.output
+    assert any(p.name.startswith("openvino-") for p in folder.iterdir())
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    model = load_model(DEFAULT_CHECKPOINT)
+    calls = trajectory_calls(model, TorchBackend(model, device="cpu"), GATE_PROMPTS, 1, seed=2)
+    return model, calls
+
+
+@pytest.mark.parametrize("precision, limit", [("fp32", 1e-4), ("bf16", MAX_UNET_RELATIVE_ERROR)])
+def test_quality_gate_unet_error_on_real_trajectories(embedded, tmp_path, precision, limit):
+    """The embedded model's U-Net against eager FP32 on what the sampler really feeds it.
+    bf16 runs emulated (slowly) on CPUs without BF16 units, with the same rounding."""
+    model, calls = embedded
+    backend = create_backend("openvino", model, precision=precision, cache=ArtifactCache(tmp_path))
+    assert backend.precision == precision
+
+    def candidate(call):
+        return backend.denoise(call.sample, call.timestep, call.text, call.mask)
+
+    errors = relative_errors(candidate, torch_unet(model), calls)
+    assert len(errors) == 20 and max(errors) <= limit, np.round(errors, 5)
