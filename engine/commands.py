@@ -18,6 +18,7 @@ from glyph_engine.backends import create_backend
 from glyph_engine.backends.tensorrt import load_tensorrt, require_gpu
 from glyph_engine.cache import ArtifactCache, default_cache_dir
 from glyph_engine.checkpoint import load_model
+from glyph_engine.cpu import cpu_info
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.export_manifest import default_export_dir
 from glyph_engine.files import check_writable_file
@@ -154,13 +155,23 @@ def environment() -> list[tuple[str, str]]:
         ort = f"{onnxruntime.__version__} ({', '.join(onnxruntime.get_available_providers())})"
     except ImportError:
         ort = "not installed (pip install 'glyph-engine[onnx]')"
+    try:
+        import openvino
+
+        ov = openvino.__version__.split("-")[0]
+    except ImportError:
+        ov = "not installed (pip install openvino)"
     trt = load_tensorrt()
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    cpu = cpu_info()
     return [
         ("glyph-engine", __version__),
         ("python", platform.python_version()),
         ("torch", f"{torch.__version__} (GPU: {gpu})"),
+        ("cpu", f"{cpu.model}, {cpu.cores} cores ({', '.join(cpu.flags) or 'no AVX2'})"),
         ("onnxruntime", ort),
+        ("openvino", ov),
+        ("artifact cache", str(default_cache_dir())),
         ("tensorrt", f"{trt.import_name} {trt.version}" if trt else "not installed"),
         *status_rows(),
         ("embedded model", str(DEFAULT_CHECKPOINT) if DEFAULT_CHECKPOINT.is_file() else "not installed"),

@@ -1,0 +1,218 @@
+"""Every CPU inference candidate for the U-Net, side by side in one run on this machine.
+
+    python bench/cpu_candidates.py [--compile] [--out docs/bench-cpu-candidates.json]
+
+For each candidate: the median time of one U-Net call at the batches `generate "metal" -n 64`
+runs (128 on guided steps, 64 on the others), its setup time (export, quantization,
+compilation) and its worst relative error against eager FP32 on real sampling trajectories
+(the quality gate's measure, `glyph_engine.quality`). Int8 candidates are calibrated on
+trajectories of other prompts and seeds than those they are judged on. The CPU, its flags
+and the library versions are recorded with the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from glyph_engine.backends.openvino import onnx_bytes
+from glyph_engine.backends.pytorch import TorchBackend
+from glyph_engine.checkpoint import load_model
+from glyph_engine.cpu import cpu_info
+from glyph_engine.model import DEFAULT_CHECKPOINT
+from glyph_engine.quality import CALIBRATION_PROMPTS, GATE_PROMPTS, UNetCall, relative_errors, trajectory_calls
+from glyph_engine.timing import median_seconds
+from glyph_engine.to_onnx import UNetForExport
+
+Run = Callable[[dict[str, np.ndarray]], np.ndarray]
+
+
+def torch_candidate(module: torch.nn.Module, channels_last: bool = False, bf16: bool = False) -> Run:
+    def run(feed: dict[str, np.ndarray]) -> np.ndarray:
+        x = torch.from_numpy(feed["sample"])
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        inputs = [
+            x,
+            *(torch.from_numpy(feed[k]) for k in ("timestep", "encoder_hidden_states", "encoder_attention_mask")),
+        ]
+        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            return module(*inputs).float().numpy()
+
+    return run
+
+
+def onnxruntime_candidate(model_bytes: bytes) -> Run:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    return lambda feed: session.run(None, feed)[0]
+
+
+def onnxruntime_int8(model_bytes: bytes, calibration: list[UNetCall]) -> bytes:
+    """Static QDQ quantization (per-channel int8 weights, uint8 activations), min-max calibrated."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.feeds = iter([call.as_numpy() for call in calibration])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source, prepared, target = (Path(tmp) / n for n in ("f.onnx", "p.onnx", "q.onnx"))
+        source.write_bytes(model_bytes)
+        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+        quantize_static(
+            str(prepared),
+            str(target),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+        )
+        return target.read_bytes()
+
+
+def openvino_candidate(ov_model, hint: str) -> Run:
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(
+        ov_model, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": hint}
+    )
+    request = compiled.create_infer_request()
+    return lambda feed: request.infer(feed)[0]
+
+
+def openvino_int8(model_bytes: bytes, calibration: list[UNetCall]):
+    import nncf
+    import openvino as ov
+
+    return nncf.quantize(
+        ov.Core().read_model(model_bytes),
+        nncf.Dataset([call.as_numpy() for call in calibration]),
+        subset_size=len(calibration),
+        model_type=nncf.ModelType.TRANSFORMER,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--compile", action="store_true", help="also torch.compile with freezing (minutes)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("bench-results/cpu-candidates.json"))
+    args = parser.parse_args()
+
+    model = load_model(DEFAULT_CHECKPOINT)
+    eager = TorchBackend(model, device="cpu")
+    print("recording trajectories", file=sys.stderr)
+    calibration = trajectory_calls(model, eager, CALIBRATION_PROMPTS, 2, seed=1)
+    gate = trajectory_calls(model, eager, GATE_PROMPTS, 1, seed=2)
+    timed = {n: c for n, c in ((c.sample.shape[0], c) for c in trajectory_calls(model, eager, ["metal"], 64, seed=0))}
+    module = UNetForExport(model.unet).eval()
+    reference = torch_candidate(module)
+    unet_onnx = onnx_bytes(model, "unet")
+
+    builders: list[tuple[str, str, Callable[[], Run]]] = [
+        ("torch eager", "fp32", lambda: reference),
+        ("torch channels_last", "fp32", lambda: torch_candidate(_channels_last(module), channels_last=True)),
+        ("torch autocast", "bf16", lambda: torch_candidate(module, bf16=True)),
+        ("onnxruntime", "fp32", lambda: onnxruntime_candidate(unet_onnx)),
+        ("onnxruntime static QDQ", "int8", lambda: onnxruntime_candidate(onnxruntime_int8(unet_onnx, calibration))),
+        ("openvino", "fp32", lambda: openvino_candidate(unet_onnx_model(unet_onnx), "f32")),
+        ("openvino hint", "bf16", lambda: openvino_candidate(unet_onnx_model(unet_onnx), "bf16")),
+        ("openvino NNCF", "int8", lambda: openvino_candidate(openvino_int8(unet_onnx, calibration), "f32")),
+    ]
+    if args.compile:
+        builders.insert(3, ("torch.compile freezing", "fp32", lambda: _compiled(module, timed)))
+
+    results = []
+    for name, precision, build in builders:
+        print(f"{name} {precision}", file=sys.stderr)
+        start = time.perf_counter()
+        run = build()
+        setup = time.perf_counter() - start
+        errors = relative_errors(
+            lambda call, run=run: torch.from_numpy(run(call.as_numpy())),
+            lambda call: torch.from_numpy(reference(call.as_numpy())),
+            gate,
+        )
+        row = {"candidate": name, "precision": precision, "setup_s": round(setup, 1), "max_rel_error": max(errors)}
+        for batch, call in sorted(timed.items(), reverse=True):
+            feed = call.as_numpy()
+            row[f"b{batch}_s"] = median_seconds(
+                lambda feed=feed, run=run: run(feed), args.repeats, warmup=1, device="cpu"
+            )
+        results.append(row)
+        print(json.dumps(row), file=sys.stderr)
+
+    cpu = cpu_info()
+    report = {
+        "cpu": cpu.model,
+        "cpu_flags": list(cpu.flags),
+        "cores": cpu.cores,
+        "python": platform.python_version(),
+        "libraries": {n: version(n) for n in ("torch", "onnxruntime", "openvino", "nncf")},
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    print(markdown(report))
+
+
+def unet_onnx_model(model_bytes: bytes):
+    import openvino as ov
+
+    return ov.Core().read_model(model_bytes)
+
+
+def _channels_last(module: torch.nn.Module) -> torch.nn.Module:
+    return copy.deepcopy(module).to(memory_format=torch.channels_last)
+
+
+def _compiled(module: torch.nn.Module, timed: dict[int, UNetCall]) -> Run:
+    import torch._inductor.config as inductor
+
+    inductor.freezing = True
+    run = torch_candidate(torch.compile(module, dynamic=False))
+    for call in timed.values():  # compile each batch shape now: setup time, not call time
+        run(call.as_numpy())
+    return run
+
+
+def markdown(report: dict) -> str:
+    eager = next(r for r in report["results"] if r["candidate"] == "torch eager")
+    lines = [
+        f"CPU: {report['cpu']}, {report['cores']} cores, flags {', '.join(report['cpu_flags'])}; "
+        + ", ".join(f"{k} {v}" for k, v in report["libraries"].items()),
+        "",
+        "| candidate | precision | U-Net call, batch 128 (s) | batch 64 (s) | vs eager (b128) | max rel. error vs fp32 "
+        "| setup (s) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in report["results"]:
+        lines.append(
+            f"| {r['candidate']} | {r['precision']} | {r['b128_s']:.3f} | {r['b64_s']:.3f} | "
+            f"{eager['b128_s'] / r['b128_s']:.2f}x | {r['max_rel_error']:.2%} | {r['setup_s']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Whole-process wall time of `glyph-engine generate "metal" -n 64` against the peer, interleaved.
+
+    python bench/wall_clock.py [--runs 3] [--out bench-results/wall-clock.json]
+
+Each round runs, one after another: the peer process (`bench/peer_process.py`), `generate`
+with an empty artifact cache (cold: the first run on a fresh machine, compiling included)
+and `generate` again with the cache that run filled (warm: every later run). Interleaving
+spreads the drift of a shared machine's speed over all three; medians are reported, and
+every run's time is kept. The CPU and its flags are recorded with the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from glyph_engine.cpu import cpu_info
+
+HERE = Path(__file__).resolve().parent
+
+
+def timed(command: list[str], env: dict[str, str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("-n", type=int, default=64)
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--out", type=Path, default=Path("bench-results/wall-clock.json"))
+    args = parser.parse_args()
+
+    times: dict[str, list[float]] = {"peer": [], "cold": [], "warm": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        image = str(Path(tmp) / "glyphs.png")
+        generate = ["glyph-engine", "generate", "metal", "-n", str(args.n), "-o", image, "-q"]
+        generate += ["--precision", args.precision]
+        for run in range(args.runs):
+            cache = Path(tmp) / f"cache-{run}"
+            env = {**os.environ, "GLYPH_ENGINE_CACHE": str(cache)}
+            times["peer"].append(timed([sys.executable, str(HERE / "peer_process.py"), "-n", str(args.n)], env))
+            times["cold"].append(timed(generate, env))
+            times["warm"].append(timed(generate, env))
+            print({k: round(v[-1], 2) for k, v in times.items()}, file=sys.stderr)
+
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    cpu = cpu_info()
+    report = {
+        "cpu": cpu.model,
+        "cpu_flags": list(cpu.flags),
+        "cores": cpu.cores,
+        "command": " ".join(generate[:5]) + f" --precision {args.precision}",
+        "runs_s": times,
+        "median_s": medians,
+        "peer_over_warm": medians["peer"] / medians["warm"],
+        "peer_over_cold": medians["peer"] / medians["cold"],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    print(
+        "| run | times (s) | median (s) | speed-up vs peer |\n| --- | --- | ---: | ---: |\n"
+        + "\n".join(
+            f"| {k} | {', '.join(f'{t:.1f}' for t in v)} | {medians[k]:.1f} | {medians['peer'] / medians[k]:.2f}x |"
+            for k, v in times.items()
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
