@@ -62,6 +62,14 @@ def cpu_unless_marked_gpu(request, monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--quality-gate",
+        action="store_true",
+        help="Also run the eval-level quality gate on the embedded model (tens of minutes on 2 cores).",
+    )
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 
@@ -74,6 +82,8 @@ def pytest_collection_modifyitems(config, items):
         skips["tensorrt"] = pytest.mark.skip(reason="needs TensorRT: pip install 'glyph-engine[tensorrt-rtx]'")
     if find_nvcc() is None:
         skips["nvcc"] = pytest.mark.skip(reason="needs CUDA's nvcc (not on PATH, CUDA_HOME or /usr/local/cuda)")
+    if not config.getoption("--quality-gate"):
+        skips["quality_gate"] = pytest.mark.skip(reason="eval-level quality gate: run with --quality-gate")
     for item in items:
         for marker, skip in skips.items():
             if marker in item.keywords:

@@ -95,9 +95,9 @@ def assert_matches_pytorch(model, backend):
     "flags, expected",
     [((), "fp32"), (("avx2", "fma"), "fp32"), (("avx512f", "avx512_bf16"), "bf16"), (("amx_bf16",), "bf16")],
 )
-def test_auto_precision_follows_the_cpu(model, tmp_path, monkeypatch, flags, expected):
+def test_auto_precision_follows_the_cpu(model, artifact_cache, monkeypatch, flags, expected):
     fake_cpu(monkeypatch, *flags)
-    backend = create_backend("auto", model, cache=ArtifactCache(tmp_path))
+    backend = create_backend("auto", model, cache=ArtifactCache(artifact_cache))
     assert (backend.name, backend.precision) == ("openvino", expected)
 
 
@@ -116,7 +116,10 @@ def test_auto_takes_int8_only_where_it_passed_the_gate(model, tmp_path, monkeypa
 
 def test_int8_failing_the_gate_is_refused_and_remembered(model, tmp_path, monkeypatch):
     """The tiny random test model cannot keep 1% in int8: the build measures that, keeps the
-    verdict, and refuses (later runs refuse without quantizing again)."""
+    verdict, and refuses (later runs refuse without quantizing again). Fewer trajectories
+    than a real build, to keep the test short."""
+    monkeypatch.setattr(openvino_backend, "CALIBRATION_PROMPTS", ("tree", "fish"))
+    monkeypatch.setattr(openvino_backend, "GATE_PROMPTS", ("metal",))
     cache = ArtifactCache(tmp_path)
     with pytest.raises(GlyphEngineError, match="quality gate"):
         create_backend("openvino", model, precision="int8", cache=cache)
@@ -158,11 +161,11 @@ def embedded():
 
 
 @pytest.mark.parametrize("precision, limit", [("fp32", 1e-4), ("bf16", MAX_UNET_RELATIVE_ERROR)])
-def test_quality_gate_unet_error_on_real_trajectories(embedded, tmp_path, precision, limit):
+def test_quality_gate_unet_error_on_real_trajectories(embedded, artifact_cache, precision, limit):
     """The embedded model's U-Net against eager FP32 on what the sampler really feeds it.
     bf16 runs emulated (slowly) on CPUs without BF16 units, with the same rounding."""
     model, calls = embedded
-    backend = create_backend("openvino", model, precision=precision, cache=ArtifactCache(tmp_path))
+    backend = create_backend("openvino", model, precision=precision, cache=ArtifactCache(artifact_cache))
     assert backend.precision == precision
 
     def candidate(call):
