@@ -16,7 +16,7 @@ GRID = BenchConfig()
 CASES = [("small", b, s) for b in GRID.batch_sizes for s in GRID.steps] + [("full", 1, s) for s in (1, 2)]
 
 
-@pytest.mark.parametrize("backend_name", [PEER, "torch", "onnxruntime"])
+@pytest.mark.parametrize("backend_name", [PEER, "torch", "onnxruntime", "openvino"])
 @pytest.mark.parametrize("size, batch, steps", CASES, ids=[f"{m}-b{b}-s{s}" for m, b, s in CASES])
 def test_generate(benchmark, bench_model, bench_backend, size, batch, steps, backend_name):
     model, _ = bench_model(size)
@@ -29,7 +29,7 @@ def test_generate(benchmark, bench_model, bench_backend, size, batch, steps, bac
     benchmark.extra_info["images_per_s"] = batch / benchmark.stats.stats.median
 
 
-@pytest.mark.parametrize("backend_name", ["torch", "onnxruntime"])
+@pytest.mark.parametrize("backend_name", ["torch", "onnxruntime", "openvino"])
 @pytest.mark.parametrize("prompts", [1, 16])
 def test_text_encoding(benchmark, bench_model, bench_backend, backend_name, prompts):
     model, _ = bench_model("small")

@@ -32,7 +32,7 @@ def slimmed_copy(export_dir, target):
     return target
 
 
-@pytest.mark.parametrize("backend_name", ["torch", "onnxruntime", "onnxruntime-slim"])
+@pytest.mark.parametrize("backend_name", ["torch", "onnxruntime", "onnxruntime-slim", "openvino"])
 @pytest.mark.parametrize("size, batch", CASES, ids=[f"{s}-b{b}" for s, b in CASES])
 def test_unet(benchmark, bench_model, bench_backend, tmp_path, size, batch, backend_name):
     model, export_dir = bench_model(size)

@@ -65,9 +65,13 @@ def bench_device(request):
 
 
 @pytest.fixture(scope="session")
-def bench_backend(bench_model, bench_device):
+def bench_backend(bench_model, bench_device, tmp_path_factory):
     """bench_backend(size, name) -> a backend on the benchmark device, one per (size, name)."""
+    from glyph_engine.backends import create_backend
     from glyph_engine.backends.onnx_runtime import OnnxRuntimeBackend
+    from glyph_engine.cache import ArtifactCache
+
+    cache_root = tmp_path_factory.mktemp("bench-cache")
     from glyph_engine.backends.pytorch import TorchBackend
 
     made = {}
@@ -77,6 +81,11 @@ def bench_backend(bench_model, bench_device):
             model, export_dir = bench_model(size)
             if name == "torch":
                 made[size, name] = TorchBackend(model, device=bench_device)
+            elif name == "openvino":
+                if bench_device.type != "cpu":
+                    pytest.skip("OpenVINO runs on the CPU")
+                # The CPU default: compiled for this CPU on first use, at the precision auto picks.
+                made[size, name] = create_backend("openvino", model, cache=ArtifactCache(cache_root))
             else:
                 made[size, name] = OnnxRuntimeBackend(model, export_dir, device=bench_device)
         return made[size, name]
