@@ -173,3 +173,16 @@ def test_quality_gate_unet_error_on_real_trajectories(embedded, artifact_cache, 
 
     errors = relative_errors(candidate, torch_unet(model), calls)
     assert len(errors) == 20 and max(errors) <= limit, np.round(errors, 5)
+
+
+def test_unwritable_cache_generates_with_one_warning(ckpt_path, tmp_path, caplog):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")  # a cache inside a file can never be created
+    png = tmp_path / "g.png"
+    args = ["generate", "metal", "-n", "1", "--steps", "2", "--ckpt", str(ckpt_path), "-o", str(png)]
+    with caplog.at_level(logging.WARNING):
+        result = runner.invoke(app, [*args, "--cache-dir", str(blocker / "cache")])
+    assert result.exit_code == 0, result.output
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "building in memory" in warnings[0]
+    assert Image.open(png).text["backend"] == "openvino"
