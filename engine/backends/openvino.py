@@ -132,8 +132,18 @@ def int8_gate(model: Glyffuser, cache: ArtifactCache) -> dict | None:
 
 def _import(core: ov.Core, unet: Artifact, text_encoder: Artifact, precision: Precision) -> OpenVINOBackend:
     """The backend of compiled blobs (the text encoder's entry is always the FP32 one)."""
-    unet_model = core.import_model(unet.files[UNET], "CPU")
-    return OpenVINOBackend(unet_model, core.import_model(text_encoder.files[TEXT_ENCODER], "CPU"), precision)
+    unet_model = _import_blob(core, unet.files[UNET], precision)
+    return OpenVINOBackend(unet_model, _import_blob(core, text_encoder.files[TEXT_ENCODER], Precision.fp32), precision)
+
+
+def _import_blob(core: ov.Core, blob: bytes, precision: Precision) -> ov.CompiledModel:
+    # An imported blob does not keep the precision hint it was compiled with: without the
+    # config, a BF16 blob runs in FP32 on CPUs whose default is FP32. Checked, not assumed.
+    compiled = core.import_model(blob, "CPU", _config(precision))
+    got = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+    if got != str(getattr(ov.Type, _HINTS[precision])):
+        raise GlyphEngineError(f"OpenVINO runs this {precision.value} model in {got}; rebuild the cache entry.")
+    return compiled
 
 
 def _config(precision: Precision) -> dict[str, str]:
