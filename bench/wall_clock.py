@@ -3,8 +3,9 @@
     python bench/wall_clock.py [--runs 3] [--out bench-results/wall-clock.json]
 
 Each round runs, one after another: the peer process (`bench/peer_process.py`), `generate`
-with an empty artifact cache (cold: the first run on a fresh machine, compiling included)
-and `generate` again with the cache that run filled (warm: every later run). Interleaving
+with an empty artifact cache (cold: the first run on a fresh machine, compiling included),
+`generate` again with the cache that run filled (warm: every later run) and `generate
+--backend torch` (eager PyTorch FP32, the default before the compiled CPU path). Interleaving
 spreads the drift of a shared machine's speed over all three; medians are reported, and
 every run's time is kept. The CPU and its flags are recorded with the results.
 """
@@ -40,7 +41,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-results/wall-clock.json"))
     args = parser.parse_args()
 
-    times: dict[str, list[float]] = {"peer": [], "cold": [], "warm": []}
+    times: dict[str, list[float]] = {"peer": [], "cold": [], "warm": [], "torch eager": []}
     with tempfile.TemporaryDirectory() as tmp:
         image = str(Path(tmp) / "glyphs.png")
         generate = ["glyph-engine", "generate", "metal", "-n", str(args.n), "-o", image, "-q"]
@@ -51,6 +52,8 @@ def main() -> None:
             times["peer"].append(timed([sys.executable, str(HERE / "peer_process.py"), "-n", str(args.n)], env))
             times["cold"].append(timed(generate, env))
             times["warm"].append(timed(generate, env))
+            # The previous default: eager PyTorch FP32 in the same process shape.
+            times["torch eager"].append(timed([*generate[:-2], "--backend", "torch"], env))
             print({k: round(v[-1], 2) for k, v in times.items()}, file=sys.stderr)
 
     medians = {k: statistics.median(v) for k, v in times.items()}
