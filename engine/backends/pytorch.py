@@ -28,7 +28,8 @@ class TorchBackend:
 
     On CUDA the U-Net runs channels_last (cuDNN's fast layout for half-precision convolutions)
     with diffusers' SDPA attention, replayed from CUDA graphs (`glyph_engine.cuda_graphs`).
-    `capturer` replaces the graph capture (tests exercise the graph logic on a CPU with it).
+    `capturer` replaces the graph capture (tests exercise the graph logic on a CPU with it);
+    `cuda_graphs=False` runs every call eagerly (the benchmark's "eager" system).
     """
 
     name = "torch"
@@ -39,6 +40,7 @@ class TorchBackend:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         capturer: Capturer | None = None,
+        cuda_graphs: bool = True,
     ):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cuda" and self.device.index is None:
@@ -52,7 +54,7 @@ class TorchBackend:
             unet = unet.to(memory_format=torch.channels_last)
         self.unet = unet
         self.text_encoder = _placed(model.text_encoder, self.device, torch.float32)
-        if capturer is None and self.device.type == "cuda":
+        if capturer is None and self.device.type == "cuda" and cuda_graphs:
             capturer = CudaCapturer(self.device)
         self.graphs = GraphedUNet(self._unet, capturer) if capturer is not None else None
 
