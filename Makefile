@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip --disable-pip-version-check
 
-.PHONY: install install-test system-data test bench
+.PHONY: install install-test system-data test bench gpu-check gpu-wheels
 
 # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
 install:
@@ -28,3 +28,28 @@ test: install-test
 
 bench: install-test
 	$(PYTHON) -m pytest --benchmark-only
+
+# Everything GPU-side in one pass on a GPU machine (bench/gpu_check.py), results in $(OUT);
+# elsewhere the CPU side of the op's parity sweep. No install step: the GPU machine has no
+# network; what it lacks is installed from wheels/ (make gpu-wheels).
+OUT ?= gpu-results
+gpu-check:
+	$(PYTHON) bench/gpu_check.py --out $(OUT)
+
+# Wheels for the GPU machine (Python 3.12, x86-64; torch, transformers, onnx, onnxruntime,
+# pytest, nvcc, ninja, triton, no network), to carry there in wheels/: diffusers, its
+# requirements and glyph-engine's that transformers does not bring, and setuptools, wheel and
+# packaging (wheel's requirement) to build glyph-engine itself. At the versions installed
+# here, which the tests ran with; no dependencies pulled in. The folder travels with the
+# repository: 64 MiB in all.
+GPU_WHEELS = diffusers importlib-metadata zipp lazy-importer pillow sentencepiece \
+	requests urllib3 idna certifi charset-normalizer setuptools wheel packaging
+PINNED = import re, sys; from importlib.metadata import distributions; \
+	have = {re.sub("[-_.]+", "-", d.metadata["Name"]).lower(): d.version for d in distributions()}; \
+	print(*(n + "==" + have[n] if n in have else n for n in sys.argv[1:]))
+gpu-wheels:
+	rm -rf wheels
+	$(PIP) download --quiet --no-deps --only-binary=:all: --implementation cp --python-version 3.12 \
+		--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d wheels \
+		$$($(PYTHON) -c '$(PINNED)' $(GPU_WHEELS))
+	@du -sm wheels | awk '{ print "wheels/: " $$1 " MiB"; if ($$1 > 60) { print "wheels/ is over 60 MiB"; exit 1 } }'

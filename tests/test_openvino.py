@@ -12,7 +12,9 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-import glyph_engine.backends
+pytest.importorskip("openvino", reason="the CPU default needs OpenVINO (not on the GPU machines)")
+
+import glyph_engine.backends  # noqa: E402 - after the skip: these import OpenVINO
 import glyph_engine.backends.openvino as openvino_backend
 from glyph_engine.backends import create_backend
 from glyph_engine.backends.pytorch import TorchBackend

@@ -9,8 +9,10 @@ several times longer where it is emulated). The U-Net part of the gate runs by d
 
 import pytest
 
-from glyph_engine.backends import create_backend
-from glyph_engine.backends.openvino import int8_gate
+pytest.importorskip("openvino", reason="the CPU default needs OpenVINO")
+
+from glyph_engine.backends import create_backend  # noqa: E402 - after the skip
+from glyph_engine.backends.openvino import int8_gate  # noqa: E402
 from glyph_engine.cache import ArtifactCache
 from glyph_engine.checkpoint import load_model
 from glyph_engine.model import DEFAULT_CHECKPOINT
