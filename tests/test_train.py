@@ -99,8 +99,10 @@ def test_nearest_neighbours():
 
 
 def test_eval_table():
-    text = table([RadicalResult("metal", 167, 0.25, 0.036, 0.12)])
-    assert "| metal | 167 | 25.0% | 3.6% | 6.9x | 0.120 |" in text
+    text = table([RadicalResult("metal", 167, 0.25, 0.036, 0.12, 0.0), RadicalResult("fire", 86, 0.1, 0.02, 0.2, 0.05)])
+    assert "| metal | 167 | 25.0% | 3.6% | 6.9x | 0.120 | 0.0% |" in text
+    assert "| fire | 86 | 10.0% | 2.0% | 5.0x | 0.200 | 5.0% |" in text
+    assert text.endswith("Broken samples: 2.5% of all.")
 
 
 def test_train_and_eval_cli(glyph_file, tmp_path):
