@@ -313,3 +313,23 @@ def test_sampling_defaults_round_trip(model, tmp_path):
     save_checkpoint(model, tmp_path / "c.pt")
     loaded = load_model(tmp_path / "c.pt")
     assert loaded.guidance_interval == (0.5, float("inf")) and loaded.center_noise
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {},  # DDPMScheduler's defaults: the glyffuser's schedule
+        {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
+        {"num_train_timesteps": 500, "beta_start": 0.001, "beta_end": 0.03},
+        {"beta_schedule": "squaredcos_cap_v2"},  # handed to diffusers itself
+        {"rescale_betas_zero_snr": True},  # likewise
+    ],
+)
+def test_noise_schedule_is_diffusers_own(config):
+    """The schedule computed without importing diffusers equals DDPMScheduler's, bit for bit."""
+    from diffusers import DDPMScheduler
+
+    from glyph_engine.checkpoint import _alphas_cumprod
+
+    expected = DDPMScheduler(**config).alphas_cumprod.numpy().astype("float64")
+    assert (_alphas_cumprod(config) == expected).all()
