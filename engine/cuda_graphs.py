@@ -69,12 +69,9 @@ class CudaCapturer:
         return replay
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Graph:
-    x: Tensor
-    timesteps: Tensor
-    text: Tensor
-    mask: Tensor
+    inputs: tuple[Tensor, ...]  # static buffers the graph reads: x, timesteps, text, mask
     replay: Callable[[], Tensor]
 
 
@@ -85,7 +82,10 @@ class GraphedUNet:
         self.unet, self.capturer, self.buckets = unet, capturer, buckets
         self.graphs: dict[tuple, _Graph] = {}
         self.eager_keys: set[tuple] = set()  # shapes whose capture failed: run eagerly from now on
-        self.captures = 0
+
+    @property
+    def captures(self) -> int:
+        return len(self.graphs)
 
     def __call__(self, x: Tensor, timesteps: Tensor, text: Tensor, mask: Tensor) -> Tensor:
         batch = x.shape[0]
@@ -96,10 +96,8 @@ class GraphedUNet:
         graph = self.graphs.get(key) or self._capture(key, x, timesteps, text, mask)
         if graph is None:
             return self.unet(x, timesteps, text, mask)
-        graph.x[:batch].copy_(x)
-        graph.timesteps[:batch].copy_(timesteps)
-        graph.text[:batch].copy_(text)
-        graph.mask[:batch].copy_(mask)
+        for buffer, value in zip(graph.inputs, (x, timesteps, text, mask), strict=True):
+            buffer[:batch].copy_(value)
         # The output buffer is the graph's own and is overwritten by the next replay; the
         # sampler keeps earlier predictions, so callers get a copy.
         return graph.replay()[:batch].clone()
@@ -109,36 +107,23 @@ class GraphedUNet:
         # Padding rows: zero images and text with every token attended to (an all-masked
         # row would make attention's softmax NaN; harmless as it is dropped, but wasteful to
         # debug).
-        static = _Graph(
-            x=_padded(x, size, 0),
-            timesteps=_padded(timesteps, size, 0),
-            text=_padded(text, size, 0),
-            mask=_padded(mask, size, 1),
-            replay=lambda: x,
-        )
+        inputs = (_padded(x, size, 0), _padded(timesteps, size, 0), _padded(text, size, 0), _padded(mask, size, 1))
         try:
-            static.replay = self.capturer.capture(
-                lambda: self.unet(static.x, static.timesteps, static.text, static.mask)
-            )
+            replay = self.capturer.capture(lambda: self.unet(*inputs))
         except torch.OutOfMemoryError:
             self.eager_keys.add(key)
             logger.warning("CUDA graphs: out of memory capturing U-Net batch %d; running it without a graph", size)
-            _release_cached_memory(x.device)
+            if x.device.type == "cuda":
+                torch.cuda.empty_cache()  # what the failed capture allocated
             return None
-        self.captures += 1
-        self.graphs[key] = static
-        return static
+        self.graphs[key] = _Graph(inputs, replay)
+        return self.graphs[key]
 
 
 def _padded(tensor: Tensor, size: int, fill: float) -> Tensor:
     out = torch.full((size, *tensor.shape[1:]), fill, dtype=tensor.dtype, device=tensor.device)
     out[: tensor.shape[0]].copy_(tensor)
     return out
-
-
-def _release_cached_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def guarded(call: Callable[[], Tensor], batch: int) -> Tensor:

@@ -44,7 +44,8 @@ def create_backend(
     try:
         precision = Precision(precision)
     except ValueError:
-        raise GlyphEngineError(f"unknown precision {precision!r}; choose one of auto, fp32, bf16, int8.") from None
+        choices = ", ".join(p.value for p in Precision)
+        raise GlyphEngineError(f"unknown precision {precision!r}; choose one of {choices}.") from None
     if name is BackendName.auto:
         name = _fastest(model, export_dir)
         logger.info("backend auto: %s", name)

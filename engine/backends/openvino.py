@@ -111,8 +111,11 @@ def open_openvino(
         unet = cache.get(artifact_key(model, Precision.bf16), lambda: _build(core, model, Precision.bf16, progress))
         used.append(unet)
     else:
-        reference = _import(core, fp32, fp32, Precision.fp32)
-        unet = cache.get(artifact_key(model, Precision.int8), lambda: _build_int8(core, model, reference, progress))
+        # The FP32 reference samples the calibration trajectories: imported only for a build.
+        unet = cache.get(
+            artifact_key(model, Precision.int8),
+            lambda: _build_int8(core, model, _import(core, fp32, fp32, Precision.fp32), progress),
+        )
         used.append(unet)
         gate = unet.meta["gate"]
         if not gate["passed"]:
