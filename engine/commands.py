@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
@@ -16,7 +16,7 @@ from tqdm import tqdm
 from glyph_engine import __version__
 from glyph_engine.backends import create_backend
 from glyph_engine.backends.tensorrt import load_tensorrt, require_gpu
-from glyph_engine.cache import ArtifactCache, default_cache_dir
+from glyph_engine.cache import default_cache_dir
 from glyph_engine.checkpoint import load_model
 from glyph_engine.cpu import cpu_info
 from glyph_engine.errors import GlyphEngineError
@@ -24,7 +24,8 @@ from glyph_engine.export_manifest import default_export_dir
 from glyph_engine.files import check_writable_file
 from glyph_engine.images import grid, save_folder, save_png, to_uint8
 from glyph_engine.model import DEFAULT_CHECKPOINT, Glyffuser, unet_parameter_count
-from glyph_engine.pipeline import Generation, generate
+from glyph_engine.pipeline import Generation
+from glyph_engine.session import ModelSource, Session
 from glyph_engine.settings import BackendName, GenerationSettings, Precision
 from glyph_engine.text import check_prompts
 
@@ -61,11 +62,7 @@ def _validate(request: GenerateRequest) -> None:
     request.settings.validate()
     if request.backend == BackendName.tensorrt:
         require_gpu()  # before loading anything
-    if request.ckpt is None and not DEFAULT_CHECKPOINT.is_file():
-        raise GlyphEngineError(
-            "no model given and no embedded model installed; pass --ckpt with a glyph-engine checkpoint (.pt) "
-            "or a glyffuser diffusers folder."
-        )
+    _source(request).check()
     if request.out is None and request.out_dir is None:
         raise GlyphEngineError("nothing to write; give --out and/or --out-dir.")
     if request.out is not None:
@@ -76,51 +73,31 @@ def _validate(request: GenerateRequest) -> None:
         check_writable_file(request.out_dir / "0000.png" if request.out_dir.is_dir() else request.out_dir)
 
 
+def _source(request: GenerateRequest) -> ModelSource:
+    return ModelSource(
+        ckpt=request.ckpt,
+        text_encoder=request.text_encoder,
+        backend=request.backend,
+        export_dir=request.export_dir,
+        cuda_graph=request.cuda_graph,
+        precision=request.precision,
+        cache_dir=request.cache_dir,
+    )
+
+
 def run_generate(request: GenerateRequest) -> list[Path]:
     """Generates glyphs as `request` says and writes them; returns the files written."""
     _validate(request)
-    ckpt = request.ckpt or DEFAULT_CHECKPOINT
-    model = load_model(ckpt, request.text_encoder)
-    num_train = len(model.alphas_cumprod)
-    settings = request.settings
-    if settings.steps > num_train:
-        raise GlyphEngineError(f"--steps must be at most {num_train}, the model's training timesteps.")
-    # "leading" spacing is offset as the model's own training scheduler says.
-    sampler = replace(settings.sampler, steps_offset=int(model.scheduler_config.get("steps_offset", 0)))
-    settings = replace(settings, sampler=sampler)
-    export_dir = request.export_dir or default_export_dir(ckpt)
-    backend = create_backend(
-        request.backend,
-        model,
-        export_dir,
-        request.cuda_graph,
-        precision=request.precision,
-        cache=ArtifactCache(request.cache_dir or default_cache_dir()),
-        progress=request.progress,
-    )
+    session = Session.load(_source(request), progress=request.progress)
+    settings = session.settings(request.settings)
     total = len(request.prompts) * request.num_images
     batches = -(-total // (settings.batch_size or total))
     with tqdm(
         total=batches * settings.steps, desc="sampling", unit="step", file=sys.stderr, disable=not request.progress
     ) as bar:
-        result = generate(model, backend, request.prompts, request.num_images, settings, on_step=bar.update)
-
-    common = {
-        "steps": settings.steps,
-        "guidance": result.guidance,
-        "guidance_interval": list(result.guidance_interval) if result.guidance_interval else None,
-        "center_noise": result.center_noise,
-        "seed": settings.seed,
-        "sampler": f"dpmsolver++ order {sampler.order}, {sampler.spacing.value}"
-        + (", karras" if sampler.karras_sigmas else ""),
-        "model_sha256": model.sha256,
-        "backend": backend.name,
-        "precision": backend.precision,
-        "step_impl": result.step_impl.value,
-        "software": f"glyph-engine {__version__}",
-    }
+        result = session.generate(request.prompts, request.num_images, settings, on_step=bar.update)
     try:
-        return _write_outputs(request, result, common)
+        return _write_outputs(request, result, session.metadata(settings, result))
     except OSError as e:
         raise GlyphEngineError(f"cannot write the glyphs: {e}") from None
 

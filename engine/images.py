@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -54,13 +55,20 @@ def _columns(per_prompt: int) -> int:
     return square
 
 
-def save_png(pixels: np.ndarray, path: Path, metadata: dict[str, object]) -> None:
-    """Writes one PNG atomically, with `metadata` as text chunks (non-strings as JSON)."""
+def png_bytes(pixels: np.ndarray, metadata: dict[str, object]) -> bytes:
+    """One PNG in memory, with `metadata` as text chunks (non-strings as JSON)."""
     info = PngInfo()
     for key, value in metadata.items():
         info.add_text(key, value if isinstance(value, str) else json.dumps(value))
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG", pnginfo=info)
+    return out.getvalue()
+
+
+def save_png(pixels: np.ndarray, path: Path, metadata: dict[str, object]) -> None:
+    """Writes one PNG atomically, with `metadata` as text chunks (non-strings as JSON)."""
     with atomic_path(path) as tmp:
-        Image.fromarray(pixels).save(tmp, format="PNG", pnginfo=info)
+        tmp.write_bytes(png_bytes(pixels, metadata))
 
 
 def save_folder(pixels: np.ndarray, folder: Path, metadata: list[dict[str, object]]) -> list[Path]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -98,15 +98,76 @@ def generate(
 ) -> Generation:
     """Generates `num_per_prompt` glyphs for each prompt, prompt-major.
 
+    All prompts share one padded text length, as in the glyffuser's own sampling loop.
     `on_step` is called after every solver step of every batch (progress bars).
     """
     settings.validate()
-    guidance = model.default_guidance if settings.guidance is None else settings.guidance
     distinct = list(dict.fromkeys(prompts))
+    prompt_index = [distinct.index(p) for p in prompts for _ in range(num_per_prompt)]
+    return sample_rows(
+        model, backend, distinct, prompt_index, image_seeds(settings.seed, len(prompt_index)), settings, on_step
+    )
+
+
+@dataclass(frozen=True)
+class Request:
+    """Glyphs of one prompt, exactly as `generate(model, backend, [prompt], count, seed=seed)` draws them."""
+
+    prompt: str
+    count: int
+    seed: int = 0
+
+
+def generate_requests(
+    model: Glyffuser,
+    backend: Backend,
+    requests: Sequence[Request],
+    settings: GenerationSettings = GenerationSettings(),
+    on_step: Callable[[], None] | None = None,
+) -> list[Generation]:
+    """Runs many requests in shared U-Net calls; returns one Generation per request.
+
+    Each request's images equal those of the request run alone (up to float rounding across
+    batch sizes): the U-Net pools the text embedding over every position, padding included,
+    so only prompts of one token length can share a call unchanged. Requests are grouped by
+    length, and each group runs as one batched sampling (`settings.batch_size` rows at most).
+    `settings.seed` is ignored: each request has its own.
+    """
+    settings.validate()
+    lengths = [int(n) for n in tokenize(model.tokenizer, [r.prompt for r in requests], model.max_text_length)[1].sum(1)]
+    results: list[Generation | None] = [None] * len(requests)
+    for length in dict.fromkeys(lengths):
+        members = [i for i, n in enumerate(lengths) if n == length]
+        distinct = list(dict.fromkeys(requests[i].prompt for i in members))
+        prompt_index, seeds = [], []
+        for i in members:
+            prompt_index += [distinct.index(requests[i].prompt)] * requests[i].count
+            seeds += image_seeds(requests[i].seed, requests[i].count)
+        group = sample_rows(model, backend, distinct, prompt_index, seeds, settings, on_step)
+        start = 0
+        for i in members:
+            end = start + requests[i].count
+            results[i] = replace(
+                group, images=group.images[start:end], prompts=group.prompts[start:end], seeds=seeds[start:end]
+            )
+            start = end
+    return results
+
+
+def sample_rows(
+    model: Glyffuser,
+    backend: Backend,
+    distinct: list[str],
+    prompt_index: list[int],
+    seeds: list[int],
+    settings: GenerationSettings,
+    on_step: Callable[[], None] | None = None,
+) -> Generation:
+    """Samples one image per row: row i draws `distinct[prompt_index[i]]` from the noise of `seeds[i]`."""
+    guidance = model.default_guidance if settings.guidance is None else settings.guidance
     text, mask = encode_prompts(model, backend, distinct)
-    prompt_index = torch.tensor([distinct.index(p) for p in prompts for _ in range(num_per_prompt)])
+    prompt_index = torch.tensor(prompt_index)
     total = len(prompt_index)
-    seeds = image_seeds(settings.seed, total)
     noise = initial_noise(seeds, model.image_shape)
     center_noise = model.center_noise if settings.center_noise is None else settings.center_noise
     if center_noise:

@@ -1,6 +1,7 @@
 """End to end against the glyffuser's own sampling loop (T5, U-Net, diffusers scheduler)."""
 
 import logging
+from dataclasses import replace
 
 import pytest
 import torch
@@ -184,3 +185,22 @@ def test_centered_noise_has_zero_mean_per_image(model):
     means = runs[True].mean(dim=(1, 2, 3))
     torch.testing.assert_close(means, torch.zeros(4), rtol=0, atol=1e-6)
     torch.testing.assert_close(runs[True], runs[False] - runs[False].mean(dim=(1, 2, 3), keepdim=True))
+
+
+def test_requests_share_calls_and_draw_what_each_draws_alone(model):
+    from glyph_engine.pipeline import Request, generate_requests
+    from glyph_engine.text import tokenize
+
+    requests = [Request("metal", 2, seed=5), Request("water", 1, seed=9), Request("a kind of fish", 1, seed=5)]
+    lengths = tokenize(model.tokenizer, [r.prompt for r in requests], model.max_text_length)[1].sum(1).tolist()
+    assert lengths[0] == lengths[1] != lengths[2]  # two length groups
+    backend = CountingBackend(model)
+    settings = GenerationSettings(steps=3, guidance=3.0)
+    results = generate_requests(model, backend, requests, settings)
+    # The two same-length requests share each step's U-Net call: 2 x (2 + 1) rows, then the other alone.
+    assert backend.denoise_batches == [6] * 3 + [2] * 3
+    for request, result in zip(requests, results, strict=True):
+        alone = generate(model, backend, [request.prompt], request.count, replace(settings, seed=request.seed))
+        assert result.prompts == [request.prompt] * request.count and result.seeds == alone.seeds
+        torch.testing.assert_close(result.images, alone.images, rtol=0, atol=1e-3)
+    assert (results[0].images[0] - results[2].images[0]).abs().max() > 1e-2  # different prompts, different glyphs

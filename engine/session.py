@@ -1,0 +1,121 @@
+"""A model loaded on a backend, ready to draw: what `generate`, serve replicas and bulk
+workers share, so the three give the same glyph for the same prompt and seed."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from glyph_engine import __version__
+from glyph_engine.backends import create_backend
+from glyph_engine.backends.base import Backend
+from glyph_engine.cache import ArtifactCache, default_cache_dir
+from glyph_engine.checkpoint import load_model
+from glyph_engine.errors import GlyphEngineError
+from glyph_engine.export_manifest import default_export_dir
+from glyph_engine.images import png_bytes, to_uint8
+from glyph_engine.model import DEFAULT_CHECKPOINT, Glyffuser
+from glyph_engine.pipeline import Generation, Request, generate, generate_requests
+from glyph_engine.settings import BackendName, GenerationSettings, Precision
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Which model to load and how to run it. Plain values: it travels to Ray workers."""
+
+    ckpt: Path | None = None  # None: the embedded model
+    text_encoder: str | None = None  # diffusers folders only
+    backend: BackendName = BackendName.auto
+    export_dir: Path | None = None  # None: beside the checkpoint
+    cuda_graph: bool = False  # TensorRT only
+    precision: Precision = Precision.auto  # the U-Net's on a CPU (openvino backend)
+    cache_dir: Path | None = None  # compiled models; None: default_cache_dir()
+
+    def check(self) -> None:
+        """Refuses a source that cannot load, before anything is started."""
+        if self.ckpt is None and not DEFAULT_CHECKPOINT.is_file():
+            raise GlyphEngineError(
+                "no model given and no embedded model installed; pass --ckpt with a glyph-engine checkpoint (.pt) "
+                "or a glyffuser diffusers folder."
+            )
+        if self.ckpt is not None and not self.ckpt.exists():
+            raise GlyphEngineError(
+                f"checkpoint {self.ckpt} does not exist; pass a glyph-engine checkpoint (.pt) or a glyffuser "
+                "diffusers folder."
+            )
+
+
+class Session:
+    def __init__(self, model: Glyffuser, backend: Backend) -> None:
+        self.model = model
+        self.backend = backend
+
+    @classmethod
+    def load(cls, source: ModelSource, progress: bool = False) -> Session:
+        ckpt = source.ckpt or DEFAULT_CHECKPOINT
+        model = load_model(ckpt, source.text_encoder)
+        backend = create_backend(
+            source.backend,
+            model,
+            source.export_dir or default_export_dir(ckpt),
+            source.cuda_graph,
+            precision=source.precision,
+            cache=ArtifactCache(source.cache_dir or default_cache_dir()),
+            progress=progress,
+        )
+        return cls(model, backend)
+
+    @property
+    def max_steps(self) -> int:
+        return len(self.model.alphas_cumprod)
+
+    def settings(self, settings: GenerationSettings) -> GenerationSettings:
+        """`settings` checked against the model, with its training scheduler's step offset."""
+        settings.validate()
+        if settings.steps > self.max_steps:
+            raise GlyphEngineError(f"--steps must be at most {self.max_steps}, the model's training timesteps.")
+        # "leading" spacing is offset as the model's own training scheduler says.
+        offset = int(self.model.scheduler_config.get("steps_offset", 0))
+        return replace(settings, sampler=replace(settings.sampler, steps_offset=offset))
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        num_per_prompt: int,
+        settings: GenerationSettings,
+        on_step: Callable[[], None] | None = None,
+    ) -> Generation:
+        return generate(self.model, self.backend, prompts, num_per_prompt, self.settings(settings), on_step)
+
+    def generate_requests(self, requests: Sequence[Request], settings: GenerationSettings) -> list[Generation]:
+        """Requests in shared U-Net calls, each image as `generate` draws it for its prompt alone."""
+        return generate_requests(self.model, self.backend, requests, self.settings(settings))
+
+    def metadata(self, settings: GenerationSettings, result: Generation) -> dict[str, object]:
+        """What every PNG records about how it was made."""
+        sampler = self.settings(settings).sampler
+        return {
+            "steps": settings.steps,
+            "guidance": result.guidance,
+            "guidance_interval": list(result.guidance_interval) if result.guidance_interval else None,
+            "center_noise": result.center_noise,
+            "seed": settings.seed,
+            "sampler": f"dpmsolver++ order {sampler.order}, {sampler.spacing.value}"
+            + (", karras" if sampler.karras_sigmas else ""),
+            "model_sha256": self.model.sha256,
+            "backend": self.backend.name,
+            "precision": self.backend.precision,
+            "step_impl": result.step_impl.value,
+            "software": f"glyph-engine {__version__}",
+        }
+
+    def pngs(self, settings: GenerationSettings, result: Generation) -> list[bytes]:
+        """Each image of `result` as PNG bytes, with its prompt, index and seed recorded."""
+        common = self.metadata(settings, result)
+        return [
+            png_bytes(pixels, {"prompt": prompt, "index": i, "image_seed": seed, **common})
+            for i, (pixels, prompt, seed) in enumerate(
+                zip(to_uint8(result.images), result.prompts, result.seeds, strict=True)
+            )
+        ]
