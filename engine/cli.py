@@ -99,7 +99,9 @@ _SAMPLER = SamplerConfig()
 
 @app.command()
 def generate(
-    prompts: Annotated[list[str], typer.Argument(help='English definitions to draw, e.g. "metal".')],
+    prompts: Annotated[
+        Optional[list[str]], typer.Argument(help='English definitions to draw, e.g. "metal" (or --prompts-file).')
+    ] = None,
     num_images: Annotated[int, typer.Option("-n", "--num-images", help="Glyphs per prompt (1-4096).")] = 16,
     steps: Annotated[int, typer.Option(help="DPM-Solver++ steps; 20 looks good, 10 is usable.")] = _SETTINGS.steps,
     guidance: Annotated[
@@ -145,8 +147,31 @@ def generate(
         ),
     ] = _SETTINGS.center_noise,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    prompts_file: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Bulk job: one prompt per line; writes -n PNGs per prompt and manifest.jsonl into --out-dir, "
+            "and resumes where a previous run of the same job stopped."
+        ),
+    ] = None,
+    ray: Annotated[
+        Optional[str],
+        typer.Option(
+            metavar="ADDRESS",
+            help="Spread a --prompts-file job over Ray workers: 'local' starts Ray here, 'auto' joins this "
+            "machine's cluster, HOST:PORT joins that cluster.",
+        ),
+    ] = None,
+    workers: Annotated[
+        Optional[int], typer.Option(help="Ray workers, each holding the model once [default: one per node].")
+    ] = None,
+    worker_gpus: Annotated[float, typer.Option(help="GPUs per Ray worker.")] = 0.0,
 ) -> None:
-    """Draw glyphs for one or more prompts and write them as a PNG grid (and single PNGs)."""
+    """Draw glyphs for one or more prompts and write them as a PNG grid (and single PNGs).
+
+    With --prompts-file, a bulk job: one PNG per glyph and a manifest in --out-dir, in this
+    process or on a Ray cluster (--ray).
+    """
     with user_errors():
         from glyph_engine.commands import GenerateRequest, run_generate
 
@@ -161,6 +186,40 @@ def generate(
             clamp_x0=clamp_x0,
             step_impl=step_impl,
         )
+        if prompts_file is not None or ray is not None or workers is not None:
+            from glyph_engine.bulk import BulkJob, run_bulk
+            from glyph_engine.session import ModelSource
+
+            if prompts_file is None or out_dir is None or prompts:
+                raise GlyphEngineError(
+                    "a bulk job takes --prompts-file and --out-dir, and no prompts on the command line "
+                    "(--ray and --workers apply to bulk jobs only)."
+                )
+            _quiet_libraries()
+            job = BulkJob(
+                prompts_file=prompts_file,
+                out_dir=out_dir,
+                num_images=num_images,
+                settings=settings,
+                source=ModelSource(
+                    ckpt=ckpt,
+                    text_encoder=text_encoder,
+                    backend=backend,
+                    export_dir=export_dir,
+                    cuda_graph=cuda_graph,
+                    precision=precision,
+                    cache_dir=cache_dir,
+                ),
+                ray_address=ray,
+                workers=workers,
+                worker_gpus=worker_gpus,
+                progress=not quiet and sys.stderr.isatty(),
+            )
+            for line in run_bulk(job):
+                typer.echo(line, err=True)
+            return
+        if not prompts:
+            raise GlyphEngineError('give one or more prompts, e.g. glyph-engine generate "metal", or --prompts-file.')
         request = GenerateRequest(
             prompts=prompts,
             num_images=num_images,
@@ -385,6 +444,79 @@ def bench(
         report = lambda m: typer.echo(m, err=True)  # noqa: E731
         for line in run_bench(ckpt, backends, batch, steps, out, repeats, report, text_encoder, export_dir):
             typer.echo(line)
+
+
+@app.command()
+def serve(
+    host: Annotated[
+        str, typer.Option(help="Address to listen on; anything but loopback needs --token or --insecure.")
+    ] = ("127.0.0.1"),
+    port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
+    address: Annotated[
+        Optional[str],
+        typer.Option(help="Join this Ray cluster (e.g. 10.0.0.5:6379, or auto) [default: start a local Ray]."),
+    ] = None,
+    replicas: Annotated[int, typer.Option(help="Model replicas (each holds the model once).")] = 1,
+    max_replicas: Annotated[
+        Optional[int], typer.Option(help="Autoscale between --replicas and this many replicas with the load.")
+    ] = None,
+    num_gpus: Annotated[float, typer.Option(help="GPUs per replica (fractions share a GPU).")] = 0.0,
+    num_cpus: Annotated[
+        Optional[float], typer.Option(help="CPU cores per replica [default: this machine's cores / --replicas].")
+    ] = None,
+    max_batch_size: Annotated[
+        int, typer.Option(help="Images per shared sampling run (x2 rows with guidance); 1 turns batching off.")
+    ] = 32,
+    batch_wait_ms: Annotated[
+        float, typer.Option(help="How long a run waits for more requests to join once one arrived.")
+    ] = 10.0,
+    max_queue: Annotated[
+        int, typer.Option(help="Images a replica lets wait; beyond, requests get 503 with Retry-After.")
+    ] = 512,
+    ckpt: CkptOption = None,
+    text_encoder: TextEncoderOption = None,
+    backend: Annotated[BackendName, typer.Option(help="Inference backend; auto picks the fastest here.")] = (
+        BackendName.auto
+    ),
+    precision: PrecisionOption = Precision.auto,
+    cache_dir: CacheDirOption = None,
+    token: Annotated[
+        Optional[str],
+        typer.Option(envvar="GLYPH_ENGINE_TOKEN", help="Require 'Authorization: Bearer TOKEN' on requests."),
+    ] = None,
+    insecure: Annotated[bool, typer.Option(help="Allow a non-loopback --host without a token.")] = False,
+    metrics_port: Annotated[int, typer.Option(help="Prometheus metrics port of the local Ray.")] = 8080,
+) -> None:
+    """Serve the model over HTTP on Ray Serve: POST /generate, GET /healthz, /docs.
+
+    Concurrent requests share U-Net calls. Stops on Ctrl-C or SIGTERM after finishing the
+    requests in flight.
+    """
+    with user_errors():
+        from glyph_engine.serve.batcher import BatchConfig
+        from glyph_engine.serve.server import ServeOptions, run_serve
+        from glyph_engine.session import ModelSource
+
+        _quiet_libraries()
+        options = ServeOptions(
+            source=ModelSource(
+                ckpt=ckpt, text_encoder=text_encoder, backend=backend, precision=precision, cache_dir=cache_dir
+            ),
+            batch=BatchConfig(
+                max_batch_images=max_batch_size, wait_s=batch_wait_ms / 1000, max_queued_images=max_queue
+            ),
+            host=host,
+            port=port,
+            address=address,
+            replicas=replicas,
+            max_replicas=max_replicas,
+            num_gpus=num_gpus,
+            num_cpus=num_cpus,
+            token=token,
+            insecure=insecure,
+            metrics_port=metrics_port,
+        )
+        run_serve(options, report=lambda message: typer.echo(message, err=True))
 
 
 @app.command()

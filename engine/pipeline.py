@@ -30,13 +30,13 @@ class Generation:
     step_impl: StepImpl  # the step implementation that ran
 
 
-def image_seeds(seed: int, count: int) -> list[int]:
-    """Independent per-image seeds derived from one user seed.
+def image_seeds(seed: int, count: int, first: int = 0) -> list[int]:
+    """Independent per-image seeds derived from one user seed, for images first .. first + count - 1.
 
     Image i's noise depends on (seed, i) only: the same seed gives the same images
     whatever the batch size, and seeds s and s + 1 share no images.
     """
-    return [int(np.random.SeedSequence([seed, i]).generate_state(1, np.uint64)[0]) for i in range(count)]
+    return [int(np.random.SeedSequence([seed, i]).generate_state(1, np.uint64)[0]) for i in range(first, first + count)]
 
 
 def encode_prompts(model: Glyffuser, backend: Backend, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
@@ -111,11 +111,13 @@ def generate(
 
 @dataclass(frozen=True)
 class Request:
-    """Glyphs of one prompt, exactly as `generate(model, backend, [prompt], count, seed=seed)` draws them."""
+    """Glyphs of one prompt, exactly as `generate(model, backend, [prompt], first + count, seed=seed)`
+    draws its images first .. first + count - 1."""
 
     prompt: str
     count: int
     seed: int = 0
+    first: int = 0
 
 
 def generate_requests(
@@ -142,7 +144,7 @@ def generate_requests(
         prompt_index, seeds = [], []
         for i in members:
             prompt_index += [distinct.index(requests[i].prompt)] * requests[i].count
-            seeds += image_seeds(requests[i].seed, requests[i].count)
+            seeds += image_seeds(requests[i].seed, requests[i].count, requests[i].first)
         group = sample_rows(model, backend, distinct, prompt_index, seeds, settings, on_step)
         start = 0
         for i in members:

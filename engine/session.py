@@ -46,6 +46,17 @@ class ModelSource:
             )
 
 
+def model_settings(model: Glyffuser, settings: GenerationSettings) -> GenerationSettings:
+    """`settings` checked against the model, with its training scheduler's step offset."""
+    settings.validate()
+    max_steps = len(model.alphas_cumprod)
+    if settings.steps > max_steps:
+        raise GlyphEngineError(f"--steps must be at most {max_steps}, the model's training timesteps.")
+    # "leading" spacing is offset as the model's own training scheduler says.
+    offset = int(model.scheduler_config.get("steps_offset", 0))
+    return replace(settings, sampler=replace(settings.sampler, steps_offset=offset))
+
+
 class Session:
     def __init__(self, model: Glyffuser, backend: Backend) -> None:
         self.model = model
@@ -71,13 +82,7 @@ class Session:
         return len(self.model.alphas_cumprod)
 
     def settings(self, settings: GenerationSettings) -> GenerationSettings:
-        """`settings` checked against the model, with its training scheduler's step offset."""
-        settings.validate()
-        if settings.steps > self.max_steps:
-            raise GlyphEngineError(f"--steps must be at most {self.max_steps}, the model's training timesteps.")
-        # "leading" spacing is offset as the model's own training scheduler says.
-        offset = int(self.model.scheduler_config.get("steps_offset", 0))
-        return replace(settings, sampler=replace(settings.sampler, steps_offset=offset))
+        return model_settings(self.model, settings)
 
     def generate(
         self,
@@ -110,12 +115,12 @@ class Session:
             "software": f"glyph-engine {__version__}",
         }
 
-    def pngs(self, settings: GenerationSettings, result: Generation) -> list[bytes]:
-        """Each image of `result` as PNG bytes, with its prompt, index and seed recorded."""
+    def pngs(self, settings: GenerationSettings, result: Generation, first: int = 0) -> list[bytes]:
+        """Each image of `result` as PNG bytes, with its prompt, index (from `first`) and seed recorded."""
         common = self.metadata(settings, result)
         return [
             png_bytes(pixels, {"prompt": prompt, "index": i, "image_seed": seed, **common})
             for i, (pixels, prompt, seed) in enumerate(
-                zip(to_uint8(result.images), result.prompts, result.seeds, strict=True)
+                zip(to_uint8(result.images), result.prompts, result.seeds, strict=True), start=first
             )
         ]

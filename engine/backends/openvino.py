@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
@@ -151,7 +152,13 @@ def _import_blob(core: ov.Core, blob: bytes, precision: Precision) -> ov.Compile
 
 def _config(precision: Precision) -> dict[str, str]:
     # LATENCY: one stream over all cores; the sampler issues one U-Net call at a time.
-    return {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": _HINTS[precision]}
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": _HINTS[precision]}
+    # Ray gives each worker its share of cores as OMP_NUM_THREADS (torch follows it too);
+    # without it, every worker on a machine would spread over all of its cores.
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and int(threads) > 0:
+        config["INFERENCE_NUM_THREADS"] = threads
+    return config
 
 
 def onnx_bytes(model: Glyffuser, component: str) -> bytes:

@@ -60,7 +60,7 @@ class Service(Protocol):
 
     async def generate(self, request: GlyphRequest, key: BatchKey) -> Generation: ...
 
-    def encode_png(self, generation: Generation) -> list[bytes]: ...
+    def encode_png(self, generation: Generation, key: BatchKey, seed: int) -> list[bytes]: ...
 
 
 def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -168,15 +168,14 @@ def build_app(service: Service, token: str | None) -> FastAPI:
         parsed = _parse(body, service.max_steps)
         if isinstance(parsed, JSONResponse):
             return parsed
+        key = BatchKey(parsed.steps, parsed.guidance)
         try:
-            result = await service.generate(
-                GlyphRequest(parsed.prompt, parsed.n, parsed.seed), BatchKey(parsed.steps, parsed.guidance)
-            )
+            result = await service.generate(GlyphRequest(parsed.prompt, parsed.n, parsed.seed), key)
         except Overloaded as e:
             return error(503, f"{e}.", {"Retry-After": str(e.retry_after)})
         except GlyphEngineError as e:
             return error(500, str(e))
-        images = [base64.b64encode(png).decode("ascii") for png in service.encode_png(result)]
+        images = [base64.b64encode(png).decode("ascii") for png in service.encode_png(result, key, parsed.seed)]
         return JSONResponse({"images": images, "seeds": result.seeds})
 
     return app

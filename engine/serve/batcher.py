@@ -69,10 +69,7 @@ class BatchConfig:
 
 
 class Batcher:
-    """Groups concurrent requests into shared sampling runs; results stay per request.
-
-    Create it inside the event loop that will call `submit`.
-    """
+    """Groups concurrent requests into shared sampling runs; results stay per request."""
 
     def __init__(self, run: RunBatch, config: BatchConfig, metrics: BatchMetrics) -> None:
         self._run = run
@@ -82,14 +79,14 @@ class Batcher:
         self._arrived = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glyph-batch")
         self._seconds_per_image = 0.0  # measured; feeds Retry-After
-        self._worker = asyncio.get_running_loop().create_task(self._work())
+        self._worker: asyncio.Task[None] | None = None  # started in the loop of the first `submit`
 
     @property
     def queued_images(self) -> int:
         return sum(p.request.count for p in self._queue)
 
     def alive(self) -> bool:
-        return not self._worker.done()
+        return self._worker is None or not self._worker.done()
 
     async def submit(self, request: Request, key: BatchKey) -> Generation:
         """Waits for the request's images; raises Overloaded at once when the queue is full."""
@@ -97,6 +94,8 @@ class Batcher:
         if queued and queued + request.count > self._config.max_queued_images:
             self._metrics.rejected()
             raise Overloaded(max(1, math.ceil(queued * self._seconds_per_image)))
+        if self._worker is None:
+            self._worker = asyncio.get_running_loop().create_task(self._work())
         pending = _Pending(request, key, asyncio.get_running_loop().create_future())
         self._queue.append(pending)
         self._metrics.queue_changed(self.queued_images)

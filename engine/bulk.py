@@ -1,0 +1,292 @@
+"""Bulk generation: a prompts file to a folder of PNGs and a manifest, on Ray workers or here.
+
+Glyph `index` is image `i` of line `p` of the prompts file (index = p * n + i), drawn as
+`glyph-engine generate PROMPT -n n --seed SEED` draws its image i, and written as
+`{index:06d}.png`. The folder's `manifest.jsonl` starts with the job (model, prompts and
+settings) and gets one line per finished glyph (prompt, seed, index, file, sha256), written
+after its file. A re-run of the same job skips glyphs whose file matches its line and redoes
+the rest; a different job in the same folder is refused.
+
+On Ray, each worker is an actor that loads the model once and draws chunks of glyphs.
+Ray restarts a killed worker and runs its chunk again (`MAX_RETRIES`); the driver alone
+writes files, so a lost chunk leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from glyph_engine.errors import GlyphEngineError
+from glyph_engine.files import atomic_path
+from glyph_engine.pipeline import Request
+from glyph_engine.session import ModelSource, Session, model_settings
+from glyph_engine.settings import GenerationSettings
+from glyph_engine.text import check_prompts, tokenize
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.jsonl"
+FORMAT = 1
+MAX_RETRIES = 3  # runs of one chunk on restarted workers before the job stops
+MAX_PROMPTS = 1_000_000
+
+
+@dataclass(frozen=True)
+class BulkJob:
+    prompts_file: Path
+    out_dir: Path
+    num_images: int  # per prompt
+    settings: GenerationSettings
+    source: ModelSource
+    ray_address: str | None = None  # None: in this process; "local": start Ray here; else join this cluster
+    workers: int | None = None  # Ray workers; None: one per node (a local Ray: one)
+    worker_gpus: float = 0.0
+    chunk_images: int = 64  # glyphs per task; a killed worker loses at most this much work
+    progress: bool = False
+
+
+@dataclass(frozen=True)
+class Glyph:
+    index: int
+    prompt: str
+    image: int  # the image's number within its prompt (generate's image i)
+    seed: int  # this image's noise seed
+
+    @property
+    def file(self) -> str:
+        return f"{self.index:06d}.png"
+
+
+def read_prompts(path: Path) -> list[str]:
+    """One prompt per line; blank lines are skipped."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise GlyphEngineError(f"--prompts-file {path} does not exist.") from None
+    except UnicodeDecodeError:
+        raise GlyphEngineError(f"--prompts-file {path} is not UTF-8 text.") from None
+    except OSError as e:
+        raise GlyphEngineError(f"cannot read --prompts-file {path}: {e.strerror}.") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise GlyphEngineError(f"--prompts-file {path} has no prompts; write one prompt per line.")
+    if len(prompts) > MAX_PROMPTS:
+        raise GlyphEngineError(f"--prompts-file {path} has over {MAX_PROMPTS} prompts; split it into several jobs.")
+    check_prompts(prompts)
+    return prompts
+
+
+def plan(prompts: Sequence[str], num_images: int, seed: int) -> list[Glyph]:
+    from glyph_engine.pipeline import image_seeds
+
+    seeds = image_seeds(seed, num_images)
+    return [
+        Glyph(p * num_images + i, prompt, i, seeds[i]) for p, prompt in enumerate(prompts) for i in range(num_images)
+    ]
+
+
+def job_header(job: BulkJob, prompts: Sequence[str], model_sha256: str) -> dict[str, object]:
+    """What identifies the job: glyphs from another job must not be mixed into this folder."""
+    settings = asdict(job.settings)
+    settings.pop("batch_size")  # how the work is split does not change a glyph
+    settings.pop("step_impl")
+    return {
+        "format": FORMAT,
+        "model_sha256": model_sha256,
+        "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
+        "prompts": len(prompts),
+        "num_images": job.num_images,
+        "settings": json.loads(json.dumps(settings, default=str)),
+    }
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def finished(out_dir: Path, header: dict[str, object]) -> dict[int, dict[str, object]]:
+    """The glyphs of this job already in `out_dir`, verified against the manifest: index -> line."""
+    path = out_dir / MANIFEST
+    if not path.exists():
+        if any(out_dir.glob("*.png")):
+            raise GlyphEngineError(f"--out-dir {out_dir} holds PNGs but no {MANIFEST}; give an empty or new folder.")
+        return {}
+    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        found = json.loads(lines[0])["job"] if lines else None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        found = None
+    if found != header:
+        raise GlyphEngineError(
+            f"--out-dir {out_dir} holds another job (its {MANIFEST} names a different model, prompts or settings); "
+            "give a new folder, or the same options as before to resume."
+        )
+    done = {}
+    for line in lines[1:]:
+        try:
+            record = json.loads(line)
+            index, file, digest = int(record["index"]), out_dir / str(record["file"]), str(record["sha256"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue  # a line cut short when a run was killed: its glyph is redone
+        if file.is_file() and _sha256(file) == digest:
+            done[index] = record
+    return done
+
+
+def _chunks(model_tokenizer, todo: Sequence[Glyph], max_length: int, size: int) -> Iterator[list[Glyph]]:
+    """Glyphs to draw, in chunks of `size`, prompts of one token length together (they share U-Net calls)."""
+    prompts = list(dict.fromkeys(g.prompt for g in todo))
+    lengths = dict(zip(prompts, tokenize(model_tokenizer, prompts, max_length)[1].sum(1).tolist(), strict=True))
+    ordered = sorted(todo, key=lambda g: (lengths[g.prompt], g.index))
+    for start in range(0, len(ordered), size):
+        yield ordered[start : start + size]
+
+
+def requests_of(chunk: Sequence[Glyph], seed: int) -> list[Request]:
+    """The chunk as requests: each a run of consecutive images of one prompt."""
+    requests: list[Request] = []
+    for glyph in chunk:
+        last = requests[-1] if requests else None
+        if last and last.prompt == glyph.prompt and last.first + last.count == glyph.image:
+            requests[-1] = Request(last.prompt, last.count + 1, seed, last.first)
+        else:
+            requests.append(Request(glyph.prompt, 1, seed, glyph.image))
+    return requests
+
+
+class ChunkWorker:
+    """Holds the model once and draws chunks: requests in, one PNG per image out, in order."""
+
+    def __init__(self, source: ModelSource, settings: GenerationSettings) -> None:
+        self._session = Session.load(source)
+        self._settings = settings
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def run(self, requests: Sequence[Request]) -> list[bytes]:
+        results = self._session.generate_requests(requests, self._settings)
+        return [
+            png
+            for request, result in zip(requests, results, strict=True)
+            for png in self._session.pngs(self._settings, result, first=request.first)
+        ]
+
+
+def run_bulk(job: BulkJob) -> list[str]:
+    """Runs (or resumes) the job; returns what to tell the user."""
+    prompts = read_prompts(job.prompts_file)
+    if job.out_dir.exists() and not job.out_dir.is_dir():
+        raise GlyphEngineError(f"--out-dir {job.out_dir} exists and is not a folder.")
+    if job.workers is not None and job.workers < 1:
+        raise GlyphEngineError(f"--workers must be at least 1 (got {job.workers}).")
+    job.source.check()
+    # The driver needs the tokenizer and the model's identity, not its weights on a backend.
+    from glyph_engine.checkpoint import load_model
+    from glyph_engine.model import DEFAULT_CHECKPOINT
+
+    model = load_model(job.source.ckpt or DEFAULT_CHECKPOINT, job.source.text_encoder)
+    settings = model_settings(model, job.settings)
+    header = job_header(job, prompts, model.sha256)
+    job.out_dir.mkdir(parents=True, exist_ok=True)
+    done = finished(job.out_dir, header)
+    glyphs = plan(prompts, job.num_images, settings.seed)
+    todo = [g for g in glyphs if g.index not in done]
+    manifest = job.out_dir / MANIFEST
+    if not manifest.exists():
+        with atomic_path(manifest) as tmp:
+            tmp.write_text(json.dumps({"job": header}) + "\n")
+    chunks = list(_chunks(model.tokenizer, todo, model.max_text_length, job.chunk_images))
+    with (
+        manifest.open("a", encoding="utf-8") as log,
+        tqdm(
+            total=len(glyphs), initial=len(done), desc="glyphs", unit="glyph", file=sys.stderr, disable=not job.progress
+        ) as bar,
+    ):
+
+        def write(chunk: Sequence[Glyph], pngs: Sequence[bytes]) -> None:
+            for glyph, png in zip(chunk, pngs, strict=True):
+                with atomic_path(job.out_dir / glyph.file) as tmp:
+                    tmp.write_bytes(png)
+                record = {**asdict(glyph), "file": glyph.file, "sha256": hashlib.sha256(png).hexdigest()}
+                done[glyph.index] = record
+                log.write(json.dumps(record) + "\n")
+            log.flush()
+            os.fsync(log.fileno())  # a line is only trusted once its file is on disk
+            bar.update(len(chunk))
+
+        if chunks:
+            if job.ray_address is None:
+                worker = ChunkWorker(job.source, settings)
+                for chunk in chunks:
+                    write(chunk, worker.run(requests_of(chunk, settings.seed)))
+            else:
+                _run_on_ray(job, settings, chunks, write)
+    _compact(manifest, header, done)
+    return [f"wrote {len(todo)} glyphs to {job.out_dir} ({len(done) - len(todo)} were already there); see {manifest}"]
+
+
+def _compact(manifest: Path, header: dict[str, object], done: dict[int, dict[str, object]]) -> None:
+    """Rewrites the manifest in index order, one line per glyph, once every glyph is there."""
+    with atomic_path(manifest) as tmp:
+        tmp.write_text("".join(json.dumps(line) + "\n" for line in [{"job": header}, *(done[i] for i in sorted(done))]))
+
+
+def _run_on_ray(
+    job: BulkJob,
+    settings: GenerationSettings,
+    chunks: list[list[Glyph]],
+    write: Callable[[Sequence[Glyph], Sequence[bytes]], None],
+) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise GlyphEngineError("--ray needs Ray: pip install 'glyph-engine[serve]'.") from None
+    from glyph_engine.serve.server import ray_init
+
+    ray_init(None if job.ray_address == "local" else job.ray_address)
+    try:
+        alive = [n for n in ray.nodes() if n.get("Alive")]
+        count = job.workers or (1 if job.ray_address == "local" else len(alive))
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // count)
+        Worker = ray.remote(ChunkWorker).options(
+            num_cpus=cpus,
+            num_gpus=job.worker_gpus,
+            max_restarts=MAX_RETRIES,
+            max_task_retries=MAX_RETRIES,
+            scheduling_strategy="SPREAD",
+        )
+        workers = [Worker.remote(job.source, settings) for _ in range(count)]
+        queue = deque(chunks)
+        pending = {}
+        # Two chunks per worker: the next one is already there when one finishes.
+        for worker in workers * 2:
+            if queue:
+                chunk = queue.popleft()
+                pending[worker.run.remote(requests_of(chunk, settings.seed))] = (worker, chunk)
+        while pending:
+            [ready], _ = ray.wait(list(pending), num_returns=1)
+            worker, chunk = pending.pop(ready)
+            try:
+                pngs = ray.get(ready)
+            except ray.exceptions.RayError as e:
+                raise GlyphEngineError(
+                    f"a chunk of {len(chunk)} glyphs failed {MAX_RETRIES + 1} times ({type(e).__name__}); "
+                    "the glyphs written so far are kept: run the same command again to resume."
+                ) from None
+            write(chunk, pngs)
+            if queue:
+                chunk = queue.popleft()
+                pending[worker.run.remote(requests_of(chunk, settings.seed))] = (worker, chunk)
+    finally:
+        ray.shutdown()

@@ -1,0 +1,104 @@
+"""The Ray Serve deployment: one replica holds the model once and serves the HTTP API."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ray import serve
+
+from glyph_engine.pipeline import Generation, Request
+from glyph_engine.serve.api import build_app
+from glyph_engine.serve.batcher import BatchConfig, Batcher, BatchKey
+from glyph_engine.session import ModelSource, Session
+from glyph_engine.settings import GenerationSettings
+
+logger = logging.getLogger(__name__)
+
+# Batch sizes are counted in images; powers of two up to the largest request.
+BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+
+
+@dataclass(frozen=True)
+class ReplicaConfig:
+    """What each replica needs. Plain values: Ray sends it to every replica."""
+
+    source: ModelSource
+    batch: BatchConfig
+    token: str | None
+
+
+class RayMetrics:
+    """glyph-engine's metrics, exported with Ray Serve's on Ray's Prometheus endpoint
+    (summed over replicas by Prometheus, each series labelled with its replica)."""
+
+    def __init__(self) -> None:
+        from ray.util import metrics
+
+        self._batch = metrics.Histogram(
+            "glyph_engine_batch_images",
+            description="Images per sampling run, i.e. per U-Net call (x2 rows with guidance).",
+            boundaries=BATCH_BOUNDARIES,
+        )
+        self._seconds = metrics.Histogram(
+            "glyph_engine_batch_seconds",
+            description="Seconds per sampling run.",
+            boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60],
+        )
+        self._images = metrics.Counter("glyph_engine_images", description="Images generated.")
+        self._queue = metrics.Gauge("glyph_engine_queue_images", description="Images waiting for a sampling run.")
+        self._rejected = metrics.Counter(
+            "glyph_engine_rejected_requests", description="Requests refused with 503 because the queue was full."
+        )
+
+    def batch_ran(self, images: int, seconds: float) -> None:
+        self._batch.observe(images)
+        self._seconds.observe(seconds)
+        self._images.inc(images)
+
+    def queue_changed(self, images: int) -> None:
+        self._queue.set(images)
+
+    def rejected(self) -> None:
+        self._rejected.inc()
+
+
+@serve.deployment(name="glyffuser")
+@serve.ingress()
+class GlyphServer:
+    def __init__(self, config: ReplicaConfig) -> None:
+        self._session = Session.load(config.source)
+        self._config = config
+        self._batcher = Batcher(self._run, config.batch, RayMetrics())
+        self.max_steps = self._session.max_steps
+
+    def __serve_build_asgi_app__(self):
+        return build_app(self, self._config.token)
+
+    def _run(self, requests: Sequence[Request], key: BatchKey) -> list[Generation]:
+        settings = GenerationSettings(
+            steps=key.steps, guidance=key.guidance, batch_size=self._config.batch.max_batch_images
+        )
+        return self._session.generate_requests(requests, settings)
+
+    async def generate(self, request: Request, key: BatchKey) -> Generation:
+        return await self._batcher.submit(request, key)
+
+    def encode_png(self, generation: Generation, key: BatchKey, seed: int) -> list[bytes]:
+        return self._session.pngs(GenerationSettings(steps=key.steps, guidance=key.guidance, seed=seed), generation)
+
+    def healthy(self) -> bool:
+        return self._batcher.alive()
+
+    def describe(self) -> dict[str, str]:
+        return {
+            "model_sha256": self._session.model.sha256,
+            "backend": self._session.backend.name,
+            "precision": self._session.backend.precision,
+        }
+
+    def check_health(self) -> None:
+        """Ray Serve calls this periodically; raising makes it replace the replica."""
+        if not self._batcher.alive():
+            raise RuntimeError("the batching worker stopped")
