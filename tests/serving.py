@@ -1,0 +1,91 @@
+"""Helpers for tests that start `glyph-engine serve` or Ray jobs as real processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import requests
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def find_process(root: int, marker: str, timeout: float = 60) -> psutil.Process:
+    """The first descendant of `root` whose command line names `marker` (Ray titles its actors)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for child in descendants(root):
+            try:
+                if marker in " ".join(child.cmdline()):
+                    return child
+            except psutil.Error:
+                continue
+        time.sleep(0.2)
+    raise AssertionError(f"no process {marker!r} under {root} within {timeout} s")
+
+
+class Server:
+    """`glyph-engine serve` in its own session, as a service manager would start it."""
+
+    def __init__(self, args: list[str], log: Path, token: str | None = None) -> None:
+        self.port, self.metrics_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        command = [sys.executable, "-m", "glyph_engine", "serve", "--port", str(self.port)]
+        command += ["--metrics-port", str(self.metrics_port), *args]
+        env = {**os.environ, "GLYPH_ENGINE_TOKEN": token} if token else dict(os.environ)
+        self.log = log
+        self.process = subprocess.Popen(
+            command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"serve exited: {self.log.read_text()[-3000:]}"
+            try:
+                if requests.get(f"{self.url}/healthz", timeout=5).status_code == 200:
+                    return
+            except requests.RequestException:  # not listening yet, or no replica yet
+                pass
+            time.sleep(0.5)
+        raise AssertionError(f"serve not ready in {timeout} s: {self.log.read_text()[-3000:]}")
+
+    def post(self, body: object, timeout: float = 120, **kwargs) -> requests.Response:
+        return requests.post(f"{self.url}/generate", json=body, headers=self.headers, timeout=timeout, **kwargs)
+
+    def metrics(self) -> dict[str, float]:
+        """glyph-engine's series from Ray's Prometheus endpoint, summed over label sets."""
+        text = requests.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
+        values: dict[str, float] = {}
+        for line in text.splitlines():
+            if line.startswith("ray_glyph_engine_"):
+                name = line.split("{", 1)[0].split(" ", 1)[0]
+                values[name] = values.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+        return values
+
+    def stop(self, timeout: float = 60) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()

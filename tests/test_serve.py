@@ -1,0 +1,158 @@
+"""`glyph-engine serve` end to end on loopback: a real server process on a local Ray.
+
+One server serves every test of this module (Ray and the model start once); the last
+tests kill its replica and then stop it with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+pytest.importorskip("ray.serve")
+
+from serving import Server, descendants, find_process  # noqa: E402
+
+pytestmark = pytest.mark.ray
+
+TOKEN = "serve-test-token-0123456789"
+PROMPTS = ["metal", "water", "fire", "wood"]
+
+
+@pytest.fixture(scope="module")
+def server(ckpt_path, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    server = Server(["--ckpt", str(ckpt_path), "--max-batch-size", "64", "--batch-wait-ms", "50"], log, token=TOKEN)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+def decode(image: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(image))))
+
+
+def test_concurrent_clients_get_their_images_from_shared_batches(server, model):
+    def client(i: int) -> tuple[int, dict]:
+        reply = server.post({"prompt": PROMPTS[i % 4], "seed": i, "steps": 10})
+        return reply.status_code, reply.json()
+
+    before = server.metrics()
+    with ThreadPoolExecutor(24) as pool:
+        replies = list(pool.map(client, range(24)))
+    assert [status for status, _ in replies] == [200] * 24
+    for _, body in replies:
+        assert len(body["images"]) == 1 and decode(body["images"][0]).shape == model.image_shape[1:]
+    assert len({body["seeds"][0] for _, body in replies}) == 24
+    # Ray exports metrics every few seconds: wait until all 24 images are counted.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        after = server.metrics()
+        images = after.get("ray_glyph_engine_images_total", 0) - before.get("ray_glyph_engine_images_total", 0)
+        if images >= 24:
+            break
+        time.sleep(1)
+    batches = after["ray_glyph_engine_batch_images_count"] - before.get("ray_glyph_engine_batch_images_count", 0)
+    assert images == 24 and batches >= 1
+    assert images / batches > 1  # mean images per U-Net batch: clients shared calls
+    assert "ray_glyph_engine_queue_images" in after
+
+
+def test_same_seed_same_image_as_generate(server, ckpt_path, tmp_path):
+    from glyph_engine.commands import GenerateRequest, run_generate
+    from glyph_engine.settings import GenerationSettings
+
+    reply = server.post({"prompt": "a kind of fish", "n": 3, "steps": 8, "seed": 5})
+    assert reply.status_code == 200
+    served = [decode(image) for image in reply.json()["images"]]
+    run_generate(
+        GenerateRequest(
+            ["a kind of fish"], 3, GenerationSettings(steps=8, seed=5), ckpt=ckpt_path, out=None, out_dir=tmp_path
+        )
+    )
+    for i, image in enumerate(served):
+        generated = np.asarray(Image.open(tmp_path / f"{i:04d}.png"))
+        # Same backend, model and batch: the same pixels (one level allowed for float rounding).
+        assert np.abs(image.astype(int) - generated.astype(int)).max() <= 1
+    assert np.abs(served[0].astype(int) - served[1].astype(int)).max() > 8  # different seeds, different glyphs
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        (b"{not json", 400),
+        (b'{"n": 2}', 422),
+        (b'{"prompt": " "}', 422),
+        (b'{"prompt": "metal", "n": 1000}', 422),
+        (b'{"prompt": "metal", "steps": 0}', 422),
+        (b'{"prompt": "metal", "guidance": NaN}', 422),
+        (b'{"prompt": "metal", "colour": "red"}', 422),
+        (b'{"prompt": "' + b"a" * 40_000 + b'"}', 413),
+    ],
+    ids=["malformed", "no-prompt", "empty-prompt", "n", "steps", "nan-guidance", "unknown-field", "oversized"],
+)
+def test_bad_requests_get_4xx_and_the_server_stays_healthy(server, body, status):
+    reply = requests.post(f"{server.url}/generate", data=body, headers=server.headers, timeout=30)
+    assert reply.status_code == status and reply.json()["error"]
+    assert requests.get(f"{server.url}/healthz", timeout=10).status_code == 200
+
+
+def test_token_is_required(server):
+    reply = requests.post(f"{server.url}/generate", json={"prompt": "metal"}, timeout=30)
+    assert reply.status_code == 401 and "Bearer" in reply.json()["error"]
+    assert server.post({"prompt": "metal", "steps": 2}).status_code == 200
+
+
+def test_killed_replica_fails_requests_fast_then_recovers(server):
+    replica = find_process(server.process.pid, "ServeReplica")
+
+    def client(i: int) -> int | str:
+        try:
+            return server.post({"prompt": PROMPTS[i % 4], "seed": i, "steps": 20, "n": 4}, timeout=90).status_code
+        except requests.RequestException as e:
+            return type(e).__name__
+
+    with ThreadPoolExecutor(8) as pool:
+        running = [pool.submit(client, i) for i in range(8)]
+        time.sleep(0.5)
+        replica.kill()
+        outcomes = [f.result() for f in running]  # each ends: none hangs past its timeout
+    assert all(o == 200 or (isinstance(o, int) and o >= 500) for o in outcomes), outcomes
+    # Serve starts a new replica; requests succeed again.
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if server.post({"prompt": "metal", "steps": 2}, timeout=30).status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    else:
+        raise AssertionError("the service did not recover within 120 s")
+    assert find_process(server.process.pid, "ServeReplica").pid != replica.pid
+
+
+def test_sigterm_drains_in_flight_requests_and_stops_every_process(server):
+    started = descendants(server.process.pid)
+    assert started  # Ray's processes
+    with ThreadPoolExecutor(4) as pool:
+        running = [pool.submit(server.post, {"prompt": "metal", "seed": i, "steps": 20}) for i in range(4)]
+        time.sleep(0.3)
+        stop = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        statuses = [f.result().status_code for f in running]
+    server.process.wait(40)
+    assert time.monotonic() - stop < 30
+    assert statuses == [200] * 4  # in-flight requests finished
+    survivors = [p for p in started if p.is_running() and p.status() != "zombie"]
+    assert survivors == []
