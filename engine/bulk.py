@@ -39,6 +39,7 @@ MANIFEST = "manifest.jsonl"
 FORMAT = 1
 MAX_RETRIES = 3  # runs of one chunk on restarted workers before the job stops
 MAX_PROMPTS = 1_000_000
+MAX_IMAGES = 4096  # per prompt, as in generate
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,8 @@ def finished(out_dir: Path, header: dict[str, object]) -> dict[int, dict[str, ob
 def _chunks(model_tokenizer, todo: Sequence[Glyph], max_length: int, size: int) -> Iterator[list[Glyph]]:
     """Glyphs to draw, in chunks of `size`, prompts of one token length together (they share U-Net calls)."""
     prompts = list(dict.fromkeys(g.prompt for g in todo))
+    if not prompts:
+        return
     lengths = dict(zip(prompts, tokenize(model_tokenizer, prompts, max_length)[1].sum(1).tolist(), strict=True))
     ordered = sorted(todo, key=lambda g: (lengths[g.prompt], g.index))
     for start in range(0, len(ordered), size):
@@ -190,6 +193,10 @@ def run_bulk(job: BulkJob) -> list[str]:
         raise GlyphEngineError(f"--out-dir {job.out_dir} exists and is not a folder.")
     if job.workers is not None and job.workers < 1:
         raise GlyphEngineError(f"--workers must be at least 1 (got {job.workers}).")
+    if job.chunk_images < 1:
+        raise GlyphEngineError(f"--chunk-size must be at least 1 (got {job.chunk_images}).")
+    if not 1 <= job.num_images <= MAX_IMAGES:
+        raise GlyphEngineError(f"-n must be from 1 to {MAX_IMAGES} glyphs per prompt (got {job.num_images}).")
     job.source.check()
     # The driver needs the tokenizer and the model's identity, not its weights on a backend.
     from glyph_engine.checkpoint import load_model

@@ -166,6 +166,12 @@ def generate(
         Optional[int], typer.Option(help="Ray workers, each holding the model once [default: one per node].")
     ] = None,
     worker_gpus: Annotated[float, typer.Option(help="GPUs per Ray worker.")] = 0.0,
+    chunk_size: Annotated[
+        Optional[int],
+        typer.Option(
+            help="Glyphs per bulk task: larger shares more U-Net calls, smaller loses less to a crash [default: 64]."
+        ),
+    ] = None,
 ) -> None:
     """Draw glyphs for one or more prompts and write them as a PNG grid (and single PNGs).
 
@@ -186,14 +192,14 @@ def generate(
             clamp_x0=clamp_x0,
             step_impl=step_impl,
         )
-        if prompts_file is not None or ray is not None or workers is not None:
+        if prompts_file is not None or ray is not None or workers is not None or chunk_size is not None:
             from glyph_engine.bulk import BulkJob, run_bulk
             from glyph_engine.session import ModelSource
 
             if prompts_file is None or out_dir is None or prompts:
                 raise GlyphEngineError(
                     "a bulk job takes --prompts-file and --out-dir, and no prompts on the command line "
-                    "(--ray and --workers apply to bulk jobs only)."
+                    "(--ray, --workers and --chunk-size apply to bulk jobs only)."
                 )
             _quiet_libraries()
             job = BulkJob(
@@ -213,6 +219,7 @@ def generate(
                 ray_address=ray,
                 workers=workers,
                 worker_gpus=worker_gpus,
+                chunk_images=BulkJob.chunk_images if chunk_size is None else chunk_size,
                 progress=not quiet and sys.stderr.isatty(),
             )
             for line in run_bulk(job):

@@ -1,0 +1,159 @@
+"""Bulk generation (`generate --prompts-file`): files, manifest, resuming, and Ray workers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from glyph_engine.bulk import MANIFEST, BulkJob, run_bulk
+from glyph_engine.commands import GenerateRequest, run_generate
+from glyph_engine.errors import GlyphEngineError
+from glyph_engine.session import ModelSource
+from glyph_engine.settings import GenerationSettings
+
+PROMPTS = ["metal", "water", "a kind of fish found in the southern seas", "fire; flame"]
+SETTINGS = GenerationSettings(steps=4, seed=3)
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path)).astype(int)
+
+
+def manifest(out: Path) -> tuple[dict, list[dict]]:
+    header, *lines = [json.loads(line) for line in (out / MANIFEST).read_text().splitlines()]
+    return header["job"], lines
+
+
+@pytest.fixture
+def prompts_file(tmp_path) -> Path:
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(PROMPTS[:2]) + "\n\n" + "\n".join(PROMPTS[2:]) + "\n")  # a blank line is skipped
+    return path
+
+
+def job(prompts_file: Path, out: Path, ckpt: Path, **changes) -> BulkJob:
+    fields = dict(
+        prompts_file=prompts_file, out_dir=out, num_images=3, settings=SETTINGS, source=ModelSource(ckpt=ckpt)
+    )
+    return BulkJob(**{**fields, **changes, "chunk_images": changes.get("chunk_images", 5)})
+
+
+def test_one_png_per_glyph_as_generate_draws_it_and_a_manifest(prompts_file, tmp_path, ckpt_path):
+    out = tmp_path / "out"
+    run_bulk(job(prompts_file, out, ckpt_path))
+    header, lines = manifest(out)
+    assert header["prompts"] == 4 and header["num_images"] == 3
+    assert [line["index"] for line in lines] == list(range(12))
+    assert [line["prompt"] for line in lines] == [p for p in PROMPTS for _ in range(3)]
+    assert sorted(p.name for p in out.glob("*.png")) == [line["file"] for line in lines]
+    for prompt_number, prompt in enumerate(PROMPTS[::3]):  # "metal", and the last one
+        alone = tmp_path / f"alone{prompt_number}"
+        run_generate(GenerateRequest([prompt], 3, SETTINGS, ckpt=ckpt_path, out=None, out_dir=alone))
+        for i in range(3):
+            line = lines[PROMPTS.index(prompt) * 3 + i]
+            assert line["image"] == i
+            assert Image.open(out / line["file"]).text["image_seed"] == str(line["seed"])
+            assert np.abs(pixels(out / line["file"]) - pixels(alone / f"{i:04d}.png")).max() <= 1
+
+
+def test_rerun_redoes_only_missing_or_damaged_glyphs(prompts_file, tmp_path, ckpt_path):
+    out = tmp_path / "out"
+    run_bulk(job(prompts_file, out, ckpt_path))
+    _, lines = manifest(out)
+    before = {line["file"]: (out / line["file"]).stat().st_mtime_ns for line in lines}
+    (out / lines[4]["file"]).unlink()
+    with (out / lines[7]["file"]).open("ab") as f:
+        f.write(b"damage")
+    with (out / MANIFEST).open("a") as f:
+        f.write('{"index": 9, "prompt": "fire')  # a line cut short by a kill
+    message = run_bulk(job(prompts_file, out, ckpt_path))
+    assert "wrote 2 glyphs" in message[0] and "10 were already there" in message[0]
+    _, after = manifest(out)
+    assert after == lines  # complete again, in order, one line per glyph
+    for line in lines:
+        changed = (out / line["file"]).stat().st_mtime_ns != before[line["file"]]
+        assert changed == (line["index"] in (4, 7))
+    assert "wrote 0 glyphs" in run_bulk(job(prompts_file, out, ckpt_path))[0]
+
+
+def test_another_job_in_the_same_folder_is_refused(prompts_file, tmp_path, ckpt_path):
+    out = tmp_path / "out"
+    run_bulk(job(prompts_file, out, ckpt_path, num_images=1))
+    with pytest.raises(GlyphEngineError, match="holds another job"):
+        run_bulk(job(prompts_file, out, ckpt_path, num_images=2))
+    with pytest.raises(GlyphEngineError, match="holds another job"):
+        run_bulk(job(prompts_file, out, ckpt_path, num_images=1, settings=GenerationSettings(steps=4, seed=4)))
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "0001.png").write_bytes(b"")
+    with pytest.raises(GlyphEngineError, match="no manifest"):
+        run_bulk(job(prompts_file, stray, ckpt_path))
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--prompts-file", "{tmp}/none.txt", "--out-dir", "{tmp}/o"], "does not exist"),
+        (["--prompts-file", "{empty}", "--out-dir", "{tmp}/o"], "no prompts"),
+        (["--prompts-file", "{prompts}"], "--out-dir"),
+        (["metal", "--prompts-file", "{prompts}", "--out-dir", "{tmp}/o"], "no prompts on the command line"),
+        (["metal", "--ray", "local"], "--prompts-file"),
+        (["--prompts-file", "{prompts}", "--out-dir", "{tmp}/o", "--chunk-size", "0"], "--chunk-size"),
+    ],
+)
+def test_bulk_cli_errors_are_one_line(args, words, tmp_path, prompts_file, ckpt_path):
+    from typer.testing import CliRunner
+
+    from glyph_engine.cli import app
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    values = {"tmp": tmp_path, "prompts": prompts_file, "empty": empty}
+    result = CliRunner().invoke(app, ["generate", "--ckpt", str(ckpt_path), *(a.format(**values) for a in args)])
+    assert result.exit_code == 2 and words in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.ray
+def test_ray_workers_redo_a_killed_workers_chunk(prompts_file, tmp_path, ckpt_path):
+    pytest.importorskip("ray")
+    from serving import descendants, find_process
+
+    many = tmp_path / "many.txt"
+    many.write_text("\n".join(f"{word} {i}" for i in range(6) for word in ("metal", "water")) + "\n")
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "glyph_engine", "generate", "--ckpt", str(ckpt_path), "--prompts-file", str(many)]
+    command += ["--out-dir", str(out), "-n", "2", "--steps", "10", "--ray", "local", "--workers", "2"]
+    command += ["--chunk-size", "4"]
+    log = tmp_path / "log.txt"
+    process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        # Kill a worker once glyphs are arriving: with two chunks queued per worker, it holds work.
+        deadline = time.monotonic() + 120
+        while not ((out / MANIFEST).exists() and len((out / MANIFEST).read_text().splitlines()) > 1):
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "no glyph within 120 s"
+            time.sleep(0.1)
+        victim = find_process(process.pid, "ChunkWorker")
+        victim.kill()
+        assert process.wait(240) == 0, log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert descendants(process.pid) == []
+    _, lines = manifest(out)
+    assert [line["index"] for line in lines] == list(range(24))
+    files = sorted(out.glob("*.png"))
+    assert [f.name for f in files] == [line["file"] for line in lines]
+    assert all(Image.open(f).size == Image.open(files[0]).size for f in files)  # every file decodes
+    # The same job in this process draws the same glyphs.
+    run_bulk(job(many, tmp_path / "here", ckpt_path, num_images=2, settings=GenerationSettings(steps=10)))
+    for line in lines:
+        assert np.abs(pixels(out / line["file"]) - pixels(tmp_path / "here" / line["file"])).max() <= 1
