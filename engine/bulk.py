@@ -29,6 +29,7 @@ from tqdm import tqdm
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.files import atomic_path
 from glyph_engine.pipeline import Request
+from glyph_engine.ray_cluster import ray_init
 from glyph_engine.session import ModelSource, Session, model_settings
 from glyph_engine.settings import GenerationSettings
 from glyph_engine.text import check_prompts, tokenize
@@ -259,8 +260,6 @@ def _run_on_ray(
         import ray
     except ImportError:
         raise GlyphEngineError("--ray needs Ray: pip install 'glyph-engine[serve]'.") from None
-    from glyph_engine.serve.server import ray_init
-
     ray_init(None if job.ray_address == "local" else job.ray_address)
     try:
         alive = [n for n in ray.nodes() if n.get("Alive")]

@@ -81,6 +81,18 @@ class Server:
                 values[name] = values.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
         return values
 
+    def batches_since(self, before: dict[str, float], images: int, timeout: float = 60) -> tuple[float, float]:
+        """(images, U-Net batches) the server counted since the `before` metrics, once all
+        `images` are counted: Ray exports metrics every few seconds, not at once."""
+        deadline = time.monotonic() + timeout
+        while True:
+            after = self.metrics()
+            counted = after.get("ray_glyph_engine_images_total", 0) - before.get("ray_glyph_engine_images_total", 0)
+            if counted >= images or time.monotonic() > deadline:
+                key = "ray_glyph_engine_batch_images_count"
+                return counted, after.get(key, 0) - before.get(key, 0)
+            time.sleep(1)
+
     def stop(self, timeout: float = 60) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from glyph_engine.errors import GlyphEngineError
+from glyph_engine.ray_cluster import first_line, ray_init
 from glyph_engine.serve.batcher import BatchConfig
 from glyph_engine.session import ModelSource
 
@@ -128,7 +129,7 @@ def run_serve(options: ServeOptions, report: Callable[[str], None]) -> None:
         try:
             serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
         except Exception as e:  # noqa: BLE001 - Ray wraps the replica's error; its message is what the user needs
-            raise GlyphEngineError(f"the model server did not start: {_first_line(e)}") from None
+            raise GlyphEngineError(f"the model server did not start: {first_line(e)}") from None
         url = f"http://{options.host}:{options.port}"
         report(f"serving on {url} (POST /generate, GET /healthz, docs at {url}/docs)")
         if local:
@@ -168,27 +169,3 @@ def _start_watchdog(seconds: float) -> None:
     timer = threading.Timer(seconds, expire)
     timer.daemon = True
     timer.start()
-
-
-def ray_init(address: str | None, metrics_port: int | None = None) -> None:
-    """Joins the Ray cluster at `address`, or starts a local Ray in this process."""
-    import ray
-
-    try:
-        if address is None:
-            ray.init(
-                include_dashboard=False,
-                _metrics_export_port=metrics_port,
-                log_to_driver=False,
-                configure_logging=False,
-            )
-        else:
-            ray.init(address=address, log_to_driver=False, configure_logging=False)
-    except (ConnectionError, ValueError, RuntimeError) as e:
-        where = f"the Ray cluster at {address}" if address else "a local Ray"
-        raise GlyphEngineError(f"could not start or reach {where}: {_first_line(e)}") from None
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [line for line in str(e).splitlines() if line.strip()]
-    return lines[-1].strip() if lines else type(e).__name__
