@@ -1,7 +1,8 @@
 """Throughput and latency of `glyph-engine serve` under concurrent clients, batching on and off,
-and images/s of bulk generation on 1 and 2 local Ray workers.
+images/s of bulk generation on 1 and 2 local Ray workers, and the U-Net's time per row
+against batch size (what batching can gain on this machine at most).
 
-    python bench/serve_load.py [--seconds 30] [--out docs/bench-serve.json]
+    python bench/serve_load.py [--seconds 30] [--parts unet,serve,bulk] [--out docs/bench-serve.json]
 
 Each client sends single-image requests (20 steps, the model's guidance) one after another
 for `--seconds`; prompts cycle through one-word definitions, so concurrent requests differ.
@@ -91,7 +92,9 @@ def bulk_rows(prompts: int, tmp: Path) -> list[dict[str, object]]:
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wall = time.perf_counter() - start
         written = sorted(p.stat().st_mtime for p in out.glob("*.png"))
-        steady = (len(written) - 1) / (written[-1] - written[0]) if written[-1] > written[0] else float("nan")
+        # A chunk's files land together: count from the end of the first chunk to the last file.
+        first = sum(1 for t in written if t - written[0] < 0.5)
+        steady = (len(written) - first) / (written[-1] - written[0]) if written[-1] > written[0] else float("nan")
         row = {
             "workers": workers,
             "images": len(written),
@@ -104,25 +107,55 @@ def bulk_rows(prompts: int, tmp: Path) -> list[dict[str, object]]:
     return rows
 
 
+def unet_rows() -> list[dict[str, float]]:
+    """The default backend's U-Net time per row against batch size: what batching can gain here."""
+    import torch
+
+    from glyph_engine.pipeline import encode_prompts
+    from glyph_engine.session import ModelSource, Session
+
+    session = Session.load(ModelSource())
+    model, backend = session.model, session.backend
+    text, mask = encode_prompts(model, backend, ["metal"])
+    rows = []
+    for batch in (1, 2, 4, 8, 16, 32, 64):
+        x = torch.randn(batch, *model.image_shape)
+        args = (x, 500, text.expand(batch, -1, -1), mask.expand(batch, -1))
+        backend.denoise(*args)  # warm-up
+        calls = max(4, 64 // batch)
+        start = time.perf_counter()
+        for _ in range(calls):
+            backend.denoise(*args)
+        seconds = (time.perf_counter() - start) / calls
+        row = {"rows": batch, "ms_per_call": round(seconds * 1e3, 2), "ms_per_row": round(seconds * 1e3 / batch, 2)}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--clients", default="1,4,16")
     parser.add_argument("--bulk-prompts", type=int, default=256)
+    parser.add_argument("--parts", default="unet,serve,bulk", help="which measurements, comma-separated")
     parser.add_argument("--out", type=Path, default=Path("bench-results/serve.json"))
     args = parser.parse_args()
     cpu = cpu_info()
-    with tempfile.TemporaryDirectory() as tmp:
-        serve = serve_rows(args.seconds, [int(c) for c in args.clients.split(",")], Path(tmp))
-        bulk = bulk_rows(args.bulk_prompts, Path(tmp))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    result = {
+    parts = args.parts.split(",")
+    result: dict[str, object] = {
         "cpu": {"model": cpu.model, "cores": cpu.cores, "flags": list(cpu.flags)},
         "steps": 20,
         "seconds_per_level": args.seconds,
-        "serve": serve,
-        "bulk": bulk,
     }
+    with tempfile.TemporaryDirectory() as tmp:
+        if "unet" in parts:
+            result["unet"] = unet_rows()
+        if "serve" in parts:
+            result["serve"] = serve_rows(args.seconds, [int(c) for c in args.clients.split(",")], Path(tmp))
+        if "bulk" in parts:
+            result["bulk"] = bulk_rows(args.bulk_prompts, Path(tmp))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
 

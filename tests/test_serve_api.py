@@ -237,3 +237,43 @@ def test_full_queue_refuses_with_retry_after():
     assert len(refused) == 3 and recorder.rejections == 3
     assert all(r.retry_after >= 1 for r in refused)
     assert sum(isinstance(r, Generation) for r in results) == 2
+
+
+# `serve` refuses bad options before starting anything.
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--host", "0.0.0.0"], "--token"),
+        (["--host", "0.0.0.0", "--token", "short"], "at least 16 characters"),
+        (["--port", "0"], "--port must be from 1 to 65535"),
+        (["--replicas", "0"], "--replicas must be at least 1"),
+        (["--replicas", "3", "--max-replicas", "2"], "--max-replicas at least --replicas"),
+        (["--max-batch-size", "0"], "--max-batch-size"),
+        (["--batch-wait-ms", "-1"], "--batch-wait-ms"),
+        (["--num-gpus", "-1"], "--num-gpus"),
+        (["--ckpt", "/nonexistent/ckpt.pt"], "does not exist"),
+    ],
+)
+def test_serve_refuses_bad_options_before_starting(args, words, monkeypatch):
+    from typer.testing import CliRunner
+
+    from glyph_engine.cli import app
+    from glyph_engine.serve import server
+
+    started = []
+    monkeypatch.setattr(server, "ray_init", lambda *a: started.append(a))
+    monkeypatch.delenv("GLYPH_ENGINE_TOKEN", raising=False)
+    result = CliRunner().invoke(app, ["serve", *args])
+    assert result.exit_code == 2 and words in result.output and "Traceback" not in result.output
+    assert started == []
+
+
+def test_non_loopback_with_a_token_or_insecure_passes_the_checks():
+    from glyph_engine.serve.server import ServeOptions
+    from glyph_engine.session import ModelSource
+
+    for extra in ({"token": "a" * 16}, {"insecure": True}):
+        ServeOptions(source=ModelSource(), batch=BatchConfig(), host="0.0.0.0", **extra).check()
+    ServeOptions(source=ModelSource(), batch=BatchConfig(), host="::1").check()  # loopback needs neither
