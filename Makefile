@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip --disable-pip-version-check
 
-.PHONY: install install-test system-data test bench gpu-check gpu-wheels
+.PHONY: install install-test system-data test test-slow bench gpu-check gpu-wheels
 
 # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
 install:
@@ -23,8 +23,13 @@ install-test: system-data
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e '.[dev,tensorrt-rtx]'
 
+# The default run, kept under 10 minutes on 2 cores; the full-size (131M) model's tests are
+# `make test-slow` (about 2 minutes more). CI (.ci/run) runs both.
 test: install-test
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest -m "not slow"
+
+test-slow: install-test
+	$(PYTHON) -m pytest -m slow
 
 bench: install-test
 	$(PYTHON) -m pytest --benchmark-only
