@@ -277,3 +277,23 @@ def test_non_loopback_with_a_token_or_insecure_passes_the_checks():
     for extra in ({"token": "a" * 16}, {"insecure": True}):
         ServeOptions(source=ModelSource(), batch=BatchConfig(), host="0.0.0.0", **extra).check()
     ServeOptions(source=ModelSource(), batch=BatchConfig(), host="::1").check()  # loopback needs neither
+
+
+def test_serve_refuses_a_port_in_use_before_starting_ray(monkeypatch):
+    import socket
+
+    from typer.testing import CliRunner
+
+    from glyph_engine.cli import app
+    from glyph_engine.serve import server
+
+    started = []
+    monkeypatch.setattr(server, "ray_init", lambda *a: started.append(a))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        for option in ("--port", "--metrics-port"):
+            result = CliRunner().invoke(app, ["serve", option, port])
+            assert result.exit_code == 2 and f"pick another {option}" in result.output
+    assert started == []

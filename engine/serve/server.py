@@ -12,6 +12,7 @@ import ipaddress
 import logging
 import os
 import signal
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -116,13 +117,21 @@ def run_serve(options: ServeOptions, report: Callable[[str], None]) -> None:
 
     stop = threading.Event()
     local = options.address is None
+    if local:  # a clear error now rather than a failed proxy after Ray started
+        _check_free(options.host, options.port, "--port")
+        _check_free("127.0.0.1", options.metrics_port, "--metrics-port")
     ray_init(options.address, options.metrics_port)
     # After ray.init, which installs handlers of its own that would end this process at once.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
         report("starting the model server (the first start on this machine compiles the model)")
-        serve.start(http_options={"host": options.host, "port": options.port, "request_timeout_s": REQUEST_TIMEOUT_S})
+        try:
+            serve.start(
+                http_options={"host": options.host, "port": options.port, "request_timeout_s": REQUEST_TIMEOUT_S}
+            )
+        except Exception as e:  # noqa: BLE001 - Ray wraps the proxy's error
+            raise GlyphEngineError(f"Ray Serve could not start its HTTP proxy: {first_line(e)}") from None
         app = GlyphServer.options(**_deployment_options(options)).bind(
             ReplicaConfig(source=options.source, batch=options.batch, token=options.token)
         )
@@ -145,6 +154,16 @@ def run_serve(options: ServeOptions, report: Callable[[str], None]) -> None:
     finally:
         ray.shutdown()
     report("stopped")
+
+
+def _check_free(host: str, port: int, option: str) -> None:
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.bind((host, port))
+    except OSError as e:
+        raise GlyphEngineError(
+            f"cannot listen on {host}:{port} ({e.strerror}); another process may use it: pick another {option}."
+        ) from None
 
 
 def _start_watchdog(seconds: float) -> None:
