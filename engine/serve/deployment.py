@@ -67,6 +67,8 @@ class RayMetrics:
 @serve.deployment(name="glyffuser")
 @serve.ingress()
 class GlyphServer:
+    """One replica: the model loaded once, a batcher in front of it, the HTTP API on top."""
+
     def __init__(self, config: ReplicaConfig) -> None:
         self._session = Session.load(config.source)
         self._config = config
