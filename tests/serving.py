@@ -73,7 +73,16 @@ class Server:
 
     def metrics(self) -> dict[str, float]:
         """glyph-engine's series from Ray's Prometheus endpoint, summed over label sets."""
-        text = requests.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
+        # Ray's metrics agent is a process of its own and may open its port after the API is up.
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                text = requests.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
+                break
+            except requests.RequestException:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
         values: dict[str, float] = {}
         for line in text.splitlines():
             if line.startswith("ray_glyph_engine_"):

@@ -138,8 +138,9 @@ def test_sigterm_drains_in_flight_requests_and_stops_every_process(server):
     started = descendants(server.process.pid)
     assert started  # Ray's processes
     with ThreadPoolExecutor(4) as pool:
-        running = [pool.submit(server.post, {"prompt": "metal", "seed": i, "steps": 20}) for i in range(4)]
-        time.sleep(0.3)
+        # About 4 s of sampling: all reach the replica before the signal, none finishes before it.
+        running = [pool.submit(server.post, {"prompt": "metal", "seed": i, "steps": 20, "n": 8}) for i in range(4)]
+        time.sleep(1.0)
         stop = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
         statuses = [f.result().status_code for f in running]
