@@ -489,9 +489,12 @@ def serve(
     cache_dir: CacheDirOption = None,
     token: Annotated[
         Optional[str],
-        typer.Option(envvar="GLYPH_ENGINE_TOKEN", help="Require 'Authorization: Bearer TOKEN' on requests."),
+        typer.Option(
+            envvar="GLYPH_ENGINE_TOKEN",
+            help="Require 'Authorization: Bearer TOKEN' on requests (prefer the variable: an option shows in ps).",
+        ),
     ] = None,
-    insecure: Annotated[bool, typer.Option(help="Allow a non-loopback --host without a token.")] = False,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Allow a non-loopback --host without a token.")] = False,
     metrics_port: Annotated[int, typer.Option(help="Prometheus metrics port of the local Ray.")] = 8080,
 ) -> None:
     """Serve the model over HTTP on Ray Serve: POST /generate, GET /healthz, /docs.
