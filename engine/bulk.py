@@ -29,7 +29,7 @@ from tqdm import tqdm
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.files import atomic_path
 from glyph_engine.pipeline import Request
-from glyph_engine.ray_cluster import ray_init
+from glyph_engine.ray_cluster import first_line, ray_init
 from glyph_engine.session import ModelSource, Session, model_settings
 from glyph_engine.settings import GenerationSettings
 from glyph_engine.text import check_prompts, tokenize
@@ -285,9 +285,14 @@ def _run_on_ray(
             worker, chunk = pending.pop(ready)
             try:
                 pngs = ray.get(ready)
-            except ray.exceptions.RayError as e:
+            except ray.exceptions.RayTaskError as e:  # the worker ran and raised: retrying would too
+                reason = e.cause if isinstance(e.cause, GlyphEngineError) else first_line(e)
                 raise GlyphEngineError(
-                    f"a chunk of {len(chunk)} glyphs failed {MAX_RETRIES + 1} times ({type(e).__name__}); "
+                    f"a chunk of {len(chunk)} glyphs failed: {reason} The glyphs written so far are kept."
+                ) from None
+            except ray.exceptions.RayError as e:  # the worker died again and again
+                raise GlyphEngineError(
+                    f"a chunk of {len(chunk)} glyphs was lost {MAX_RETRIES + 1} times ({type(e).__name__}); "
                     "the glyphs written so far are kept: run the same command again to resume."
                 ) from None
             write(chunk, pngs)
