@@ -30,7 +30,8 @@ PROMPTS = ["metal", "water", "fire", "wood"]
 @pytest.fixture(scope="module")
 def server(ckpt_path, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    server = Server(["--ckpt", str(ckpt_path), "--max-batch-size", "64", "--batch-wait-ms", "50"], log, token=TOKEN)
+    args = ["--ckpt", str(ckpt_path), "--max-batch-size", "64", "--batch-wait-ms", "50", "--max-queue", "64"]
+    server = Server(args, log, token=TOKEN)
     try:
         server.wait_ready()
         yield server
@@ -97,6 +98,19 @@ def test_bad_requests_get_4xx_and_the_server_stays_healthy(server, body, status)
     reply = requests.post(f"{server.url}/generate", data=body, headers=server.headers, timeout=30)
     assert reply.status_code == status and reply.json()["error"]
     assert requests.get(f"{server.url}/healthz", timeout=10).status_code == 200
+
+
+def test_overload_gets_503_with_retry_after_not_a_longer_queue(server):
+    def client(i: int) -> requests.Response:
+        return server.post({"prompt": "metal", "n": 16, "seed": i, "steps": 5})
+
+    with ThreadPoolExecutor(12) as pool:  # 192 images against a queue of 64
+        replies = list(pool.map(client, range(12)))
+    refused = [r for r in replies if r.status_code == 503]
+    assert refused and all(r.status_code in (200, 503) for r in replies)
+    assert all(int(r.headers["retry-after"]) >= 1 and "busy" in r.json()["error"] for r in refused)
+    assert all(len(r.json()["images"]) == 16 for r in replies if r.status_code == 200)
+    assert server.post({"prompt": "metal", "steps": 2}).status_code == 200
 
 
 def test_token_is_required(server):
