@@ -51,6 +51,8 @@ class Server:
         command = [sys.executable, "-m", "glyph_engine", "serve", "--port", str(self.port)]
         command += ["--metrics-port", str(self.metrics_port), *args]
         env = {**os.environ, "GLYPH_ENGINE_TOKEN": token} if token else dict(os.environ)
+        # Ray reports metrics every 10 s by default; tests read them sooner.
+        env.setdefault("RAY_metrics_report_interval_ms", "1000")
         self.log = log
         self.process = subprocess.Popen(
             command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -51,6 +53,15 @@ class RayMetrics:
         self._rejected = metrics.Counter(
             "glyph_engine_rejected_requests", description="Requests refused with 503 because the queue was full."
         )
+        # Ray exports a gauge only in the report intervals where it was set: an idle queue would
+        # vanish from the scrape, so its value is set again every second.
+        self._queued = 0
+        threading.Thread(target=self._refresh_queue, name="glyph-metrics", daemon=True).start()
+
+    def _refresh_queue(self) -> None:
+        while True:
+            time.sleep(1)
+            self._queue.set(self._queued)
 
     def batch_ran(self, images: int, seconds: float) -> None:
         self._batch.observe(images)
@@ -58,6 +69,7 @@ class RayMetrics:
         self._images.inc(images)
 
     def queue_changed(self, images: int) -> None:
+        self._queued = images
         self._queue.set(images)
 
     def rejected(self) -> None:
