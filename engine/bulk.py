@@ -26,8 +26,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from glyph_engine.commands import MAX_IMAGES
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.files import atomic_path
+from glyph_engine.model import DEFAULT_CHECKPOINT, Glyffuser
 from glyph_engine.pipeline import Request
 from glyph_engine.ray_cluster import first_line, ray_init
 from glyph_engine.session import ModelSource, Session, model_settings
@@ -40,7 +42,6 @@ MANIFEST = "manifest.jsonl"
 FORMAT = 1
 MAX_RETRIES = 3  # runs of one chunk on restarted workers before the job stops
 MAX_PROMPTS = 1_000_000
-MAX_IMAGES = 4096  # per prompt, as in generate
 
 
 @dataclass(frozen=True)
@@ -171,8 +172,8 @@ def requests_of(chunk: Sequence[Glyph], seed: int) -> list[Request]:
 class ChunkWorker:
     """Holds the model once and draws chunks: requests in, one PNG per image out, in order."""
 
-    def __init__(self, source: ModelSource, settings: GenerationSettings) -> None:
-        self._session = Session.load(source)
+    def __init__(self, source: ModelSource, settings: GenerationSettings, model: Glyffuser | None = None) -> None:
+        self._session = Session.load(source, model=model)
         self._settings = settings
 
     def pid(self) -> int:
@@ -199,9 +200,8 @@ def run_bulk(job: BulkJob) -> list[str]:
     if not 1 <= job.num_images <= MAX_IMAGES:
         raise GlyphEngineError(f"-n must be from 1 to {MAX_IMAGES} glyphs per prompt (got {job.num_images}).")
     job.source.check()
-    # The driver needs the tokenizer and the model's identity, not its weights on a backend.
+    # The driver needs the tokenizer and the model's identity; without Ray it also runs this model.
     from glyph_engine.checkpoint import load_model
-    from glyph_engine.model import DEFAULT_CHECKPOINT
 
     model = load_model(job.source.ckpt or DEFAULT_CHECKPOINT, job.source.text_encoder)
     settings = model_settings(model, job.settings)
@@ -235,7 +235,7 @@ def run_bulk(job: BulkJob) -> list[str]:
 
         if chunks:
             if job.ray_address is None:
-                worker = ChunkWorker(job.source, settings)
+                worker = ChunkWorker(job.source, settings, model)  # the model read above
                 for chunk in chunks:
                     write(chunk, worker.run(requests_of(chunk, settings.seed)))
             else:

@@ -180,6 +180,7 @@ def generate(
     """
     with user_errors():
         from glyph_engine.commands import GenerateRequest, run_generate
+        from glyph_engine.session import ModelSource
 
         settings = GenerationSettings(
             steps=steps,
@@ -192,9 +193,17 @@ def generate(
             clamp_x0=clamp_x0,
             step_impl=step_impl,
         )
+        source = ModelSource(
+            ckpt=ckpt,
+            text_encoder=text_encoder,
+            backend=backend,
+            export_dir=export_dir,
+            cuda_graph=cuda_graph,
+            precision=precision,
+            cache_dir=cache_dir,
+        )
         if prompts_file is not None or ray is not None or workers is not None or chunk_size is not None:
             from glyph_engine.bulk import BulkJob, run_bulk
-            from glyph_engine.session import ModelSource
 
             if prompts_file is None or out_dir is None or prompts:
                 raise GlyphEngineError(
@@ -207,15 +216,7 @@ def generate(
                 out_dir=out_dir,
                 num_images=num_images,
                 settings=settings,
-                source=ModelSource(
-                    ckpt=ckpt,
-                    text_encoder=text_encoder,
-                    backend=backend,
-                    export_dir=export_dir,
-                    cuda_graph=cuda_graph,
-                    precision=precision,
-                    cache_dir=cache_dir,
-                ),
+                source=source,
                 ray_address=ray,
                 workers=workers,
                 worker_gpus=worker_gpus,
@@ -231,13 +232,7 @@ def generate(
             prompts=prompts,
             num_images=num_images,
             settings=settings,
-            ckpt=ckpt,
-            text_encoder=text_encoder,
-            backend=backend,
-            export_dir=export_dir,
-            cuda_graph=cuda_graph,
-            precision=precision,
-            cache_dir=cache_dir,
+            source=source,
             out=out,
             out_dir=out_dir,
             progress=not quiet and sys.stderr.isatty(),

@@ -26,7 +26,7 @@ from glyph_engine.images import grid, save_folder, save_png, to_uint8
 from glyph_engine.model import DEFAULT_CHECKPOINT, Glyffuser, unet_parameter_count
 from glyph_engine.pipeline import Generation
 from glyph_engine.session import ModelSource, Session
-from glyph_engine.settings import BackendName, GenerationSettings, Precision
+from glyph_engine.settings import BackendName, GenerationSettings
 from glyph_engine.text import check_prompts
 
 MAX_IMAGES = 4096  # per prompt; more is a typo more often than a plan
@@ -42,13 +42,7 @@ class GenerateRequest:
     prompts: list[str]
     num_images: int = 16
     settings: GenerationSettings = field(default_factory=GenerationSettings)
-    ckpt: Path | None = None  # None: the embedded model
-    text_encoder: str | None = None  # diffusers folders only
-    backend: BackendName = BackendName.auto
-    export_dir: Path | None = None  # None: beside the checkpoint
-    cuda_graph: bool = False  # TensorRT only
-    precision: Precision = Precision.auto  # the U-Net's on a CPU (openvino backend)
-    cache_dir: Path | None = None  # compiled models; None: default_cache_dir()
+    source: ModelSource = field(default_factory=ModelSource)  # the model and how it runs
     out: Path | None = Path("glyphs.png")  # grid; None: no grid
     out_dir: Path | None = None  # one PNG per glyph
     progress: bool = False
@@ -60,9 +54,9 @@ def _validate(request: GenerateRequest) -> None:
     if not 1 <= request.num_images <= MAX_IMAGES:
         raise GlyphEngineError(f"-n must be from 1 to {MAX_IMAGES} glyphs per prompt (got {request.num_images}).")
     request.settings.validate()
-    if request.backend == BackendName.tensorrt:
+    if request.source.backend == BackendName.tensorrt:
         require_gpu()  # before loading anything
-    _source(request).check()
+    request.source.check()
     if request.out is None and request.out_dir is None:
         raise GlyphEngineError("nothing to write; give --out and/or --out-dir.")
     if request.out is not None:
@@ -73,22 +67,10 @@ def _validate(request: GenerateRequest) -> None:
         check_writable_file(request.out_dir / "0000.png" if request.out_dir.is_dir() else request.out_dir)
 
 
-def _source(request: GenerateRequest) -> ModelSource:
-    return ModelSource(
-        ckpt=request.ckpt,
-        text_encoder=request.text_encoder,
-        backend=request.backend,
-        export_dir=request.export_dir,
-        cuda_graph=request.cuda_graph,
-        precision=request.precision,
-        cache_dir=request.cache_dir,
-    )
-
-
 def run_generate(request: GenerateRequest) -> list[Path]:
     """Generates glyphs as `request` says and writes them; returns the files written."""
     _validate(request)
-    session = Session.load(_source(request), progress=request.progress)
+    session = Session.load(request.source, progress=request.progress)
     settings = session.settings(request.settings)
     total = len(request.prompts) * request.num_images
     batches = -(-total // (settings.batch_size or total))

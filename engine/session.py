@@ -63,9 +63,10 @@ class Session:
         self.backend = backend
 
     @classmethod
-    def load(cls, source: ModelSource, progress: bool = False) -> Session:
+    def load(cls, source: ModelSource, progress: bool = False, model: Glyffuser | None = None) -> Session:
+        """`model`: the source's model if the caller has loaded it already (it is not read twice)."""
         ckpt = source.ckpt or DEFAULT_CHECKPOINT
-        model = load_model(ckpt, source.text_encoder)
+        model = model or load_model(ckpt, source.text_encoder)
         backend = create_backend(
             source.backend,
             model,

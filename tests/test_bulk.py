@@ -55,7 +55,9 @@ def test_one_png_per_glyph_as_generate_draws_it_and_a_manifest(prompts_file, tmp
     assert sorted(p.name for p in out.glob("*.png")) == [line["file"] for line in lines]
     for prompt_number, prompt in enumerate(PROMPTS[::3]):  # "metal", and the last one
         alone = tmp_path / f"alone{prompt_number}"
-        run_generate(GenerateRequest([prompt], 3, SETTINGS, ckpt=ckpt_path, out=None, out_dir=alone))
+        run_generate(
+            GenerateRequest([prompt], 3, SETTINGS, source=ModelSource(ckpt=ckpt_path), out=None, out_dir=alone)
+        )
         for i in range(3):
             line = lines[PROMPTS.index(prompt) * 3 + i]
             assert line["image"] == i

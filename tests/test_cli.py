@@ -184,10 +184,16 @@ def test_info_and_convert_bad_input(args, message, tmp_path):
 
 def test_progress_bar_on_stderr(ckpt_path, tmp_path, capsys):
     from glyph_engine.commands import GenerateRequest, run_generate
+    from glyph_engine.session import ModelSource
     from glyph_engine.settings import GenerationSettings
 
     request = GenerateRequest(
-        ["metal"], 2, GenerationSettings(steps=3), ckpt=ckpt_path, out=tmp_path / "g.png", progress=True
+        ["metal"],
+        2,
+        GenerationSettings(steps=3),
+        source=ModelSource(ckpt=ckpt_path),
+        out=tmp_path / "g.png",
+        progress=True,
     )
     run_generate(request)
     err = capsys.readouterr().err

@@ -63,6 +63,7 @@ def test_concurrent_clients_get_their_images_from_shared_batches(server, model):
 
 def test_same_seed_same_image_as_generate(server, ckpt_path, tmp_path):
     from glyph_engine.commands import GenerateRequest, run_generate
+    from glyph_engine.session import ModelSource
     from glyph_engine.settings import GenerationSettings
 
     reply = server.post({"prompt": "a kind of fish", "n": 3, "steps": 8, "seed": 5})
@@ -70,7 +71,12 @@ def test_same_seed_same_image_as_generate(server, ckpt_path, tmp_path):
     served = [decode(image) for image in reply.json()["images"]]
     run_generate(
         GenerateRequest(
-            ["a kind of fish"], 3, GenerationSettings(steps=8, seed=5), ckpt=ckpt_path, out=None, out_dir=tmp_path
+            ["a kind of fish"],
+            3,
+            GenerationSettings(steps=8, seed=5),
+            source=ModelSource(ckpt=ckpt_path),
+            out=None,
+            out_dir=tmp_path,
         )
     )
     for i, image in enumerate(served):
