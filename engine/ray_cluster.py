@@ -1,17 +1,48 @@
-"""Starting or joining Ray, shared by `serve` and bulk generation."""
+"""Starting or joining Ray, shared by `serve` and bulk generation.
+
+A Ray that glyph-engine starts itself is private to this machine: every process of it
+listens on loopback only, and its control plane requires a token. Ray's servers run code
+for whoever can reach them (the job agent runs shell commands), so a local Ray that
+listened on the network, or answered without a token, would hand the machine to anyone
+on it. Joining an existing cluster (`address`) leaves its network and authentication to
+its operator (README: *On a cluster*).
+"""
 
 from __future__ import annotations
 
+import ipaddress
+import logging
+import os
+import secrets
+
 from glyph_engine.errors import GlyphEngineError
+
+# Token authentication arrived in Ray 2.52 and is on by default for a local `ray.init()`
+# from 2.59; older releases start a Ray whose job agent runs anyone's commands.
+MIN_RAY_VERSION = (2, 59)
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
+AUTH_TOKEN_ENVS = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+# Ray's switch for single-machine clusters (its macOS/Windows default): the node's address
+# becomes loopback, and with it every server Ray starts (GCS, raylet, workers, object
+# manager, agents, metrics). Read by Ray at import and inherited by its processes.
+SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+_saved: dict[str, object] = {}  # what `_prepare_local_ray` changed in this process, for `_forget_local_ray`
 
 
 def ray_init(address: str | None, metrics_port: int | None = None) -> None:
-    """Joins the Ray cluster at `address`, or starts a local Ray in this process."""
+    """Joins the Ray cluster at `address`, or starts a local Ray, on loopback only, in this process."""
+    if address is None:
+        _prepare_local_ray()
+    else:
+        _forget_local_ray()
     import ray
 
+    _check_version(ray.__version__)
     try:
         if address is None:
+            _keep_on_loopback()
             ray.init(
+                address="local",  # always a new private Ray, never one that RAY_ADDRESS points to
                 include_dashboard=False,
                 _metrics_export_port=metrics_port,
                 log_to_driver=False,
@@ -22,6 +53,85 @@ def ray_init(address: str | None, metrics_port: int | None = None) -> None:
     except (ConnectionError, ValueError, RuntimeError) as e:
         where = f"the Ray cluster at {address}" if address else "a local Ray"
         raise GlyphEngineError(f"could not start or reach {where}: {first_line(e)}") from None
+    if address is None:
+        _check_loopback(ray)
+
+
+def _prepare_local_ray() -> None:
+    """Environment for a local Ray that listens on loopback and requires a token."""
+    mode = os.environ.get(AUTH_MODE_ENV)
+    if mode is not None and mode.strip().lower() != "token":
+        raise GlyphEngineError(
+            f"{AUTH_MODE_ENV}={mode} turns off Ray's token authentication, and a local Ray without it runs "
+            f"commands for anyone who reaches it; unset {AUTH_MODE_ENV} (or set it to token)."
+        )
+    _saved.setdefault(SINGLE_MACHINE_ENV, os.environ.get(SINGLE_MACHINE_ENV))
+    os.environ[SINGLE_MACHINE_ENV] = "0"
+    # Ray's notice on start suggests RAY_AUTH_MODE=disabled "to opt out", which glyph-engine refuses.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    if not any(os.environ.get(name) for name in AUTH_TOKEN_ENVS):
+        # A token for this run only, passed to Ray's processes through their environment, so
+        # nothing is written to the user's home (Ray's default is ~/.ray/auth_token).
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+
+
+def _keep_on_loopback() -> None:
+    # Ray reads SINGLE_MACHINE_ENV when it is imported; if it was imported before this
+    # call (serve imports its deployment first), set the value it read. `_check_loopback`
+    # refuses to go on should a Ray release ignore it.
+    from ray._private import ray_constants
+
+    _saved.setdefault("ENABLE_RAY_CLUSTER", ray_constants.ENABLE_RAY_CLUSTER)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def _forget_local_ray() -> None:
+    """Undoes `_prepare_local_ray`'s single-machine switch before joining a cluster from the
+    same process: a driver that advertised loopback could not be reached by other nodes."""
+    if SINGLE_MACHINE_ENV in _saved:
+        value = _saved.pop(SINGLE_MACHINE_ENV)
+        if value is None:
+            os.environ.pop(SINGLE_MACHINE_ENV, None)
+        else:
+            os.environ[SINGLE_MACHINE_ENV] = value
+    if "ENABLE_RAY_CLUSTER" in _saved:
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = _saved.pop("ENABLE_RAY_CLUSTER")
+
+
+def _check_loopback(ray) -> None:
+    addresses = {node.get("NodeManagerAddress", "") for node in ray.nodes()}
+    if not addresses or not all(_is_loopback(a) for a in addresses):
+        ray.shutdown()
+        raise GlyphEngineError(
+            f"the local Ray listens on {', '.join(sorted(addresses)) or 'an unknown address'} instead of loopback "
+            f"with Ray {ray.__version__}; install a Ray release from {_version_text(MIN_RAY_VERSION)} that honours "
+            f"{SINGLE_MACHINE_ENV}=0, or run Ray yourself and pass --address."
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _check_version(version: str) -> None:
+    parts = []
+    for piece in version.split(".")[:2]:
+        digits = "".join(c for c in piece if c.isdigit())
+        parts.append(int(digits) if digits else 0)
+    if tuple(parts) < MIN_RAY_VERSION:
+        raise GlyphEngineError(
+            f"Ray {version} has no token authentication for local clusters; install Ray "
+            f"{_version_text(MIN_RAY_VERSION)} or newer: pip install 'glyph-engine[serve]'."
+        )
+
+
+def _version_text(version: tuple[int, ...]) -> str:
+    return ".".join(str(v) for v in version)
 
 
 def first_line(e: BaseException) -> str:
