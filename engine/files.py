@@ -1,4 +1,5 @@
-"""File helpers: atomic writes, staging folders, content hashes and zip checksums."""
+"""File helpers: atomic writes (never over a device, FIFO or folder), staging folders, content hashes and
+zip checksums."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import hashlib
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import zipfile
 from collections.abc import Iterator
@@ -29,18 +31,69 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary path beside `path`; renames it over `path` only on success.
 
     A crash or exception leaves `path` as it was and removes the temporary file, so readers
-    never see a half-written output.
+    never see a half-written output. What `refuse_non_regular` refuses is refused before the
+    caller does any work; a symlink keeps pointing where it did and its target gets the file.
     """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    target = refuse_non_regular(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         tmp_path.chmod(0o666 & ~current_umask())  # mkstemp makes 0600; outputs get the usual mode
-        os.replace(tmp_path, path)
+        os.replace(tmp_path, target)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+REGULAR_FILE, FOLDER, SYMLINK = "a regular file", "a folder", "a symlink"
+_KINDS = (
+    (stat.S_ISREG, REGULAR_FILE),
+    (stat.S_ISDIR, FOLDER),
+    (stat.S_ISLNK, SYMLINK),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def kind_of(path: str | os.PathLike) -> str | None:
+    """What is at `path` itself, in words (a symlink is not followed); None when nothing is."""
+    try:
+        mode = os.lstat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return next((name for is_kind, name in _KINDS if is_kind(mode)), "a special file")
+
+
+def refuse_non_regular(path: str | os.PathLike, what: str = "a file name") -> Path:
+    """The place a write to `path` renames its new file over: `path`, or a symlink's final target.
+
+    Renaming over a device, FIFO, socket or folder would silently turn it into a plain file (as
+    root, /dev/null into a PNG), so anything but a regular file or nothing is refused with one
+    sentence ending in "give {what}". A symlink is written through, as `cp` would, if its
+    target is a regular file or nothing in an existing folder.
+    """
+    path = Path(path)
+    kind = kind_of(path)
+    if kind in (None, REGULAR_FILE):
+        return path
+    if kind != SYMLINK:
+        raise GlyphEngineError(f"refusing to write {path}: it is {kind}, not a regular file; give {what}.")
+    target = Path(os.path.realpath(path))
+    target_kind = kind_of(target)
+    if target_kind == REGULAR_FILE or (target_kind is None and target.parent.is_dir()):
+        return target
+    if target_kind is None:
+        raise GlyphEngineError(
+            f"refusing to write {path}: it is a symlink to {target}, whose folder does not exist; give {what}."
+        )
+    # realpath leaves a symlink only where the chain loops.
+    what_is_there = "a symlink loop" if target_kind == SYMLINK else target_kind
+    raise GlyphEngineError(
+        f"refusing to write {path}: it is a symlink to {what_is_there}, not to a regular file; give {what}."
+    )
 
 
 def current_umask() -> int:
@@ -136,16 +189,18 @@ def _remove_if_unowned(folder: Path) -> bool:
 
 
 def check_writable_file(path: str | os.PathLike) -> Path:
-    """Fails early, before minutes of work, if `path` cannot be written."""
+    """Fails early, before minutes of work, if `path` cannot be written (as `atomic_path` would)."""
     path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise GlyphEngineError(f"output path {path} is a folder; give a file name such as {path / 'glyphs.png'}.")
+    try:
+        target = refuse_non_regular(path)
+    except OSError as e:  # lstat itself failed: no permission to look in the folder
+        raise GlyphEngineError(f"cannot write {path}: {e.strerror}; choose another output path.") from None
+    parent = target.parent
     if not parent.is_dir():
         raise GlyphEngineError(f"cannot write {path}: folder {parent} does not exist; create it first.")
     # A real probe rather than os.access: root passes access checks on read-only mounts.
     try:
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=parent)
+        fd, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".probe", dir=parent)
     except OSError as e:
         raise GlyphEngineError(f"cannot write {path}: {e.strerror}; choose another output path.") from None
     os.close(fd)

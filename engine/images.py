@@ -5,8 +5,8 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import shutil
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +14,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from torch import Tensor
 
-from glyph_engine.files import atomic_path, make_staging_dir
+from glyph_engine.files import atomic_path, make_staging_dir, refuse_non_regular
 
 
 def to_uint8(images: Tensor) -> np.ndarray:
@@ -59,10 +59,19 @@ def png_bytes(pixels: np.ndarray, metadata: dict[str, object]) -> bytes:
     """One PNG in memory, with `metadata` as text chunks (non-strings as JSON)."""
     info = PngInfo()
     for key, value in metadata.items():
-        info.add_text(key, value if isinstance(value, str) else json.dumps(value))
+        info.add_text(key, escape_controls(value if isinstance(value, str) else json.dumps(value)))
     out = io.BytesIO()
     Image.fromarray(pixels).save(out, format="PNG", pnginfo=info)
     return out.getvalue()
+
+
+def escape_controls(text: str) -> str:
+    """`text` with each control character (NUL, ESC, DEL, C1) written as \\uXXXX, as JSON does.
+
+    Prompts come from users; raw controls in a text chunk break tools that print metadata
+    (an ESC sequence drives the terminal of whoever runs exiftool) and PNG forbids them.
+    """
+    return "".join(f"\\u{ord(c):04x}" if unicodedata.category(c) == "Cc" else c for c in text)
 
 
 def save_png(pixels: np.ndarray, path: Path, metadata: dict[str, object]) -> None:
@@ -78,17 +87,21 @@ def save_folder(pixels: np.ndarray, folder: Path, metadata: list[dict[str, objec
     so a failure part-way leaves `folder` as it was.
     """
     folder.parent.mkdir(parents=True, exist_ok=True)
+    names = [f"{i:04d}.png" for i in range(len(pixels))]
+    for name in names:  # all refused before any glyph is replaced
+        refuse_non_regular(folder / name, "another --out-dir")
     staging = make_staging_dir(folder, ".partial")
     try:
-        names = []
-        for i, (image, meta) in enumerate(zip(pixels, metadata, strict=True)):
-            save_png(image, staging / f"{i:04d}.png", meta)
-            names.append(f"{i:04d}.png")
+        for name, image, meta in zip(names, pixels, metadata, strict=True):
+            save_png(image, staging / name, meta)
         if not folder.exists():
             staging.rename(folder)
         else:
             for name in names:
-                os.replace(staging / name, folder / name)
+                # Through atomic_path, so a glyph that is a symlink is written through to its target,
+                # which may be on another file system (hence a move, not a rename).
+                with atomic_path(folder / name) as tmp:
+                    shutil.move(staging / name, tmp)
         return [folder / name for name in names]
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -10,6 +10,7 @@ from glyph_engine.cache import ArtifactCache, default_cache_dir
 from glyph_engine.checkpoint import load_model
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.export_manifest import default_export_dir
+from glyph_engine.files import atomic_path, refuse_non_regular
 from glyph_engine.model import DEFAULT_CHECKPOINT
 from glyph_engine.settings import BackendName, GenerationSettings, Precision
 
@@ -28,7 +29,7 @@ def run_train(
     import json
     import shlex
 
-    from glyph_engine.training.train import finish, train
+    from glyph_engine.training.train import STATE, finish, train
 
     if steps is None and minutes is None:
         raise GlyphEngineError("give --steps and/or --minutes: how long to train in this run.")
@@ -40,6 +41,8 @@ def run_train(
     ):
         if value is not None and not value > 0:  # NaN minutes too
             raise GlyphEngineError(f"{name} must be positive (got {value}).")
+    for name in (STATE, "glyffuser.pt", "MODEL_CARD.json"):  # refused now rather than after the training
+        refuse_non_regular(workdir / name)
     state = train(data, workdir, None, steps, minutes, save_every, sample_every, progress, init=init)
     glyph_count = state.dataset_size
     card = {
@@ -53,7 +56,8 @@ def run_train(
     }
     out = workdir / "glyffuser.pt"
     digest = finish(state, out, str(out), card)
-    (workdir / "MODEL_CARD.json").write_text(json.dumps({**card, "sha256": digest}, indent=2))
+    with atomic_path(workdir / "MODEL_CARD.json") as tmp:
+        tmp.write_text(json.dumps({**card, "sha256": digest}, indent=2))
     return [
         f"step {state.step} ({card['epochs']} epochs, {card['train_hours']} h), loss {card['final_loss']}",
         f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)",
