@@ -111,3 +111,15 @@ def test_a_local_ray_without_token_auth_is_refused_before_it_starts(mode, tmp_pa
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "RAY_AUTH_MODE" in lines[0] and "token" in lines[0], result.stderr
+
+
+@pytest.mark.parametrize(("version", "ok"), [("2.58.1", False), ("2.52.0", False), ("2.59.0", True), ("2.60.0rc1", True)])
+def test_ray_releases_without_token_auth_by_default_are_refused(version, ok):
+    from glyph_engine.errors import GlyphEngineError
+    from glyph_engine.ray_cluster import _check_version
+
+    if ok:
+        _check_version(version)
+    else:
+        with pytest.raises(GlyphEngineError, match="token authentication"):
+            _check_version(version)
