@@ -5,7 +5,9 @@ Glyph `index` is image `i` of line `p` of the prompts file (index = p * n + i), 
 `{index:06d}.png`. The folder's `manifest.jsonl` starts with the job (model, prompts and
 settings) and gets one line per finished glyph (prompt, seed, index, file, sha256), written
 after its file. A re-run of the same job skips glyphs whose file matches its line and redoes
-the rest; a different job in the same folder is refused.
+the rest; a different job in the same folder is refused. The manifest is untrusted input on a
+re-run: only a line exactly as this job would write it, for a regular file in the folder,
+counts; nothing outside `--out-dir` is read or written, and symlinks there are refused.
 
 On Ray, each worker is an actor that loads the model once and draws chunks of glyphs.
 Ray restarts a killed worker and runs its chunk again (`MAX_RETRIES`); the driver alone
@@ -14,15 +16,19 @@ writes files, so a lost chunk leaves nothing behind.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
+import stat
 import sys
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TextIO
 
 from tqdm import tqdm
 
@@ -69,18 +75,25 @@ class Glyph:
     def file(self) -> str:
         return f"{self.index:06d}.png"
 
+    def record(self, sha256: str) -> dict[str, object]:
+        """Its manifest line, once its file with this sha256 is written."""
+        return {**asdict(self), "file": self.file, "sha256": sha256}
+
 
 def read_prompts(path: Path) -> list[str]:
-    """One prompt per line; blank lines are skipped."""
+    """One prompt per line; blank lines and a leading byte-order mark are skipped."""
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig: editors on Windows start UTF-8 files with a BOM, which is no part of the first prompt.
+        text = path.read_bytes().decode("utf-8-sig")
     except FileNotFoundError:
         raise GlyphEngineError(f"--prompts-file {path} does not exist.") from None
     except UnicodeDecodeError:
         raise GlyphEngineError(f"--prompts-file {path} is not UTF-8 text.") from None
     except OSError as e:
         raise GlyphEngineError(f"cannot read --prompts-file {path}: {e.strerror}.") from None
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    # Lines end in \n or \r\n (strip() takes the \r). Not str.splitlines: it also splits at form
+    # feeds, U+2028 and other characters that editors show inside one line.
+    prompts = [line.strip() for line in text.split("\n") if line.strip()]
     if not prompts:
         raise GlyphEngineError(f"--prompts-file {path} has no prompts; write one prompt per line.")
     if len(prompts) > MAX_PROMPTS:
@@ -113,37 +126,130 @@ def job_header(job: BulkJob, prompts: Sequence[str], model_sha256: str) -> dict[
     }
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def finished(out_dir: Path, header: dict[str, object], glyphs: Sequence[Glyph]) -> dict[int, dict[str, object]]:
+    """The glyphs of the job planned as `glyphs` that `out_dir` already holds: index -> manifest line.
 
-
-def finished(out_dir: Path, header: dict[str, object]) -> dict[int, dict[str, object]]:
-    """The glyphs of this job already in `out_dir`, verified against the manifest: index -> line."""
+    The manifest is untrusted (edited, damaged, or from a killed run): a line counts only if it is
+    exactly the line this job writes for one of its glyphs, and that glyph's own file in `out_dir`
+    (never a path the line names) is a regular file with the line's sha256. Other lines are ignored,
+    so their glyphs are drawn again.
+    """
+    by_index = {glyph.index: glyph for glyph in glyphs}
+    _refuse_symlinks(out_dir, {MANIFEST, *(glyph.file for glyph in glyphs)})
     path = out_dir / MANIFEST
     if not path.exists():
         if any(out_dir.glob("*.png")):
             raise GlyphEngineError(f"--out-dir {out_dir} holds PNGs but no {MANIFEST}; give an empty or new folder.")
         return {}
-    lines = path.read_text(encoding="utf-8").splitlines()
-    try:
-        found = json.loads(lines[0])["job"] if lines else None
-    except (json.JSONDecodeError, KeyError, TypeError):
-        found = None
-    if found != header:
+    data = _regular_file_bytes(path)
+    if data is None:
+        raise _not_a_file(path)
+    first, _, rest = data.partition(b"\n")
+    found = _json_object(first)
+    if found is None or not isinstance(found.get("job"), dict):
+        raise GlyphEngineError(
+            f"the first line of {path} is damaged, so which job --out-dir holds is unknown; give a new folder, "
+            f"or delete its {MANIFEST} and PNGs to start over."
+        )
+    if _canonical(found["job"]) != _canonical(header):
         raise GlyphEngineError(
             f"--out-dir {out_dir} holds another job (its {MANIFEST} names a different model, prompts or settings); "
             "give a new folder, or the same options as before to resume."
         )
+    digests: dict[int, str | None] = {}  # each file is hashed once, however many lines name its glyph
     done = {}
-    for line in lines[1:]:
-        try:
-            record = json.loads(line)
-            index, file, digest = int(record["index"]), out_dir / str(record["file"]), str(record["sha256"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            continue  # a line cut short when a run was killed: its glyph is redone
-        if file.is_file() and _sha256(file) == digest:
-            done[index] = record
+    for raw in rest.split(b"\n"):
+        record = _json_object(raw)  # None for a line cut short when a run was killed
+        index = record.get("index") if record is not None else None
+        if type(index) is not int or index not in by_index:  # type(): a JSON true is no index
+            continue
+        glyph, digest = by_index[index], record.get("sha256")
+        if not isinstance(digest, str) or _canonical(record) != _canonical(glyph.record(digest)):
+            continue
+        if index not in digests:
+            content = _regular_file_bytes(out_dir / glyph.file)
+            digests[index] = None if content is None else hashlib.sha256(content).hexdigest()
+        if digests[index] == digest:
+            done[index] = glyph.record(digest)
     return done
+
+
+def _json_object(line: bytes) -> dict | None:
+    try:
+        value = json.loads(line.decode("utf-8"))
+    except (ValueError, RecursionError):  # not UTF-8 or not JSON; nested too deep for the parser
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _canonical(value: object) -> str:
+    """`value` as JSON with sorted keys: equal only for equal types too (to ==, true is 1 and 4.0 is 4)."""
+    return json.dumps(value, sort_keys=True)
+
+
+def _refuse_symlinks(out_dir: Path, names: set[str]) -> None:
+    # A link would make the job read a file elsewhere as its own, or write through it to that file.
+    with os.scandir(out_dir) as entries:
+        for entry in entries:
+            if entry.name in names and entry.is_symlink():
+                raise _symlink_refused(out_dir / entry.name)
+
+
+def _symlink_refused(path: Path) -> GlyphEngineError:
+    return GlyphEngineError(
+        f"{path} is a symbolic link; a bulk job reads and writes only regular files in its --out-dir: "
+        "remove the link, or give another folder."
+    )
+
+
+def _not_a_file(path: Path) -> GlyphEngineError:
+    return GlyphEngineError(f"{path} is not a regular file; move it out of --out-dir, or give another folder.")
+
+
+def _regular_file_bytes(path: Path) -> bytes | None:
+    """The contents of `path` if it is a regular file; None if it is missing, a link or anything else.
+
+    The descriptor is checked, not the name, so a file swapped in after a check is not read instead;
+    O_NONBLOCK keeps a FIFO from hanging the open.
+    """
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return None  # never opened: opening a device can have effects of its own
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # became a symlink since lstat
+            return None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        return f.read() if stat.S_ISREG(os.fstat(fd).st_mode) else None
+
+
+def _open_for_append(path: Path) -> TextIO:
+    """The manifest, opened to append lines: O_NOFOLLOW, so a manifest swapped for a symlink since
+    `finished` checked it fails here rather than redirecting the lines to the link's target."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise _symlink_refused(path) from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise _not_a_file(path)
+    return os.fdopen(fd, "a", encoding="utf-8")
+
+
+@contextmanager
+def _out_dir_errors(out_dir: Path) -> Iterator[None]:
+    """What the file system refuses in --out-dir (read-only, below a file, /proc) as one line."""
+    try:
+        yield
+    except OSError as e:
+        raise GlyphEngineError(
+            f"cannot write in --out-dir {out_dir} ({e.strerror or e}); give a folder on a disk you can write to."
+        ) from None
 
 
 def _chunks(model_tokenizer, todo: Sequence[Glyph], max_length: int, size: int) -> Iterator[list[Glyph]]:
@@ -176,9 +282,6 @@ class ChunkWorker:
         self._session = Session.load(source, model=model)
         self._settings = settings
 
-    def pid(self) -> int:
-        return os.getpid()
-
     def run(self, requests: Sequence[Request]) -> list[bytes]:
         results = self._session.generate_requests(requests, self._settings)
         return [
@@ -206,31 +309,34 @@ def run_bulk(job: BulkJob) -> list[str]:
     model = load_model(job.source.ckpt or DEFAULT_CHECKPOINT, job.source.text_encoder)
     settings = model_settings(model, job.settings)
     header = job_header(job, prompts, model.sha256)
-    job.out_dir.mkdir(parents=True, exist_ok=True)
-    done = finished(job.out_dir, header)
     glyphs = plan(prompts, job.num_images, settings.seed)
-    todo = [g for g in glyphs if g.index not in done]
     manifest = job.out_dir / MANIFEST
-    if not manifest.exists():
-        with atomic_path(manifest) as tmp:
-            tmp.write_text(json.dumps({"job": header}) + "\n")
+    with _out_dir_errors(job.out_dir):
+        job.out_dir.mkdir(parents=True, exist_ok=True)
+        done = finished(job.out_dir, header, glyphs)
+        if not manifest.exists():
+            with atomic_path(manifest) as tmp:
+                tmp.write_text(json.dumps({"job": header}) + "\n")
+    todo = [g for g in glyphs if g.index not in done]
     chunks = list(_chunks(model.tokenizer, todo, model.max_text_length, job.chunk_images))
+    with _out_dir_errors(job.out_dir):
+        log = _open_for_append(manifest)
     with (
-        manifest.open("a", encoding="utf-8") as log,
+        log,
         tqdm(
             total=len(glyphs), initial=len(done), desc="glyphs", unit="glyph", file=sys.stderr, disable=not job.progress
         ) as bar,
     ):
 
         def write(chunk: Sequence[Glyph], pngs: Sequence[bytes]) -> None:
-            for glyph, png in zip(chunk, pngs, strict=True):
-                with atomic_path(job.out_dir / glyph.file) as tmp:
-                    tmp.write_bytes(png)
-                record = {**asdict(glyph), "file": glyph.file, "sha256": hashlib.sha256(png).hexdigest()}
-                done[glyph.index] = record
-                log.write(json.dumps(record) + "\n")
-            log.flush()
-            os.fsync(log.fileno())  # a line is only trusted once its file is on disk
+            with _out_dir_errors(job.out_dir):
+                for glyph, png in zip(chunk, pngs, strict=True):
+                    with atomic_path(job.out_dir / glyph.file) as tmp:
+                        tmp.write_bytes(png)
+                    done[glyph.index] = glyph.record(hashlib.sha256(png).hexdigest())
+                    log.write(json.dumps(done[glyph.index]) + "\n")
+                log.flush()
+                os.fsync(log.fileno())  # a line is only trusted once its file is on disk
             bar.update(len(chunk))
 
         if chunks:
@@ -240,7 +346,8 @@ def run_bulk(job: BulkJob) -> list[str]:
                     write(chunk, worker.run(requests_of(chunk, settings.seed)))
             else:
                 _run_on_ray(job, settings, chunks, write)
-    _compact(manifest, header, done)
+    with _out_dir_errors(job.out_dir):
+        _compact(manifest, header, done)
     return [f"wrote {len(todo)} glyphs to {job.out_dir} ({len(done) - len(todo)} were already there); see {manifest}"]
 
 

@@ -15,7 +15,8 @@ logger = logging.getLogger(__name__)
 
 
 def check_prompts(prompts: Sequence[str]) -> None:
-    """Refuses prompts the tokenizer cannot take: none, empty ones, or bytes that are not UTF-8.
+    """Refuses prompts the tokenizer cannot take (none, empty ones, bytes that are not UTF-8) and
+    prompts with nothing to draw: only control, format or space characters such as NUL or ESC.
 
     Python decodes undecodable command-line bytes to lone surrogates; they only fail deep
     inside the tokenizer, so they are caught here.
@@ -30,6 +31,10 @@ def check_prompts(prompts: Sequence[str]) -> None:
             raise GlyphEngineError(
                 f"prompt {raw!r} is not valid UTF-8 text; check the terminal's or file's encoding."
             ) from None
+        if not any(c.isprintable() and not c.isspace() for c in prompt):
+            raise GlyphEngineError(
+                f'prompt {prompt[:40]!r} has no printable character; give each prompt some visible text, e.g. "metal".'
+            )
 
 
 def tokenize(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_length: int) -> tuple[Tensor, Tensor]:

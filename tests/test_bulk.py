@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -12,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from glyph_engine import bulk
 from glyph_engine.bulk import MANIFEST, BulkJob, run_bulk
 from glyph_engine.commands import GenerateRequest, run_generate
 from glyph_engine.errors import GlyphEngineError
@@ -99,6 +103,84 @@ def test_another_job_in_the_same_folder_is_refused(prompts_file, tmp_path, ckpt_
         run_bulk(job(prompts_file, stray, ckpt_path))
 
 
+def test_resume_trusts_only_the_jobs_own_lines_and_files(prompts_file, tmp_path, ckpt_path):
+    out = tmp_path / "out"
+    run_bulk(job(prompts_file, out, ckpt_path))
+    _, lines = manifest(out)
+    first_mtimes = {line["file"]: (out / line["file"]).stat().st_mtime_ns for line in lines}
+    # Glyphs 1-3 are gone; lines point at copies outside the folder, or at another glyph's file.
+    for index in (1, 2):
+        (tmp_path / f"outside{index}.png").write_bytes((out / lines[index]["file"]).read_bytes())
+    for index in (1, 2, 3):
+        (out / lines[index]["file"]).unlink()
+    (out / "000012.png").write_bytes(b"not of this job")
+    tampered = [dict(line) for line in lines]
+    tampered[1]["file"] = "../outside1.png"
+    tampered[2]["file"] = str(tmp_path / "outside2.png")
+    tampered[3].update(file=lines[4]["file"], sha256=lines[4]["sha256"])
+    # The files of glyphs 5-7 are intact, but their lines are not this job's.
+    tampered[5]["prompt"] = "metal"  # glyph 5 is "water"
+    tampered[6]["seed"] += 1
+    tampered[7]["image"] = True  # JSON true, which Python takes for 1
+    extra = {**lines[11], "index": 12, "file": "000012.png", "sha256": hashlib.sha256(b"not of this job").hexdigest()}
+    header = (out / MANIFEST).read_text().splitlines()[0]
+    (out / MANIFEST).write_text("\n".join([header, *map(json.dumps, [*tampered, extra]), "[1, 2]", "junk"]) + "\n")
+    message = run_bulk(job(prompts_file, out, ckpt_path))
+    assert "wrote 6 glyphs" in message[0] and "6 were already there" in message[0], message
+    _, after = manifest(out)
+    assert after == lines  # the bad lines are gone, each glyph has its own line again
+    for line in lines:
+        assert hashlib.sha256((out / line["file"]).read_bytes()).hexdigest() == line["sha256"]
+        redrawn = (out / line["file"]).stat().st_mtime_ns != first_mtimes.get(line["file"])
+        assert redrawn == (line["index"] in (1, 2, 3, 5, 6, 7))
+
+
+@pytest.mark.parametrize("link", [MANIFEST, "000004.png"])
+def test_a_symlink_in_the_out_dir_is_refused(prompts_file, tmp_path, ckpt_path, link):
+    out = tmp_path / "out"
+    run_bulk(job(prompts_file, out, ckpt_path))
+    outside = tmp_path / "outside"
+    (out / link).rename(outside)
+    (out / link).symlink_to(outside)  # to the very bytes its line names
+    before = outside.read_bytes()
+    with pytest.raises(GlyphEngineError, match=f"{link} is a symbolic link"):
+        run_bulk(job(prompts_file, out, ckpt_path))
+    assert outside.read_bytes() == before and (out / link).is_symlink()
+
+
+def test_a_manifest_swapped_for_a_symlink_after_the_check_gets_no_lines(prompts_file, tmp_path, ckpt_path, monkeypatch):
+    out = tmp_path / "out"
+    run_bulk(job(prompts_file, out, ckpt_path, num_images=1))
+    (out / "000002.png").unlink()  # so the resume has a glyph to append
+    outside = tmp_path / "outside.jsonl"
+    outside.write_text("someone else's file\n")
+    real_finished = bulk.finished
+
+    def finished_then_swapped(*args):
+        done = real_finished(*args)
+        (out / MANIFEST).unlink()  # between the check and the open for appending
+        (out / MANIFEST).symlink_to(outside)
+        return done
+
+    monkeypatch.setattr(bulk, "finished", finished_then_swapped)
+    with pytest.raises(GlyphEngineError, match="is a symbolic link"):
+        run_bulk(job(prompts_file, out, ckpt_path, num_images=1))
+    assert outside.read_text() == "someone else's file\n"
+
+
+@pytest.mark.parametrize(
+    "first_line",
+    [b"garbage", b"", b"[1, 2]", b'{"job": 3}', b'{"index": 0}', b'{"job": {"format": 1', b"\xff\xfe{}"],
+    ids=["text", "empty", "not-an-object", "job-not-an-object", "no-job", "cut-short", "not-utf8"],
+)
+def test_a_damaged_first_line_says_so(tmp_path, first_line):
+    glyphs = bulk.plan(PROMPTS, 1, 3)
+    (tmp_path / MANIFEST).write_bytes(first_line + b"\n" + json.dumps(glyphs[0].record("0" * 64)).encode() + b"\n")
+    with pytest.raises(GlyphEngineError, match=f"the first line of .*{MANIFEST} is damaged") as error:
+        bulk.finished(tmp_path, {"format": 1}, glyphs)
+    assert "another job" not in str(error.value)
+
+
 @pytest.mark.parametrize(
     ("args", "words"),
     [
@@ -121,6 +203,48 @@ def test_bulk_cli_errors_are_one_line(args, words, tmp_path, prompts_file, ckpt_
     result = CliRunner().invoke(app, ["generate", "--ckpt", str(ckpt_path), *(a.format(**values) for a in args)])
     assert result.exit_code == 2 and words in result.output and "Traceback" not in result.output
     assert not (tmp_path / "o").exists()
+
+
+def _read_only_below(folder: Path, monkeypatch) -> None:
+    """Makes creating or writing files below `folder` fail as on a read-only mount (chmod does not stop root)."""
+    real_open = os.open
+
+    def read_only_open(path, flags, *args, **kwargs):
+        if Path(path).is_relative_to(folder) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only_open)
+
+
+@pytest.mark.parametrize(
+    ("out_dir", "words"),
+    [
+        ("{tmp}/file.txt/sub", "Not a directory"),
+        ("{tmp}/read-only", "Read-only file system"),
+        ("{tmp}/has-a-folder-manifest", f"{MANIFEST} is not a regular file"),
+        ("/proc/self", "cannot write in --out-dir /proc/self"),
+        ("/proc/glyph-engine-test", "cannot write in --out-dir /proc/glyph-engine-test"),
+        ("/sys/glyph-engine-test", "cannot write in --out-dir /sys/glyph-engine-test"),
+    ],
+    ids=["below-a-file", "read-only", "manifest-is-a-folder", "proc-self", "proc", "sys"],
+)
+def test_out_dirs_that_cannot_hold_a_job_are_one_line(out_dir, words, tmp_path, prompts_file, ckpt_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from glyph_engine.cli import app
+
+    (tmp_path / "file.txt").write_text("a file, not a folder")
+    (tmp_path / "read-only").mkdir()
+    _read_only_below(tmp_path / "read-only", monkeypatch)
+    (tmp_path / "has-a-folder-manifest" / MANIFEST).mkdir(parents=True)
+    args = ["generate", "--ckpt", str(ckpt_path), "--prompts-file", str(prompts_file), "-n", "1", "--steps", "2"]
+    result = CliRunner().invoke(app, [*args, "--out-dir", out_dir.format(tmp=tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert words in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    assert not list((tmp_path / "read-only").iterdir())
+    assert [p.name for p in (tmp_path / "has-a-folder-manifest").iterdir()] == [MANIFEST]
 
 
 @pytest.mark.ray
