@@ -104,6 +104,15 @@ class Server:
                 return counted, after.get(key, 0) - before.get(key, 0)
             time.sleep(1)
 
+    def wait_sampling(self, images: int, timeout: float = 30) -> None:
+        """Returns once the server reports a sampling run of at least `images` images running
+        (metrics lag about 1 s; a smaller earlier run may still show)."""
+        deadline = time.monotonic() + timeout
+        while self.metrics().get("ray_glyph_engine_sampling_images", 0.0) < images:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no sampling run of {images} images reported within {timeout} s")
+            time.sleep(0.1)
+
     def stop(self, timeout: float = 60) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)

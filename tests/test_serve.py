@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import signal
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,6 +21,8 @@ from PIL import Image
 pytest.importorskip("ray.serve")
 
 from serving import Server, descendants, find_process  # noqa: E402
+
+from glyph_engine.serve.api import BODY_TIMEOUT_S  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -110,13 +113,62 @@ def test_overload_gets_503_with_retry_after_not_a_longer_queue(server):
     def client(i: int) -> requests.Response:
         return server.post({"prompt": "metal", "n": 16, "seed": i, "steps": 5})
 
+    assert client(99).status_code == 200  # a run of this size and steps: Retry-After's time per image-step
+    before = server.metrics()
     with ThreadPoolExecutor(12) as pool:  # 192 images against a queue of 64
         replies = list(pool.map(client, range(12)))
     refused = [r for r in replies if r.status_code == 503]
     assert refused and all(r.status_code in (200, 503) for r in replies)
-    assert all(int(r.headers["retry-after"]) >= 1 and "busy" in r.json()["error"] for r in refused)
+    assert all("busy" in r.json()["error"] for r in refused)
     assert all(len(r.json()["images"]) == 16 for r in replies if r.status_code == 200)
+    # A request is refused with 64 images of 5 steps waiting: Retry-After is their time at
+    # the measured rate (within a factor 2: runs differ in size, and in load on this machine).
+    images, _ = server.batches_since(before, 16 * (len(replies) - len(refused)))
+    seconds = server.metrics()["ray_glyph_engine_batch_seconds_sum"] - before["ray_glyph_engine_batch_seconds_sum"]
+    expected = 64 * seconds / images
+    assert all(expected / 2 <= int(r.headers["retry-after"]) <= expected * 2 + 1 for r in refused), (
+        expected,
+        [r.headers["retry-after"] for r in refused],
+    )
     assert server.post({"prompt": "metal", "steps": 2}).status_code == 200
+
+
+def read_reply(conn: socket.socket, timeout: float) -> bytes:
+    """All the server sends until it closes the connection (or `timeout` passes)."""
+    conn.settimeout(timeout)
+    data = b""
+    try:
+        while chunk := conn.recv(4096):
+            data += chunk
+    except OSError:  # timed out, or reset
+        pass
+    return data
+
+
+def test_held_bodies_leave_health_and_new_clients_served(server):
+    head = (
+        f"POST /generate HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+    ).encode()
+    assert server.post({"prompt": "metal", "steps": 2}).status_code == 200  # warm
+    held = []
+    try:
+        # 300 connections from 10 addresses send their headers and 10 bytes of a 1000-byte body.
+        for i in range(300):
+            conn = socket.create_connection(("127.0.0.1", server.port), source_address=(f"127.0.0.{2 + i % 10}", 0))
+            conn.sendall(head + b'{"prompt":')
+            held.append(conn)
+        began = time.monotonic()
+        assert requests.get(f"{server.url}/healthz", timeout=5).status_code == 200
+        assert server.post({"prompt": "metal", "steps": 2}, timeout=10).status_code == 200
+        assert time.monotonic() - began < 5
+        # Each held one gets a JSON 408 once its time to send the body is up, and is closed.
+        replies = [read_reply(conn, BODY_TIMEOUT_S + 20) for conn in held]
+    finally:
+        for conn in held:
+            conn.close()
+    assert time.monotonic() - began < BODY_TIMEOUT_S + 20
+    assert all(r.startswith(b"HTTP/1.1 408 ") and b'{"error": "the request body did not arrive' in r for r in replies)
 
 
 def test_token_is_required(server):
@@ -128,18 +180,23 @@ def test_token_is_required(server):
 def test_killed_replica_fails_requests_fast_then_recovers(server):
     replica = find_process(server.process.pid, "ServeReplica")
 
-    def client(i: int) -> int | str:
-        try:
-            return server.post({"prompt": PROMPTS[i % 4], "seed": i, "steps": 20, "n": 4}, timeout=90).status_code
-        except requests.RequestException as e:
-            return type(e).__name__
+    def client(i: int) -> tuple[int, dict]:
+        reply = server.post({"prompt": PROMPTS[i % 4], "seed": i, "steps": 20, "n": 4}, timeout=90)
+        return reply.status_code, reply.json()
 
     with ThreadPoolExecutor(8) as pool:
+        # 32 images at 20 steps: several seconds of sampling, and the kill comes once it runs.
         running = [pool.submit(client, i) for i in range(8)]
-        time.sleep(0.5)
+        server.wait_sampling(4)
         replica.kill()
-        outcomes = [f.result() for f in running]  # each ends: none hangs past its timeout
-    assert all(o == 200 or (isinstance(o, int) and o >= 500) for o in outcomes), outcomes
+        killed = time.monotonic()
+        outcomes = [f.result() for f in running]
+    # In flight when the replica died: each gets Serve's 500, as this API's JSON, at once.
+    assert time.monotonic() - killed < 10
+    assert [status for status, _ in outcomes] == [500] * 8, outcomes
+    assert all(
+        body == {"error": "the model server failed while handling this request; retry it."} for _, body in outcomes
+    )
     # Serve starts a new replica; requests succeed again.
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -158,9 +215,9 @@ def test_sigterm_drains_in_flight_requests_and_stops_every_process(server):
     started = descendants(server.process.pid)
     assert started  # Ray's processes
     with ThreadPoolExecutor(4) as pool:
-        # About 4 s of sampling: all reach the replica before the signal, none finishes before it.
+        # One run of 32 images at 20 steps, several seconds: the signal comes while it samples.
         running = [pool.submit(server.post, {"prompt": "metal", "seed": i, "steps": 20, "n": 8}) for i in range(4)]
-        time.sleep(1.0)
+        server.wait_sampling(8)
         stop = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
         statuses = [f.result().status_code for f in running]

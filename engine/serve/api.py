@@ -1,33 +1,43 @@
 """The HTTP API of `glyph-engine serve`: request schema, limits, auth and error replies.
 
 No Ray here: `build_app` turns any `Service` into a FastAPI app, so the API is the same on
-Ray Serve and in tests. Every error reply is JSON `{"error": "..."}` with a sentence that
-says what to fix.
+Ray Serve and in tests, and `ProxyGuard` wraps Ray Serve's HTTP proxy in front of it. Every
+error reply is JSON `{"error": "..."}` with a sentence that says what to fix.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hmac
-from typing import Protocol
+import json
+import logging
+from collections import Counter
+from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware import Middleware
 
 from glyph_engine import __version__
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.pipeline import Generation
 from glyph_engine.pipeline import Request as GlyphRequest
-from glyph_engine.serve.batcher import BatchKey, Overloaded
+from glyph_engine.serve.batcher import BatchKey, GuidanceTooStrong, Overloaded
 from glyph_engine.text import check_prompts
+
+logger = logging.getLogger(__name__)
 
 MAX_IMAGES = 256  # per request: larger jobs belong to bulk generation (`generate --ray`)
 MAX_PROMPT_CHARS = 1000  # T5 truncates at its max length anyway; this bounds the work of tokenizing
 MAX_BODY_BYTES = 16 * 1024
 MAX_SEED = 2**63 - 1
+# CFG-trained models want 5-15; far beyond that the guided prediction overflows (1e308 gives
+# infinities). `generate --guidance` should share this bound.
+MAX_GUIDANCE = 100.0
 
 
 class GenerateBody(BaseModel):
@@ -39,7 +49,11 @@ class GenerateBody(BaseModel):
     n: int = Field(1, ge=1, le=MAX_IMAGES, description="Number of glyphs.")
     steps: int = Field(20, ge=1, description="DPM-Solver++ steps; 20 looks good, 10 is usable.")
     guidance: float | None = Field(
-        None, ge=0, allow_inf_nan=False, description="Classifier-free guidance; null: the model's default, 1: off."
+        None,
+        ge=0,
+        le=MAX_GUIDANCE,
+        allow_inf_nan=False,
+        description="Classifier-free guidance; null: the model's default, 1: off.",
     )
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Image i's noise depends only on (seed, i).")
 
@@ -173,9 +187,209 @@ def build_app(service: Service, token: str | None) -> FastAPI:
             result = await service.generate(GlyphRequest(parsed.prompt, parsed.n, parsed.seed), key)
         except Overloaded as e:
             return error(503, f"{e}.", {"Retry-After": str(e.retry_after)})
+        except GuidanceTooStrong as e:
+            return error(422, f"invalid request: {e}.")
         except GlyphEngineError as e:
             return error(500, str(e))
+        except Exception as e:  # noqa: BLE001 - the batcher logged it; this run's clients get JSON, not a traceback
+            return error(500, f"sampling failed ({type(e).__name__}: {e}); the server log has the details.")
         images = [base64.b64encode(png).decode("ascii") for png in service.encode_png(result, key, parsed.seed)]
         return JSONResponse({"images": images, "seeds": result.seeds})
 
     return app
+
+
+# Ray Serve's HTTP proxy (uvicorn) reads a request's body only as the replica asks for it, so
+# a client that sends headers and then trickles its body holds one of the replica's
+# `max_ongoing_requests` for as long as it likes: a thousand of them and every request,
+# /healthz too, got Serve's plain-text 503. `ProxyGuard` runs in the proxy and reads each
+# body there first, against a deadline and per-client and total caps; only whole bodies reach
+# a replica.
+BODY_TIMEOUT_S = 10.0  # to send a whole body (16 KB at most); a client still sending after this gets 408
+MAX_READING = 1024  # bodies being read at once, all clients together: bounds the proxy's memory
+MAX_READING_PER_CLIENT = 32  # ...and from one client address, so one client cannot take all of them
+GUESS_RETRY_AFTER_S = 2  # Retry-After on Serve's own 503s, which come with no estimate
+
+
+class ProxyGuard:
+    """ASGI middleware for Ray Serve's HTTP proxy (`http_options.middlewares`), in front of
+    every replica: reads request bodies against a deadline and caps, and turns the proxy's own
+    plain-text error replies (no replica, timeout, a replica that died mid-request) into this
+    API's JSON `{"error": ...}`.
+
+    The client address is the TCP peer's; uvicorn replaces it with X-Forwarded-For only for
+    connections from 127.0.0.1 (a reverse proxy on this machine).
+    """
+
+    def __init__(
+        self,
+        app: Any,
+        body_timeout_s: float = BODY_TIMEOUT_S,
+        max_reading: int = MAX_READING,
+        max_reading_per_client: int = MAX_READING_PER_CLIENT,
+    ) -> None:
+        self.app = app
+        self.body_timeout_s = body_timeout_s
+        self.max_reading = max_reading
+        self.max_reading_per_client = max_reading_per_client
+        self._reading: Counter[str] = Counter()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        reply = _JsonErrors(send)
+        if _has_body(scope):
+            body = await self._read(scope, receive, reply)
+            if body is None:  # answered already, or the client left
+                return
+            receive = _replay(body, receive)
+        try:
+            await self.app(scope, receive, reply)
+        except Exception:  # noqa: BLE001 - the client gets JSON; the proxy's log gets the traceback
+            logger.exception("the proxy failed on %s %s", scope.get("method"), scope.get("path"))
+        if not reply.started:
+            # Serve sends nothing when the replica died or failed mid-request; uvicorn would
+            # answer a plain-text 500.
+            await reply.json(500, "the model server failed while handling this request; retry it.")
+
+    async def _read(self, scope: dict, receive: Any, reply: _JsonErrors) -> bytes | None:
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            await reply.refuse(413, f"the request body is over {MAX_BODY_BYTES} bytes; send one prompt per request.")
+            return None
+        client = (scope.get("client") or ("unknown",))[0]
+        if self._reading.total() >= self.max_reading:
+            await reply.refuse(
+                503,
+                f"the server is receiving {self.max_reading} request bodies; retry in {GUESS_RETRY_AFTER_S} s.",
+                {"retry-after": str(GUESS_RETRY_AFTER_S)},
+            )
+            return None
+        if self._reading[client] >= self.max_reading_per_client:
+            await reply.refuse(
+                429,
+                f"{client} is still sending {self.max_reading_per_client} request bodies; finish those first.",
+                {"retry-after": str(GUESS_RETRY_AFTER_S)},
+            )
+            return None
+        self._reading[client] += 1
+        body = bytearray()
+        try:
+            async with asyncio.timeout(self.body_timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return None
+                    body += message.get("body", b"")
+                    if len(body) > MAX_BODY_BYTES:
+                        await reply.refuse(
+                            413, f"the request body is over {MAX_BODY_BYTES} bytes; send one prompt per request."
+                        )
+                        return None
+                    if not message.get("more_body", False):
+                        return bytes(body)
+        except TimeoutError:
+            await reply.refuse(
+                408,
+                f"the request body did not arrive within {self.body_timeout_s:g} s; send it all at once.",
+            )
+            return None
+        finally:
+            self._reading[client] -= 1
+            if not self._reading[client]:
+                del self._reading[client]
+
+
+def proxy_middlewares() -> list[Middleware]:
+    """Ray Serve's proxy calls this at start (`serve` names it in RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH)."""
+    return [Middleware(ProxyGuard)]
+
+
+def _header(scope: dict, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _has_body(scope: dict) -> bool:
+    length = _header(scope, b"content-length")
+    return (length is not None and length.strip() != "0") or _header(scope, b"transfer-encoding") is not None
+
+
+def _replay(body: bytes, receive: Any) -> Any:
+    """A `receive` that gives the body read already, then the client's own messages (its disconnect)."""
+    sent = False
+
+    async def replay() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+# Serve's own error replies, as sentences that say what to do.
+_PROXY_ERRORS = {
+    404: "the glyph-engine application is not deployed (starting or stopping); retry in a few seconds.",
+    408: "the request was not answered in time; retry it, or ask for fewer images.",
+    500: "the model server failed while handling this request; retry it.",
+    503: "the server is busy or has no replica ready; retry in {retry_after} s.",
+}
+
+
+class _JsonErrors:
+    """The proxy's `send`, with every error reply that is not JSON already rewritten as JSON."""
+
+    def __init__(self, send: Any) -> None:
+        self._send = send
+        self._held: dict | None = None  # a non-JSON error's start, waiting for its body
+        self._text = bytearray()
+        self.started = False
+
+    async def refuse(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        """A refusal before the body was read: the connection closes, as what follows is unread body."""
+        await self.json(status, message, {**(headers or {}), "connection": "close"})
+
+    async def json(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        body = json.dumps({"error": message}).encode()
+        fields = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        fields += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
+        self.started = True
+        await self._send({"type": "http.response.start", "status": status, "headers": fields})
+        await self._send({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def __call__(self, message: dict) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+            content_type = dict(message.get("headers", ())).get(b"content-type", b"")
+            if message["status"] >= 400 and not content_type.startswith(b"application/json"):
+                self._held = message
+                return
+        elif message["type"] == "http.response.body" and self._held is not None:
+            self._text += message.get("body", b"")
+            if message.get("more_body", False):
+                return
+            await self._rewrite()
+            return
+        await self._send(message)
+
+    async def _rewrite(self) -> None:
+        assert self._held is not None
+        status = self._held["status"]
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in self._held.get("headers", ())}
+        kept = {k: v for k, v in headers.items() if k in ("retry-after", "www-authenticate", "allow", "connection")}
+        if status == 503:
+            kept.setdefault("retry-after", str(GUESS_RETRY_AFTER_S))
+        text = self._text.decode("utf-8", "replace").strip()
+        logger.info("the proxy answered %d: %s", status, text)
+        known = _PROXY_ERRORS.get(status)
+        message = (
+            known.format(retry_after=kept.get("retry-after"))
+            if known
+            else f"{text.rstrip('.') or 'the request failed'} (HTTP {status})."
+        )
+        await self.json(status, message, kept)

@@ -39,8 +39,20 @@ class Overloaded(Exception):
         self.retry_after = retry_after
 
 
+class GuidanceTooStrong(Exception):
+    """A run with the client's guidance gave NaN or infinite values: the client should lower it."""
+
+    def __init__(self, guidance: float, default: float) -> None:
+        super().__init__(
+            f"sampling at guidance {guidance:g} overflowed to NaN or infinite values; send a lower guidance "
+            f"(the model's default is {default:g})"
+        )
+
+
 class BatchMetrics(Protocol):
     """Where the batcher reports what it does (Prometheus through Ray, or a test's record)."""
+
+    def sampling(self, images: int) -> None: ...  # images in the run now; 0 once it ended
 
     def batch_ran(self, images: int, seconds: float) -> None: ...
 
@@ -78,7 +90,9 @@ class Batcher:
         self._queue: list[_Pending] = []
         self._arrived = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glyph-batch")
-        self._seconds_per_image = 0.0  # measured; feeds Retry-After
+        # Measured on the last run; feeds Retry-After. Per image and step, as a run's time grows
+        # with both and the queue may wait for more steps than the last run had.
+        self._seconds_per_image_step = 0.0
         self._worker: asyncio.Task[None] | None = None  # started in the loop of the first `submit`
 
     @property
@@ -93,7 +107,8 @@ class Batcher:
         queued = self.queued_images
         if queued and queued + request.count > self._config.max_queued_images:
             self._metrics.rejected()
-            raise Overloaded(max(1, math.ceil(queued * self._seconds_per_image)))
+            work = sum(p.request.count * p.key.steps for p in self._queue)
+            raise Overloaded(max(1, math.ceil(work * self._seconds_per_image_step)))
         if self._worker is None:
             self._worker = asyncio.get_running_loop().create_task(self._work())
         pending = _Pending(request, key, asyncio.get_running_loop().create_future())
@@ -132,6 +147,7 @@ class Batcher:
                 continue
             images = sum(p.request.count for p in batch)
             started = time.monotonic()
+            self._metrics.sampling(images)
             try:
                 results = await loop.run_in_executor(
                     self._executor, self._run, [p.request for p in batch], batch[0].key
@@ -142,8 +158,10 @@ class Batcher:
                     if not pending.future.done():
                         pending.future.set_exception(e)
                 continue
+            finally:
+                self._metrics.sampling(0)
             seconds = time.monotonic() - started
-            self._seconds_per_image = seconds / images
+            self._seconds_per_image_step = seconds / (images * batch[0].key.steps)
             self._metrics.batch_ran(images, seconds)
             for pending, result in zip(batch, results, strict=True):
                 if not pending.future.done():

@@ -10,9 +10,10 @@ from dataclasses import dataclass
 
 from ray import serve
 
+from glyph_engine.errors import GlyphEngineError
 from glyph_engine.pipeline import Generation, Request
 from glyph_engine.serve.api import build_app
-from glyph_engine.serve.batcher import BatchConfig, Batcher, BatchKey
+from glyph_engine.serve.batcher import BatchConfig, Batcher, BatchKey, GuidanceTooStrong
 from glyph_engine.session import ModelSource, Session
 from glyph_engine.settings import GenerationSettings
 
@@ -50,18 +51,25 @@ class RayMetrics:
         )
         self._images = metrics.Counter("glyph_engine_images", description="Images generated.")
         self._queue = metrics.Gauge("glyph_engine_queue_images", description="Images waiting for a sampling run.")
+        self._sampling = metrics.Gauge("glyph_engine_sampling_images", description="Images in the sampling run now.")
         self._rejected = metrics.Counter(
             "glyph_engine_rejected_requests", description="Requests refused with 503 because the queue was full."
         )
         # Ray exports a gauge only in the report intervals where it was set: an idle queue would
-        # vanish from the scrape, so its value is set again every second.
+        # vanish from the scrape, so the gauges are set again every second.
         self._queued = 0
-        threading.Thread(target=self._refresh_queue, name="glyph-metrics", daemon=True).start()
+        self._sampled = 0
+        threading.Thread(target=self._refresh_gauges, name="glyph-metrics", daemon=True).start()
 
-    def _refresh_queue(self) -> None:
+    def _refresh_gauges(self) -> None:
         while True:
             time.sleep(1)
             self._queue.set(self._queued)
+            self._sampling.set(self._sampled)
+
+    def sampling(self, images: int) -> None:
+        self._sampled = images
+        self._sampling.set(images)
 
     def batch_ran(self, images: int, seconds: float) -> None:
         self._batch.observe(images)
@@ -94,7 +102,15 @@ class GlyphServer:
         settings = GenerationSettings(
             steps=key.steps, guidance=key.guidance, batch_size=self._config.batch.max_batch_images
         )
-        return self._session.generate_requests(requests, settings)
+        try:
+            return self._session.generate_requests(requests, settings)
+        except GlyphEngineError as e:
+            # The API refused every other bad setting before the run, so this is a run that gave
+            # NaN or infinite values: past the model's own guidance, the client's guidance did it.
+            default = self._session.model.default_guidance
+            if key.guidance is not None and key.guidance > default:
+                raise GuidanceTooStrong(key.guidance, default) from e
+            raise
 
     async def generate(self, request: Request, key: BatchKey) -> Generation:
         return await self._batcher.submit(request, key)

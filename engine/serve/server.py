@@ -29,6 +29,9 @@ TOKEN_ENV = "GLYPH_ENGINE_TOKEN"
 DRAIN_S = 20  # a replica's grace to finish its requests; Ray's and Serve's own stop take the rest of 30 s
 STOP_DEADLINE_S = 25  # from the signal to this process's end, whatever happens
 REQUEST_TIMEOUT_S = 300  # a request still unanswered after this gets Serve's timeout reply, never hangs
+PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+PROXY_CALLBACK = "glyph_engine.serve.api.proxy_middlewares"
+KEEP_ALIVE_S = 5  # an idle connection is closed after this (Serve's default, 90 s, lets idle clients pile up)
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,12 @@ class ServeOptions:
             )
         if self.token is not None and len(self.token) < 16:
             raise GlyphEngineError("--token must be at least 16 characters; e.g. `openssl rand -hex 16` makes one.")
+        # Clients send it in an HTTP header, which carries ASCII only: any other token locks every client out.
+        if self.token is not None and not (self.token.isascii() and self.token.isprintable() and " " not in self.token):
+            raise GlyphEngineError(
+                "--token must be printable ASCII without spaces (HTTP headers carry no other characters); "
+                "e.g. `openssl rand -hex 16` makes one."
+            )
         for name, port in (("--port", self.port), ("--metrics-port", self.metrics_port)):
             if not 1 <= port <= 65535:
                 raise GlyphEngineError(f"{name} must be from 1 to 65535 (got {port}).")
@@ -128,7 +137,16 @@ def run_serve(options: ServeOptions, report: Callable[[str], None]) -> None:
         report("starting the model server (the first start on this machine compiles the model)")
         try:
             serve.start(
-                http_options={"host": options.host, "port": options.port, "request_timeout_s": REQUEST_TIMEOUT_S}
+                http_options={
+                    "host": options.host,
+                    "port": options.port,
+                    "request_timeout_s": REQUEST_TIMEOUT_S,
+                    "keep_alive_timeout_s": KEEP_ALIVE_S,
+                },
+                # The proxy reads this at start, and inherits the controller's environment. It is
+                # the one way left to run code in Serve's proxy, before any replica is involved:
+                # slow bodies are read there, and the proxy's own errors become JSON.
+                controller_options={"runtime_env": {"env_vars": {PROXY_CALLBACK_ENV: PROXY_CALLBACK}}},
             )
         except Exception as e:  # noqa: BLE001 - Ray wraps the proxy's error
             raise GlyphEngineError(f"Ray Serve could not start its HTTP proxy: {first_line(e)}") from None
