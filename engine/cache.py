@@ -15,16 +15,20 @@ no permission), the artifact is built in memory for this run, with one warning.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
+import stat
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from glyph_engine.files import FOLDER, REGULAR_FILE, kind_of
 
 logger = logging.getLogger(__name__)
 
@@ -112,25 +116,30 @@ class ArtifactCache:
     def _lock(self, name: str) -> int | None:
         """Holds the build lock of entry `name` (a descriptor to close), or None with a warning
         when the cache cannot be written."""
-        try:
-            locks = self.root / ".locks"
-            locks.mkdir(parents=True, exist_ok=True)
-            fd = os.open(locks / name, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as e:
-            self._cannot_write(e)
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            logger.warning("waiting for another glyph-engine process that is building %s", name)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        return fd
+        path = self.root / ".locks" / name
+        while True:
+            try:
+                fd = _open_lock_file(path)
+            except OSError as e:
+                self._cannot_write(e)
+                return None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                logger.warning("waiting for another glyph-engine process that is building %s", name)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            if _is_lock_file(fd, path):
+                return fd
+            os.close(fd)  # another process replaced what it found there meanwhile: lock its file
 
     def _read(self, key: ArtifactKey, remove_damaged: bool = True, quiet: bool = False) -> Artifact | None:
         folder = self.root / key.name
-        if not folder.exists():
+        kind = kind_of(folder)
+        if kind is None:
             return None
         try:
+            if kind != FOLDER:  # entries are only ever made by renaming a folder
+                raise ValueError(f"it is {kind}, not a folder")
             artifact = _read_entry(folder, key)
         except (OSError, ValueError) as e:
             if not quiet:
@@ -141,7 +150,7 @@ class ArtifactCache:
                     "rebuilding it" if remove_damaged else "not using it",
                 )
             if remove_damaged:
-                shutil.rmtree(folder, ignore_errors=True)
+                _remove(folder)
             return None
         return artifact
 
@@ -150,7 +159,7 @@ class ArtifactCache:
         so a staging folder found here is a killed build's leftover)."""
         final = self.root / key.name
         staging = self.root / f".{key.name}.partial"
-        shutil.rmtree(staging, ignore_errors=True)
+        _remove(staging)
         try:
             staging.mkdir()
             entry = {"format": FORMAT, "key": asdict(key), "meta": artifact.meta, "files": {}}
@@ -158,10 +167,45 @@ class ArtifactCache:
                 (staging / name).write_bytes(data)
                 entry["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
             (staging / ENTRY).write_text(json.dumps(entry, indent=1))
-            shutil.rmtree(final, ignore_errors=True)  # a damaged entry removed but still there
+            _remove(final)  # a damaged entry removed but still there
             os.rename(staging, final)
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            _remove(staging)
+
+
+def _remove(path: Path) -> None:
+    """Removes whatever is at `path`: a folder with its contents, anything else itself (a
+    symlink, never what it points to). Failures are left for the next write to report."""
+    if kind_of(path) == FOLDER:
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
+
+
+def _open_lock_file(path: Path) -> int:
+    """A descriptor on the lock file `path`, creating it and its folder when missing.
+
+    Whatever else is there, at `path` or at its folder (a symlink, FIFO, folder: damage, never
+    made here), is replaced rather than followed, so locking never writes outside the cache.
+    """
+    if kind_of(path.parent) not in (None, FOLDER):
+        _remove(path.parent)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind_of(path) not in (None, REGULAR_FILE):
+        _remove(path)
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
+
+
+def _is_lock_file(fd: int, path: Path) -> bool:
+    """Whether the locked `fd` is still the regular file at `path`: two processes that found
+    damage there may each have replaced it, and only the lock on the file that stays counts."""
+    try:
+        here = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return stat.S_ISREG(mine.st_mode) and os.path.samestat(mine, here)
 
 
 def _built(artifact: Artifact) -> Artifact:
@@ -173,7 +217,7 @@ def _read_entry(folder: Path, key: ArtifactKey) -> Artifact:
     """The entry's files, each checked against its recorded size and sha256; ValueError names
     the first thing wrong."""
     try:
-        entry = json.loads((folder / ENTRY).read_text())
+        entry = json.loads(_file_bytes(folder / ENTRY))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"unreadable {ENTRY}: {e}") from None
     if (
@@ -189,8 +233,17 @@ def _read_entry(folder: Path, key: ArtifactKey) -> Artifact:
     for name, recorded in files.items():
         if not isinstance(recorded, dict) or Path(name).name != name:
             raise ValueError(f"{ENTRY} has a bad record for {name!r}")
-        data = (folder / name).read_bytes()
+        data = _file_bytes(folder / name)
         if len(data) != recorded.get("bytes") or hashlib.sha256(data).hexdigest() != recorded.get("sha256"):
             raise ValueError(f"{name} does not match its recorded sha256")
         contents[name] = data
     return Artifact(files=contents, meta=meta, source="cache")
+
+
+def _file_bytes(path: Path) -> bytes:
+    """The contents of `path` if it is a regular file: reading a FIFO would wait forever, and a
+    symlink would read from outside the entry."""
+    kind = kind_of(path)
+    if kind not in (None, REGULAR_FILE):
+        raise OSError(f"{path.name} is {kind}, not a regular file")
+    return path.read_bytes()

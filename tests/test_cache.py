@@ -2,6 +2,9 @@
 
 import errno
 import logging
+import os
+import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -169,3 +172,96 @@ def test_two_processes_build_once(tmp_path):
     outputs = sorted(w.communicate(timeout=120)[0].strip() for w in workers)
     assert all(w.returncode == 0 for w in workers)
     assert outputs == ["built 1000", "cache 1000"] and log.read_text() == "built\n"
+
+
+# --- what is found where an entry, its lock or its staging folder goes ---------------------
+
+
+@pytest.fixture
+def outside(tmp_path):
+    """A folder beside the cache with a file in it: nothing the cache does may change either."""
+    folder = tmp_path / "outside"
+    folder.mkdir()
+    (folder / "precious.txt").write_text("keep me")
+    return folder
+
+
+@pytest.fixture
+def fails_if_it_waits():
+    """Opening a FIFO to read it waits for a writer forever: fail the test instead of hanging."""
+
+    def waited(*args):
+        pytest.fail("the cache waited on a FIFO")
+
+    previous = signal.signal(signal.SIGALRM, waited)
+    signal.alarm(20)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def contents(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+ENTRY_DAMAGE = {
+    "file": lambda entry, outside: entry.write_bytes(b"not a folder"),
+    "fifo": lambda entry, outside: os.mkfifo(entry),
+    "symlink-to-file": lambda entry, outside: entry.symlink_to(outside / "precious.txt"),
+    "symlink-to-folder": lambda entry, outside: entry.symlink_to(outside),
+    "dangling-symlink": lambda entry, outside: entry.symlink_to(outside / "missing"),
+}
+
+
+@pytest.mark.parametrize("plant", ENTRY_DAMAGE.values(), ids=ENTRY_DAMAGE.keys())
+def test_an_entry_that_is_not_a_folder_is_replaced_once(tmp_path, outside, plant, caplog, fails_if_it_waits):
+    root = tmp_path / "cache"
+    root.mkdir()
+    plant(root / KEY.name, outside)
+    before = contents(outside)
+    build = Builder()
+    with caplog.at_level(logging.WARNING):
+        assert ArtifactCache(root).get(KEY, build).source == "built"
+    assert "rebuilding it" in caplog.text and "cannot write" not in caplog.text
+    entry = root / KEY.name
+    assert entry.is_dir() and not entry.is_symlink()
+    assert ArtifactCache(root).get(KEY, build).source == "cache" and build.calls == 1
+    assert contents(outside) == before  # a symlink was removed, not what it pointed to
+
+
+LOCK_DAMAGE = {
+    "lock-dangling-symlink": lambda root, outside: (root / ".locks" / KEY.name).symlink_to(outside / "made.lock"),
+    "lock-symlink-to-file": lambda root, outside: (root / ".locks" / KEY.name).symlink_to(outside / "precious.txt"),
+    "lock-fifo": lambda root, outside: os.mkfifo(root / ".locks" / KEY.name),
+    "lock-folder": lambda root, outside: (root / ".locks" / KEY.name / "inner").mkdir(parents=True),
+    "locks-symlink-to-folder": lambda root, outside: (
+        (root / ".locks").rmdir(),
+        (root / ".locks").symlink_to(outside),
+    ),
+    "staging-symlink-to-folder": lambda root, outside: (root / f".{KEY.name}.partial").symlink_to(outside),
+}
+
+
+@pytest.mark.parametrize("plant", LOCK_DAMAGE.values(), ids=LOCK_DAMAGE.keys())
+def test_a_damaged_lock_or_staging_path_is_replaced_never_followed(tmp_path, outside, plant, caplog, fails_if_it_waits):
+    root = tmp_path / "cache"
+    (root / ".locks").mkdir(parents=True)
+    plant(root, outside)
+    before = contents(outside)
+    build = Builder()
+    with caplog.at_level(logging.WARNING):
+        assert ArtifactCache(root).get(KEY, build).source == "built"
+    assert "cannot write" not in caplog.text
+    assert ArtifactCache(root).get(KEY, build).source == "cache" and build.calls == 1
+    lock = root / ".locks" / KEY.name
+    assert stat.S_ISDIR((root / ".locks").lstat().st_mode) and stat.S_ISREG(lock.lstat().st_mode)
+    assert contents(outside) == before
+
+
+def test_a_fifo_inside_an_entry_is_damage_not_a_wait(tmp_path, fails_if_it_waits):
+    cache, build = ArtifactCache(tmp_path), Builder()
+    cache.get(KEY, build)
+    (tmp_path / KEY.name / "entry.json").unlink()
+    os.mkfifo(tmp_path / KEY.name / "entry.json")
+    assert cache.get(KEY, build).source == "built" and build.calls == 2
+    assert cache.get(KEY, build).source == "cache"
