@@ -35,6 +35,7 @@ MAX_IMAGES = 256  # per request: larger jobs belong to bulk generation (`generat
 MAX_PROMPT_CHARS = 1000  # T5 truncates at its max length anyway; this bounds the work of tokenizing
 MAX_BODY_BYTES = 16 * 1024
 MAX_SEED = 2**63 - 1
+TOO_LARGE = f"the request body is over {MAX_BODY_BYTES} bytes; send one prompt per request."
 # CFG-trained models want 5-15; far beyond that the guided prediction overflows (1e308 gives
 # infinities). `generate --guidance` should share this bound.
 MAX_GUIDANCE = 100.0
@@ -93,12 +94,12 @@ async def _read_body(request: Request) -> bytes | JSONResponse:
     """The body, read up to MAX_BODY_BYTES: a larger one is refused before it is all read."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        return error(413, f"the request body is over {MAX_BODY_BYTES} bytes; send one prompt per request.")
+        return error(413, TOO_LARGE)
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > MAX_BODY_BYTES:
-            return error(413, f"the request body is over {MAX_BODY_BYTES} bytes; send one prompt per request.")
+            return error(413, TOO_LARGE)
     return bytes(body)
 
 
@@ -212,13 +213,15 @@ GUESS_RETRY_AFTER_S = 2  # Retry-After on Serve's own 503s, which come with no e
 
 
 class ProxyGuard:
-    """ASGI middleware for Ray Serve's HTTP proxy (`http_options.middlewares`), in front of
-    every replica: reads request bodies against a deadline and caps, and turns the proxy's own
+    """ASGI middleware in Ray Serve's HTTP proxy (see `proxy_middlewares`), in front of every
+    replica: reads request bodies against a deadline and caps, and turns the proxy's own
     plain-text error replies (no replica, timeout, a replica that died mid-request) into this
     API's JSON `{"error": ...}`.
 
     The client address is the TCP peer's; uvicorn replaces it with X-Forwarded-For only for
-    connections from 127.0.0.1 (a reverse proxy on this machine).
+    connections from 127.0.0.1 (a reverse proxy on this machine). A connection that never
+    finishes its headers is not seen here: Serve's uvicorn has no header timeout to set, so it
+    holds one socket until the client goes (the proxy's limit is 20,000 open files).
     """
 
     def __init__(
@@ -256,7 +259,7 @@ class ProxyGuard:
     async def _read(self, scope: dict, receive: Any, reply: _JsonErrors) -> bytes | None:
         declared = _header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-            await reply.refuse(413, f"the request body is over {MAX_BODY_BYTES} bytes; send one prompt per request.")
+            await reply.refuse(413, TOO_LARGE)
             return None
         client = (scope.get("client") or ("unknown",))[0]
         if self._reading.total() >= self.max_reading:
@@ -283,9 +286,7 @@ class ProxyGuard:
                         return None
                     body += message.get("body", b"")
                     if len(body) > MAX_BODY_BYTES:
-                        await reply.refuse(
-                            413, f"the request body is over {MAX_BODY_BYTES} bytes; send one prompt per request."
-                        )
+                        await reply.refuse(413, TOO_LARGE)
                         return None
                     if not message.get("more_body", False):
                         return bytes(body)
