@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -141,12 +142,32 @@ def _why_rebuild(out: Path, key: str, force: bool) -> str | None:
 
 
 def _swap_in(staging: Path, out: Path) -> None:
-    if out.exists():
-        with owned_staging_dir(out, ".old") as old:
-            out.rename(old / "previous")
+    """Renames the finished `staging` folder to `out`, moving an existing `out` aside first.
+
+    A failed rename puts the previous `out` back and leaves the new files in `staging` for
+    `owned_staging_dir` to remove, so `out` is as it was."""
+    try:
+        if out.exists():
+            with owned_staging_dir(out, ".old") as old:
+                out.rename(old / "previous")
+                try:
+                    staging.rename(out)
+                except OSError:
+                    (old / "previous").rename(out)
+                    raise
+        else:
             staging.rename(out)
-    else:
-        staging.rename(out)
+    except OSError as e:
+        # A mount point cannot be renamed (EBUSY); nor can anything in a folder this user cannot write.
+        fix = (
+            f"it is a mount point or in use; give a folder inside it, such as {out / 'export'}"
+            if e.errno == errno.EBUSY
+            else f"check that {out.parent} is writable, or choose another --out"
+        )
+        raise GlyphEngineError(
+            f"cannot move the finished export into {out} ({e.strerror or e}), so its new files were removed and "
+            f"{out} is as it was; {fix}."
+        ) from None
     # The lock went along with the rename; `out` is no staging folder.
     (out / STAGING_LOCK).unlink()
 

@@ -494,3 +494,48 @@ def test_a_killed_owner_leaves_a_staging_folder_that_is_then_removed(tmp_path):
     assert staging.is_dir()  # nothing cleaned up after the kill...
     assert remove_stale_staging_dirs(target, (".partial",)) == [staging]  # ...until the next export
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "out_exists, fails, error_name, advice",
+    [
+        (True, "moving out aside", "EBUSY", "it is a mount point"),  # an empty mount point as --out
+        (True, "moving the export in", "EBUSY", "it is a mount point"),
+        (False, "moving the export in", "EACCES", "is writable, or choose another --out"),
+    ],
+    ids=["mount-point", "busy-after-moving-aside", "fresh-out-denied"],
+)
+def test_a_failed_final_move_is_one_line_and_leaves_out_as_it_was(
+    ckpt_path, tmp_path, monkeypatch, out_exists, fails, error_name, advice
+):
+    import errno
+
+    import glyph_engine.export.exporter as exporter
+
+    code = getattr(errno, error_name)
+
+    def quick_build(model, folder, *args):  # the ONNX export itself is not what this tests
+        (folder / "unet.fp32.onnx").write_bytes(b"onnx")
+        return {}
+
+    out = tmp_path / "mnt"
+    if out_exists:
+        out.mkdir()
+    real_rename, failed = Path.rename, []
+
+    def rename(self, target):
+        moving = self == out if fails == "moving out aside" else Path(target) == out
+        if moving and not failed:  # only once: putting the previous folder back must work
+            failed.append(self)
+            raise OSError(code, os.strerror(code))
+        return real_rename(self, target)
+
+    monkeypatch.setattr(exporter, "_build", quick_build)
+    monkeypatch.setattr(Path, "rename", rename)
+    before = sorted(tmp_path.rglob("*"))
+    result = runner.invoke(app, ["export", str(ckpt_path), "-o", str(out)])
+    assert result.exit_code == 2, result.output
+    assert result.output.count("\n") == 1
+    assert result.output.startswith(f"error: cannot move the finished export into {out} ")
+    assert advice in result.output and failed
+    assert sorted(tmp_path.rglob("*")) == before  # no staging folder left, `out` as it was
