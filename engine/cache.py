@@ -9,7 +9,8 @@ of one; it never changes afterwards.
 
 Two processes: the builder of an entry holds an flock on ``ROOT/.locks/NAME``; a second
 process waits for it and then reads what it built. A damaged entry (a file that fails its
-hash) is removed and rebuilt, never used. Where the cache cannot be written (read-only, full,
+hash, or an entry path that is not a folder) is removed and rebuilt, never used; a symlink is
+removed itself, never followed. Where the cache cannot be written (read-only, full,
 no permission), the artifact is built in memory for this run, with one warning.
 """
 
