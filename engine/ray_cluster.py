@@ -138,3 +138,31 @@ def first_line(e: BaseException) -> str:
     """The line of a (Ray-wrapped) error that says what went wrong: its last non-empty one."""
     lines = [line for line in str(e).splitlines() if line.strip()]
     return lines[-1].strip() if lines else type(e).__name__
+
+
+def keep_replica_grpc_on_loopback() -> None:
+    """Binds this Serve replica's inter-deployment gRPC server to loopback when its Ray is a
+    private single-machine one.
+
+    Ray Serve 2.60 starts that server in every replica on all interfaces ("[::]:0"), with no
+    option to choose, and it calls the replica's methods for whoever connects: past the API's
+    token. Nothing off this machine needs it when the node itself lives on loopback. Called
+    in the replica's process before Serve starts the server (the deployment's constructor);
+    `tests/test_ray_loopback.py` reads the sockets, so a Serve release that moved the call
+    fails there instead of exposing the replica.
+    """
+    import ray
+    from ray.serve._private import replica
+
+    if not _is_loopback(ray.util.get_node_ip_address()):
+        return  # a cluster: other nodes reach replicas through it; the operator secures the network
+    bind = replica.add_port_to_grpc_server
+    if getattr(bind, "_glyph_engine_loopback", False):
+        return
+
+    def loopback(server, address: str):
+        host, _, port = address.rpartition(":")
+        return bind(server, f"127.0.0.1:{port}" if host in ("[::]", "0.0.0.0", "") else address)
+
+    loopback._glyph_engine_loopback = True
+    replica.add_port_to_grpc_server = loopback

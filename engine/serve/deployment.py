@@ -12,6 +12,7 @@ from ray import serve
 
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.pipeline import Generation, Request
+from glyph_engine.ray_cluster import keep_replica_grpc_on_loopback
 from glyph_engine.serve.api import build_app
 from glyph_engine.serve.batcher import BatchConfig, Batcher, BatchKey, GuidanceTooStrong
 from glyph_engine.session import ModelSource, Session
@@ -90,6 +91,7 @@ class GlyphServer:
     """One replica: the model loaded once, a batcher in front of it, the HTTP API on top."""
 
     def __init__(self, config: ReplicaConfig) -> None:
+        keep_replica_grpc_on_loopback()
         self._session = Session.load(config.source)
         self._config = config
         self._batcher = Batcher(self._run, config.batch, RayMetrics())
