@@ -25,7 +25,7 @@ from glyph_engine.files import check_writable_file
 from glyph_engine.images import grid, save_folder, save_png, to_uint8
 from glyph_engine.model import DEFAULT_CHECKPOINT, Glyffuser, unet_parameter_count
 from glyph_engine.pipeline import Generation
-from glyph_engine.session import ModelSource, Session
+from glyph_engine.session import ModelSource, Session, model_settings
 from glyph_engine.settings import BackendName, GenerationSettings
 from glyph_engine.text import check_prompts
 
@@ -210,10 +210,13 @@ def run_bench(
     config = BenchConfig(
         batch_sizes=_int_list(batch, "--batch"), steps=_int_list(steps, "--steps"), repeats=max(1, repeats)
     )
+    if max(config.batch_sizes) > MAX_IMAGES:  # generate's -n limit: a larger batch is a typo, not a plan
+        raise GlyphEngineError(f"--batch must be from 1 to {MAX_IMAGES} images (got {max(config.batch_sizes)}).")
     if out.exists() and not out.is_dir():
         raise GlyphEngineError(f"--out {out} is a file; give a folder for the results.")
     ckpt = ckpt or DEFAULT_CHECKPOINT
     model = load_model(ckpt, text_encoder)
+    model_settings(model, GenerationSettings(steps=max(config.steps)))  # generate's --steps limit, stated there
     export_dir = export_dir or default_export_dir(ckpt)
     names = (
         [n.strip() for n in backends.split(",")] if backends else [b.value for b in BackendName if b.value != "auto"]

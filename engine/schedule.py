@@ -55,6 +55,11 @@ class StepCoefficients:
 
 
 def _timesteps(spacing: Spacing, num_steps: int, num_train: int, steps_offset: int) -> np.ndarray:
+    if num_steps == num_train:
+        # The maximum: every training timestep once, whatever the spacing (diffusers' "trailing"
+        # gives exactly this). Diffusers' "linspace" repeats a timestep here, a zero-length step
+        # whose second-order update divides by zero, and "leading" puts every step at t = 0.
+        return np.arange(num_train - 1, -1, -1, dtype=np.int64)
     if spacing == "linspace":
         t = np.linspace(0, num_train - 1, num_steps + 1).round()[::-1][:-1]
     elif spacing == "leading":
@@ -104,8 +109,8 @@ def dpmpp_coefficients(
     alphas_cumprod: np.ndarray, num_steps: int, config: SamplerConfig = SamplerConfig()
 ) -> list[StepCoefficients]:
     """Per-step scalars of DPM-Solver++ (order 1 or 2M midpoint), epsilon prediction."""
-    if num_steps < 1:
-        raise ValueError("num_steps must be at least 1")
+    if not 1 <= num_steps <= len(alphas_cumprod):
+        raise ValueError(f"num_steps must be from 1 to {len(alphas_cumprod)}, the training timesteps (got {num_steps})")
     timesteps, sigmas = timesteps_and_sigmas(alphas_cumprod, num_steps, config)
     alphas = 1.0 / np.sqrt(sigmas**2 + 1.0)
     with np.errstate(divide="ignore"):  # the final sigma may be 0: lambda = +inf there
@@ -123,6 +128,7 @@ def dpmpp_coefficients(
         first_order = (
             config.order == 1
             or i == 0  # no previous x0 yet
+            or h == 0  # ends at sigma_min from t = 0: a zero-length step, x stays (phi = 0)
             or (last and (config.final_sigma == "zero" or (config.lower_order_final and num_steps < 15)))
         )
         if first_order:

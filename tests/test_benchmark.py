@@ -80,12 +80,22 @@ def test_flop_count_matches_full_size_reference():
 
 
 @pytest.mark.parametrize(
-    "args, message", [(["--steps", "0"], "--steps"), (["--batch", "x"], "--batch"), (["--backends", "tpu"], "tpu")]
+    "args, message",
+    [
+        (["--steps", "0"], "--steps"),
+        (["--batch", "x"], "--batch"),
+        (["--backends", "tpu"], "tpu"),
+        # generate's limits: -n's 4096 images, and the model's 1000 training timesteps
+        (["--steps", "1", "--batch", "99999999", "--backends", "torch"], "--batch must be from 1 to 4096 images"),
+        (["--steps", "1,1001", "--batch", "1", "--backends", "torch"], "--steps must be at most 1000"),
+    ],
 )
 def test_bench_bad_input(ckpt_path, tmp_path, args, message):
     result = CliRunner().invoke(app, ["bench", "--ckpt", str(ckpt_path), "-o", str(tmp_path / "r"), *args])
     assert result.exit_code == 2, result.output
     assert message in result.output
+    assert result.output.startswith("error: ") and result.output.strip().count("\n") == 0
+    assert not (tmp_path / "r").exists()
 
 
 def test_bench_runs_a_diffusers_folder_offline_with_its_export(glyffuser_folder, t5_folder, tmp_path):

@@ -46,6 +46,16 @@ def test_generate_writes_grid_and_images(ckpt_path, tmp_path, glyffuser_folder, 
     assert ours.std() > 10  # not blank
 
 
+def test_generate_at_the_maximum_steps(ckpt_path, tmp_path):
+    """--steps 1000, the model's training timesteps and the most it takes, draws a glyph (it
+    once divided by zero in the schedule and was refused as NaN)."""
+    png = tmp_path / "g.png"
+    result = run("generate", "metal", "-n", 1, "--steps", 1000, "--ckpt", ckpt_path, "-o", png)
+    assert result.exit_code == 0, result.output
+    assert Image.open(png).text["steps"] == "1000"
+    assert np.asarray(Image.open(png)).std() > 10  # not blank
+
+
 def test_generate_same_seed_same_files_whatever_batch_size(ckpt_path, tmp_path):
     args = ["generate", "fire", "-n", 4, "--steps", 3, "--ckpt", ckpt_path, "--seed", 5]
     assert run(*args, "-o", tmp_path / "a.png").exit_code == 0

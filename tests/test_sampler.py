@@ -1,5 +1,6 @@
 """The sampler against diffusers' DPMSolverMultistepScheduler, the glyffuser's own sampler."""
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -46,9 +47,12 @@ def make_scheduler(config: SamplerConfig) -> DPMSolverMultistepScheduler:
     )
 
 
-def compare(x: torch.Tensor, steps: int, config: SamplerConfig, eps_fn, guidance=1.0, uncond_fn=None):
-    """(ours, diffusers) final samples from the same noise, on the scheduler's own schedule."""
-    scheduler = make_scheduler(config)
+def compare(
+    x: torch.Tensor, steps: int, config: SamplerConfig, eps_fn, guidance=1.0, uncond_fn=None, reference_config=None
+):
+    """(ours, diffusers) final samples from the same noise, on the scheduler's own schedule;
+    diffusers runs `reference_config` where given, else `config`."""
+    scheduler = make_scheduler(reference_config or config)
     coefficients = dpmpp_coefficients(scheduler.alphas_cumprod.numpy(), steps, config)
     if uncond_fn is None:
         ours = sample_dpmpp(lambda x, t: (eps_fn(x, t), None), x.clone(), coefficients)
@@ -84,6 +88,25 @@ def test_full_trajectory_matches_diffusers(steps, config, diffusers_in_float64):
     ours, ref = compare(x, steps, config, toy_eps)
     assert ours.dtype == torch.float64
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=repr)
+def test_the_maximum_step_count_takes_every_training_timestep(config, diffusers_in_float64):
+    """At 1000 steps (the training timesteps, the most `generate` takes) every spacing walks
+    t = 999 .. 0 once, as diffusers' "trailing" spacing does; diffusers' own "linspace" repeats
+    a timestep there and ends in NaN, and its "leading" fails. Karras sigmas keep their ramp."""
+    x = initial_noise([7, 8, 9], (1, 8, 8), dtype=torch.float64)
+    reference = config if config.karras_sigmas else dataclasses.replace(config, spacing="trailing")
+    ours, ref = compare(x, 1000, config, toy_eps, reference_config=reference)
+    assert torch.isfinite(ref).all()
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+    if not config.karras_sigmas:
+        assert [c.timestep for c in dpmpp_coefficients(ALPHAS_CUMPROD, 1000, config)] == list(range(999, -1, -1))
+
+
+def test_more_steps_than_training_timesteps_are_refused():
+    with pytest.raises(ValueError, match="from 1 to 1000"):
+        dpmpp_coefficients(ALPHAS_CUMPROD, 1001)
 
 
 @pytest.mark.parametrize("steps", [1, 20])
