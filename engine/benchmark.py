@@ -23,7 +23,7 @@ from diffusers import DPMSolverMultistepScheduler
 from glyph_engine.backends.base import Backend
 from glyph_engine.cpu import cpu_info
 from glyph_engine.errors import GlyphEngineError
-from glyph_engine.files import atomic_path
+from glyph_engine.files import atomic_path, refuse_non_regular
 from glyph_engine.model import Glyffuser
 from glyph_engine.pipeline import generate, image_seeds
 from glyph_engine.sampler import initial_noise
@@ -224,10 +224,22 @@ def unet_call(model: Glyffuser, backend: Backend, batch: int) -> Callable[[], ob
     return lambda: backend.denoise(x, 500, text, mask)
 
 
+RESULT_FILES = ("results.json", "results.csv", "results.md", "throughput.png")
+
+
+def result_paths(out: Path) -> list[Path]:
+    """Where `write_results` writes, each refused now if it could not be replaced (a device,
+    FIFO or folder there): `bench` checks before it measures for minutes."""
+    paths = [out / name for name in RESULT_FILES]
+    for path in paths:
+        refuse_non_regular(path, "another --out folder")
+    return paths
+
+
 def write_results(results: dict[str, Any], out: Path) -> list[Path]:
     """results.json, results.csv, results.md and throughput.png in `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "results.json", out / "results.csv", out / "results.md", out / "throughput.png"]
+    paths = result_paths(out)
     with atomic_path(paths[0]) as tmp:
         tmp.write_text(json.dumps(results, indent=2))
     buffer = io.StringIO()

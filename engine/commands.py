@@ -22,7 +22,7 @@ from glyph_engine.cpu import cpu_info
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.export_manifest import default_export_dir
 from glyph_engine.files import check_writable_file
-from glyph_engine.images import grid, save_folder, save_png, to_uint8
+from glyph_engine.images import check_folder_targets, grid, save_folder, save_png, to_uint8
 from glyph_engine.model import DEFAULT_CHECKPOINT, Glyffuser, unet_parameter_count
 from glyph_engine.pipeline import Generation
 from glyph_engine.session import ModelSource, Session, model_settings
@@ -65,6 +65,7 @@ def _validate(request: GenerateRequest) -> None:
         if request.out_dir.exists() and not request.out_dir.is_dir():
             raise GlyphEngineError(f"--out-dir {request.out_dir} exists and is not a folder.")
         check_writable_file(request.out_dir / "0000.png" if request.out_dir.is_dir() else request.out_dir)
+        check_folder_targets(request.out_dir, len(request.prompts) * request.num_images)
 
 
 def run_generate(request: GenerateRequest) -> list[Path]:
@@ -205,7 +206,7 @@ def run_bench(
     The model is loaded as `generate` loads it (a checkpoint, or a diffusers folder with
     `text_encoder`), and ONNX Runtime and TensorRT read the same export folder.
     """
-    from glyph_engine.benchmark import BenchConfig, run_benchmark, write_results
+    from glyph_engine.benchmark import BenchConfig, result_paths, run_benchmark, write_results
 
     config = BenchConfig(
         batch_sizes=_int_list(batch, "--batch"), steps=_int_list(steps, "--steps"), repeats=max(1, repeats)
@@ -214,6 +215,7 @@ def run_bench(
         raise GlyphEngineError(f"--batch must be from 1 to {MAX_IMAGES} images (got {max(config.batch_sizes)}).")
     if out.exists() and not out.is_dir():
         raise GlyphEngineError(f"--out {out} is a file; give a folder for the results.")
+    result_paths(out)
     ckpt = ckpt or DEFAULT_CHECKPOINT
     model = load_model(ckpt, text_encoder)
     model_settings(model, GenerationSettings(steps=max(config.steps)))  # generate's --steps limit, stated there

@@ -80,6 +80,16 @@ def save_png(pixels: np.ndarray, path: Path, metadata: dict[str, object]) -> Non
         tmp.write_bytes(png_bytes(pixels, metadata))
 
 
+def check_folder_targets(folder: Path, count: int) -> list[str]:
+    """The names `save_folder` gives `count` images, each refused now if it could not be
+    replaced (a device, FIFO or folder there): callers check before minutes of sampling."""
+    names = [f"{i:04d}.png" for i in range(count)]
+    if folder.is_dir():
+        for name in names:
+            refuse_non_regular(folder / name, "another --out-dir")
+    return names
+
+
 def save_folder(pixels: np.ndarray, folder: Path, metadata: list[dict[str, object]]) -> list[Path]:
     """Writes one PNG per image into `folder` (created if missing) as 0000.png, 0001.png, ...
 
@@ -87,9 +97,7 @@ def save_folder(pixels: np.ndarray, folder: Path, metadata: list[dict[str, objec
     so a failure part-way leaves `folder` as it was.
     """
     folder.parent.mkdir(parents=True, exist_ok=True)
-    names = [f"{i:04d}.png" for i in range(len(pixels))]
-    for name in names:  # all refused before any glyph is replaced
-        refuse_non_regular(folder / name, "another --out-dir")
+    names = check_folder_targets(folder, len(pixels))
     staging = make_staging_dir(folder, ".partial")
     try:
         for name, image, meta in zip(names, pixels, metadata, strict=True):

@@ -196,3 +196,32 @@ def test_train_refuses_its_outputs_before_training(tmp_path, monkeypatch):
     with pytest.raises(GlyphEngineError, match="MODEL_CARD.json: it is a FIFO"):
         run_train(tmp_path / "data.npz", workdir, 1, None, 1000, 200, False)
     assert stat.S_ISFIFO((workdir / "MODEL_CARD.json").lstat().st_mode)
+
+
+def test_generate_refuses_any_out_dir_glyph_that_is_special_before_sampling(
+    ckpt_path, tmp_path, no_sampling_no_replacing
+):
+    out = folder(tmp_path / "glyphs")
+    fifo(out / "0003.png")  # the 4th of 2 prompts x 2 glyphs: not the first name, which was checked before
+    result = runner.invoke(
+        app, ["generate", "metal", "water", "-n", "2", "--ckpt", str(ckpt_path), "-o", str(tmp_path / "g.png"),
+              "--out-dir", str(out)],
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert result.output.count("\n") == 1 and "0003.png: it is a FIFO" in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["0003.png"] and not (tmp_path / "g.png").exists()
+
+
+def test_bench_refuses_a_special_result_file_before_measuring(ckpt_path, tmp_path, monkeypatch):
+    import glyph_engine.benchmark as benchmark
+
+    def measured(*args, **kwargs):
+        raise AssertionError("the benchmark ran before its output was refused")
+
+    monkeypatch.setattr(benchmark, "run_benchmark", measured)
+    out = folder(tmp_path / "bench")
+    fifo(out / "results.md")
+    result = runner.invoke(app, ["bench", "--ckpt", str(ckpt_path), "--backends", "torch", "--steps", "1",
+                                 "--batch", "1", "--out", str(out)])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert result.output.count("\n") == 1 and "results.md: it is a FIFO" in result.output

@@ -114,7 +114,9 @@ def test_a_local_ray_without_token_auth_is_refused_before_it_starts(mode, tmp_pa
     assert len(lines) == 1 and "RAY_AUTH_MODE" in lines[0] and "token" in lines[0], result.stderr
 
 
-@pytest.mark.parametrize(("version", "ok"), [("2.58.1", False), ("2.52.0", False), ("2.59.0", False), ("2.60.0rc1", True), ("3.0.0", True)])
+@pytest.mark.parametrize(
+    ("version", "ok"), [("2.58.1", False), ("2.52.0", False), ("2.59.0", False), ("2.60.0rc1", True), ("3.0.0", True)]
+)
 def test_ray_releases_before_the_tested_one_are_refused(version, ok):
     from glyph_engine.errors import GlyphEngineError
     from glyph_engine.ray_cluster import _check_version
