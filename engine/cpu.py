@@ -1,13 +1,28 @@
 """What this CPU's vector units can do, read at run time: machines of one project differ
-(some have AVX-512 with BF16 and VNNI, some AVX2 only), so nothing is assumed from a name."""
+(some have AVX-512 with BF16 and VNNI, some AVX2 only), so nothing is assumed from a name.
+
+$GLYPH_ENGINE_CPU_FLAGS, when set, replaces the detected flags (comma-separated, from
+RELEVANT_FLAGS; empty: none). It changes glyph-engine's own choices only (the precision `auto`
+takes, the artifact cache's key), not the kernels OpenVINO and PyTorch pick for the real CPU:
+masking flags (e.g. "avx2,fma" on a BF16 machine) is exact; claiming flags the CPU lacks makes
+OpenVINO emulate them (slower) or refuse the model, and glyph-engine warns once.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+
+from glyph_engine.errors import GlyphEngineError
+
+logger = logging.getLogger(__name__)
+
+ENV_VAR = "GLYPH_ENGINE_CPU_FLAGS"
 
 # The flags that change which precision and kernels are fastest.
 RELEVANT_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
@@ -16,7 +31,7 @@ RELEVANT_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_b
 @dataclass(frozen=True)
 class CpuInfo:
     model: str
-    flags: tuple[str, ...]  # the RELEVANT_FLAGS this CPU has
+    flags: tuple[str, ...]  # the RELEVANT_FLAGS this CPU has (or $GLYPH_ENGINE_CPU_FLAGS says it has)
     cores: int  # usable by this process
 
     @property
@@ -40,7 +55,8 @@ def parse_cpuinfo(text: str) -> dict[str, str]:
 
 
 @lru_cache(maxsize=1)
-def cpu_info() -> CpuInfo:
+def detected_cpu() -> CpuInfo:
+    """This CPU as /proc/cpuinfo describes it, whatever $GLYPH_ENGINE_CPU_FLAGS says."""
     try:
         fields = parse_cpuinfo(Path("/proc/cpuinfo").read_text())
     except OSError:
@@ -52,3 +68,39 @@ def cpu_info() -> CpuInfo:
         flags=tuple(f for f in RELEVANT_FLAGS if f in flags),
         cores=cores,
     )
+
+
+def cpu_info() -> CpuInfo:
+    """This CPU, with the flags $GLYPH_ENGINE_CPU_FLAGS gives in place of the detected ones."""
+    detected = detected_cpu()
+    forced = os.environ.get(ENV_VAR)
+    if forced is None:
+        return detected
+    flags = forced_flags(forced)
+    _warn_if_claimed(flags, detected.flags)
+    return CpuInfo(model=detected.model, flags=flags, cores=detected.cores)
+
+
+def forced_flags(text: str) -> tuple[str, ...]:
+    """The flags a $GLYPH_ENGINE_CPU_FLAGS value names, in RELEVANT_FLAGS order."""
+    names = {n for n in re.split(r"[\s,]+", text.strip().lower()) if n}
+    unknown = sorted(names - set(RELEVANT_FLAGS))
+    if unknown:
+        raise GlyphEngineError(
+            f"{ENV_VAR} names {', '.join(unknown)}, which glyph-engine does not use; give a comma-separated list "
+            f"of {', '.join(RELEVANT_FLAGS)} (empty: none), or unset it to use this CPU's own flags."
+        )
+    return tuple(f for f in RELEVANT_FLAGS if f in names)
+
+
+@lru_cache(maxsize=None)
+def _warn_if_claimed(flags: tuple[str, ...], real: tuple[str, ...]) -> None:
+    # Once per value: cpu_info() is asked at every backend choice and cache lookup.
+    claimed = [f for f in flags if f not in real]
+    if claimed:
+        logger.warning(
+            "%s claims %s, which this CPU lacks: OpenVINO emulates such units (slower than FP32) or refuses the "
+            "model; unset it, or name only flags this CPU has, to run at full speed.",
+            ENV_VAR,
+            ", ".join(claimed),
+        )

@@ -1,16 +1,31 @@
 """Shared fixtures: a tiny glyffuser in the real formats, built once per test session.
 
-Every test names its device: tests marked `gpu` run on CUDA; all others run on the CPU in
-FP32 on every machine, so the suite checks the same thing on a GPU machine as here.
+Every test names its device: tests marked `gpu` run on CUDA; all others run on the CPU, so
+the suite checks the same thing on a GPU machine as here. Tests that compare with an FP32
+reference ask for FP32 (`--precision fp32`, or the torch backend); tests of the default
+precision expect the one the CPU's flags give (bf16 with BF16 units), read here independently
+of `glyph_engine.cpu`, and hold it to that precision's tolerance. `--cpu-kind` runs the suite
+as on another of the project's CPUs (see CPU_KINDS).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from factories import make_glyffuser_folder, make_text_encoder_folder
+
+# The CPUs of this project's machines, as the $GLYPH_ENGINE_CPU_FLAGS that makes glyph-engine
+# choose as it would there (precision, cache keys): AMD EPYC with AVX2 only; Intel Xeon with
+# AVX-512 and VNNI, no BF16; AMD EPYC Zen 4/5 with AVX-512 BF16. Intel's AMX Xeons run natively.
+CPU_KINDS = {
+    "avx2": "avx2,fma",
+    "avx512": "avx2,fma,avx512f,avx512_vnni",
+    "avx512-bf16": "avx2,fma,avx512f,avx512_vnni,avx512_bf16",
+}
+CPU_FLAGS_VAR = "GLYPH_ENGINE_CPU_FLAGS"  # spelled out, not imported: the tests check glyph_engine.cpu
 
 
 @pytest.fixture(scope="session")
@@ -62,12 +77,49 @@ def cpu_unless_marked_gpu(request, monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
 
+@pytest.fixture(scope="session")
+def cpu_flags() -> set[str]:
+    """The CPU flags glyph-engine should see: the forced kind's, else this CPU's own, read
+    from /proc/cpuinfo here rather than through the code under test."""
+    forced = os.environ.get(CPU_FLAGS_VAR)
+    if forced is not None:
+        return {f.strip() for f in forced.split(",") if f.strip()}
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+@pytest.fixture(scope="session")
+def default_precision(cpu_flags) -> str:
+    """What `--precision auto` must choose on this CPU kind for a model with no int8 build."""
+    return "bf16" if cpu_flags & {"avx512_bf16", "amx_bf16"} else "fp32"
+
+
 def pytest_addoption(parser):
     parser.addoption(
         "--quality-gate",
         action="store_true",
         help="Also run the eval-level quality gate on the embedded model (tens of minutes on 2 cores).",
     )
+    parser.addoption(
+        "--cpu-kind",
+        choices=sorted(CPU_KINDS),
+        help="Run as on that kind of CPU: glyph-engine sees only its flags ($GLYPH_ENGINE_CPU_FLAGS, which "
+        "subprocesses inherit). Default: this CPU's own flags.",
+    )
+
+
+def pytest_configure(config):
+    kind = config.getoption("--cpu-kind")
+    if kind is not None:
+        os.environ[CPU_FLAGS_VAR] = CPU_KINDS[kind]
+
+
+def pytest_report_header(config):
+    forced = os.environ.get(CPU_FLAGS_VAR)
+    kind = config.getoption("--cpu-kind") or ("forced" if forced is not None else "this CPU's own flags")
+    return f"cpu kind: {kind}" + (f" ({CPU_FLAGS_VAR}={forced})" if forced is not None else "")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -8,11 +8,14 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from glyph_engine.backends.pytorch import TorchBackend
 from glyph_engine.checkpoint import load_model
 from glyph_engine.cli import app
 from glyph_engine.images import to_uint8
-from glyph_engine.pipeline import image_seeds
+from glyph_engine.pipeline import generate, image_seeds
 from glyph_engine.sampler import initial_noise
+from glyph_engine.schedule import SamplerConfig
+from glyph_engine.settings import GenerationSettings
 
 from reference import glyffuser_loop
 
@@ -27,7 +30,7 @@ def test_generate_writes_grid_and_images(ckpt_path, tmp_path, glyffuser_folder, 
     grid_path, folder = tmp_path / "grid.png", tmp_path / "glyphs"
     result = run(
         "generate", "metal", "water", "-n", 3, "--steps", 5, "--guidance", 1, "--seed", 7,
-        "--ckpt", ckpt_path, "-o", grid_path, "--out-dir", folder,
+        "--ckpt", ckpt_path, "-o", grid_path, "--out-dir", folder, "--precision", "fp32",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     grid = Image.open(grid_path)
@@ -38,7 +41,8 @@ def test_generate_writes_grid_and_images(ckpt_path, tmp_path, glyffuser_folder, 
     meta = Image.open(files[4]).text
     assert (meta["prompt"], meta["seed"], meta["steps"]) == ("water", "7", "5")
 
-    # The PNGs hold the glyffuser loop's images, to uint8 rounding.
+    # The PNGs hold the glyffuser loop's FP32 images, to uint8 rounding (in FP32 on every CPU:
+    # the default precision is bf16 on CPUs with BF16 units, checked in test_openvino.py).
     noise = initial_noise(image_seeds(7, 6), (1, 32, 32))
     ref = glyffuser_loop(glyffuser_folder, t5_folder, ["metal"] * 3 + ["water"] * 3, noise, 5)
     ours = np.stack([np.asarray(Image.open(f)) for f in files])
@@ -54,6 +58,109 @@ def test_generate_at_the_maximum_steps(ckpt_path, tmp_path):
     assert result.exit_code == 0, result.output
     assert Image.open(png).text["steps"] == "1000"
     assert np.asarray(Image.open(png)).std() > 10  # not blank
+
+
+def generated(tmp_path, ckpt_path, *options, name="g"):
+    """The per-glyph PNGs of `generate metal -n 2 --steps 5 --seed 3` with `options`, eager FP32."""
+    folder = tmp_path / name
+    args = ["generate", "metal", "-n", 2, "--steps", 5, "--seed", 3, "--ckpt", ckpt_path, "--backend", "torch"]
+    result = run(*args, *options, "-o", tmp_path / f"{name}.png", "--out-dir", folder)
+    assert result.exit_code == 0, result.output
+    files = sorted(folder.iterdir())
+    return np.stack([np.asarray(Image.open(f)) for f in files]).astype(int), Image.open(files[0]).text
+
+
+# Each sampling option, the settings the library must then be called with, and what the PNGs
+# record of it. The tiny checkpoint guides at 4 every step, without clamping or centring.
+SAMPLING_OPTIONS = {
+    "spacing": (["--spacing", "leading"], {"sampler": SamplerConfig(spacing="leading")}, ("sampler", "leading")),
+    "karras": (["--karras"], {"sampler": SamplerConfig(karras_sigmas=True)}, ("sampler", "karras")),
+    "order": (["--order", "1"], {"sampler": SamplerConfig(order=1)}, ("sampler", "order 1")),
+    "clamp-x0": (["--clamp-x0"], {"clamp_x0": True}, None),
+    "center-noise": (["--center-noise"], {"center_noise": True}, ("center_noise", "true")),
+    "guidance-interval": (
+        ["--guidance-interval", "0.5", "5"],
+        {"guidance_interval": (0.5, 5.0)},
+        ("guidance_interval", "[0.5, 5.0]"),
+    ),
+}
+
+
+@pytest.mark.parametrize("option", SAMPLING_OPTIONS)
+def test_sampling_options_reach_the_sampler(option, ckpt_path, tmp_path, model):
+    """Each option's glyphs are the library's with that setting, and not the defaults' (so an
+    option the CLI dropped would fail here)."""
+    args, changes, recorded = SAMPLING_OPTIONS[option]
+    ours, meta = generated(tmp_path, ckpt_path, *args)
+    backend = TorchBackend(model, device="cpu")
+    expected = to_uint8(generate(model, backend, ["metal"], 2, GenerationSettings(steps=5, seed=3, **changes)).images)
+    default = to_uint8(generate(model, backend, ["metal"], 2, GenerationSettings(steps=5, seed=3)).images)
+    assert np.abs(ours - expected.astype(int)).max() <= 1
+    assert np.abs(ours - default.astype(int)).max() > 8, "the option changes nothing on this model: a useless test"
+    if recorded is not None:
+        field, text = recorded
+        assert text in meta[field]
+
+
+def test_precision_option(ckpt_path, tmp_path, model):
+    """--precision picks the OpenVINO U-Net's precision, whatever auto would take on this CPU:
+    fp32 draws eager PyTorch's glyphs; bf16 others (BF16 rounding, native or emulated)."""
+    images = {}
+    for precision in ("fp32", "bf16"):
+        folder = tmp_path / precision
+        args = ["generate", "metal", "-n", 2, "--steps", 5, "--seed", 3, "--ckpt", ckpt_path, "--backend", "openvino"]
+        result = run(*args, "--precision", precision, "-o", tmp_path / f"{precision}.png", "--out-dir", folder)
+        assert result.exit_code == 0, result.output
+        files = sorted(folder.iterdir())
+        assert Image.open(files[0]).text["precision"] == precision
+        images[precision] = np.stack([np.asarray(Image.open(f)) for f in files]).astype(int)
+    settings = GenerationSettings(steps=5, seed=3)
+    reference = to_uint8(generate(model, TorchBackend(model, device="cpu"), ["metal"], 2, settings).images)
+    assert np.abs(images["fp32"] - reference.astype(int)).max() <= 1
+    assert np.abs(images["bf16"] - images["fp32"]).mean() > 1  # the random-weight model amplifies BF16 rounding
+
+
+def run_on_a_terminal(*args):
+    """`glyph-engine ARGS` in a subprocess whose stderr is a terminal, as a user's is; (exit code, stderr)."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a new pty is 0 columns wide
+    command = [sys.executable, "-m", "glyph_engine", *(str(a) for a in args)]
+    with subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=follower) as process:
+        os.close(follower)
+        output = b""
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            output += chunk
+    os.close(leader)
+    return process.returncode, output.decode(errors="replace")
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_quiet_hides_progress_on_a_terminal(ckpt_path, tmp_path, quiet):
+    """Progress shows only on a terminal (never in logs): there, --quiet hides it and the
+    "wrote" lines; the files are written either way."""
+    png = tmp_path / "g.png"
+    args = ["generate", "metal", "-n", 1, "--steps", 3, "--ckpt", ckpt_path, "--backend", "torch", "-o", png]
+    code, err = run_on_a_terminal(*args, *(["--quiet"] if quiet else []))
+    assert code == 0, err
+    assert png.is_file()
+    if quiet:
+        assert err.strip() == ""
+    else:
+        assert "sampling" in err and "3/3" in err and f"wrote {png}" in err
 
 
 def test_generate_same_seed_same_files_whatever_batch_size(ckpt_path, tmp_path):

@@ -4,6 +4,7 @@ Numerics are checked against eager PyTorch FP32; the embedded model's quality ga
 relative error on real trajectories) runs here for every precision that can run.
 """
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -21,8 +22,9 @@ from glyph_engine.backends.pytorch import TorchBackend
 from glyph_engine.cache import ArtifactCache
 from glyph_engine.checkpoint import load_model
 from glyph_engine.cli import app
-from glyph_engine.cpu import CpuInfo, cpu_info
+from glyph_engine.cpu import CpuInfo
 from glyph_engine.errors import GlyphEngineError
+from glyph_engine.images import to_uint8
 from glyph_engine.model import DEFAULT_CHECKPOINT
 from glyph_engine.pipeline import generate
 from glyph_engine.quality import GATE_PROMPTS, MAX_UNET_RELATIVE_ERROR, relative_errors, torch_unet, trajectory_calls
@@ -140,14 +142,44 @@ def test_precision_needs_the_openvino_backend(model):
         create_backend("torch", model, precision="bf16")
 
 
-def test_generate_default_is_openvino_and_records_it(ckpt_path, tmp_path):
+def test_generate_default_is_openvino_and_records_it(tmp_path, default_precision):
+    """The default on a CPU, on the embedded (trained) model: OpenVINO at the precision this
+    CPU kind suits (expected from the flags the test reads itself), and images within that
+    precision's tolerance of eager PyTorch FP32. A fresh cache: no int8 build to prefer."""
     png = tmp_path / "g.png"
-    result = runner.invoke(
-        app, ["generate", "metal", "-n", "2", "--steps", "3", "--ckpt", str(ckpt_path), "-o", str(png)]
-    )
+    args = ["generate", "metal", "water", "-n", "2", "--steps", "10", "--seed", "3", "--ckpt", str(DEFAULT_CHECKPOINT)]
+    result = runner.invoke(app, [*args, "-o", str(png), "--out-dir", str(tmp_path / "each")])
     assert result.exit_code == 0, result.output
-    expected = "bf16" if cpu_info().has_bf16 else "fp32"
-    assert (Image.open(png).text["backend"], Image.open(png).text["precision"]) == ("openvino", expected)
+    assert (Image.open(png).text["backend"], Image.open(png).text["precision"]) == ("openvino", default_precision)
+
+    model = load_model(DEFAULT_CHECKPOINT)
+    settings = GenerationSettings(steps=10, seed=3)
+    reference = to_uint8(generate(model, TorchBackend(model, device="cpu"), ["metal", "water"], 2, settings).images)
+    ours = np.stack([np.asarray(Image.open(f)) for f in sorted((tmp_path / "each").iterdir())])
+    error = np.abs(ours.astype(int) - reference.astype(int))
+    if default_precision == "fp32":
+        assert error.max() <= 1
+    else:
+        # BF16's 8-bit significands: about one grey level on average (measured 1.0, a few
+        # pixels of an edge off by tens), never FP32's exact match, or BF16 did not run.
+        assert 0 < error.mean() <= 3, error.mean()
+
+
+@pytest.mark.parametrize("kind, expected", [("avx2,fma", "fp32"), ("avx2,fma,avx512f,avx512_vnni", "fp32")])
+def test_a_masked_bf16_cpu_runs_fp32(ckpt_path, tmp_path, monkeypatch, kind, expected):
+    """$GLYPH_ENGINE_CPU_FLAGS masks the BF16 units: auto takes FP32 as on those machines,
+    in a cache entry of its own (the key holds the flags)."""
+    monkeypatch.setenv("GLYPH_ENGINE_CPU_FLAGS", kind)
+    png = tmp_path / "g.png"
+    cache = tmp_path / "cache"
+    args = ["generate", "metal", "-n", "1", "--steps", "2", "--ckpt", str(ckpt_path), "--cache-dir", str(cache)]
+    result = runner.invoke(app, [*args, "-o", str(png)])
+    assert result.exit_code == 0, result.output
+    assert Image.open(png).text["precision"] == expected
+    key = openvino_backend.artifact_key(load_model(ckpt_path), openvino_backend.Precision.fp32)
+    assert [e.name for e in cache.iterdir() if e.name.startswith("openvino-")] == [
+        dataclasses.replace(key, cpu_flags=tuple(kind.split(","))).name
+    ]
 
 
 def test_cache_dir_flag_wins_over_the_environment(ckpt_path, tmp_path):
