@@ -86,8 +86,11 @@ def test_fp32_matches_pytorch_at_untraced_shapes(exported, model):
     inputs = spec.sample_inputs({"batch": 5, "text_length": 23}, seed=9)
     with torch.no_grad():
         reference = UNetForExport(model.unet)(*inputs.values()).numpy()
-    max_abs, cosine = compare(reference, run_onnx(out / "unet.fp32.onnx", inputs))
-    assert max_abs < 1e-4 and cosine > 0.999999
+    actual = run_onnx(out / "unet.fp32.onnx", inputs).astype(np.float64)  # measured here, not by validate.compare
+    assert actual.shape == reference.shape == (5, *model.image_shape)
+    assert np.abs(reference - actual).max() < 1e-4
+    cosine = (reference.ravel() @ actual.ravel()) / (np.linalg.norm(reference) * np.linalg.norm(actual))
+    assert cosine > 0.999999
 
     spec = text_encoder_spec(model, 64, 256)
     inputs = spec.sample_inputs({"batch": 4, "text_length": 40}, seed=9)
@@ -230,6 +233,28 @@ def test_failed_export_leaves_nothing(ckpt_path, tmp_path, monkeypatch):
     monkeypatch.setattr(exporter, "validate", broken)
     with pytest.raises(GlyphEngineError):
         export(ckpt_path, tmp_path / "export")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_export_out_of_tolerance_is_refused_and_leaves_nothing(ckpt_path, tmp_path, monkeypatch):
+    """The real validation, on a real ONNX file whose U-Net weights no longer match PyTorch's
+    (one initializer shifted after tracing): refused, naming the file, and nothing is kept."""
+    import glyph_engine.export.exporter as exporter
+
+    real_export = exporter.export_onnx
+
+    def export_then_damage(module, spec, path, opset):
+        real_export(module, spec, path, opset)
+        if spec.name == "unet":
+            graph = onnx.load(str(path))
+            weight = max(graph.graph.initializer, key=lambda t: np.prod(t.dims))
+            values = onnx.numpy_helper.to_array(weight)
+            weight.CopyFrom(onnx.numpy_helper.from_array(values + np.float32(0.05), weight.name))
+            onnx.save(graph, str(path))
+
+    monkeypatch.setattr(exporter, "export_onnx", export_then_damage)
+    with pytest.raises(GlyphEngineError, match=r"unet.fp32.onnx does not match PyTorch FP32 at .*max abs error"):
+        export(ckpt_path, tmp_path / "export", ExportOptions(precisions=("fp32",)))
     assert list(tmp_path.iterdir()) == []
 
 
