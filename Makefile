@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip --disable-pip-version-check
 
-.PHONY: install install-test system-data test test-slow bench gpu-check gpu-wheels
+.PHONY: install install-test system-data test test-slow test-cpu-kinds bench gpu-check gpu-wheels
 
 # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
 install:
@@ -24,12 +24,25 @@ install-test: system-data
 	$(PIP) install --quiet -e '.[dev,tensorrt-rtx]'
 
 # The default run, kept under 10 minutes on 2 cores; the full-size (131M) model's tests are
-# `make test-slow` (about 2 minutes more). CI (.ci/run) runs both.
+# `make test-slow` (about 2 minutes more), the CPU-kind runs `make test-cpu-kinds`. CI (.ci/run)
+# runs all three.
 test: install-test
 	$(PYTHON) -m pytest -m "not slow"
 
 test-slow: install-test
 	$(PYTHON) -m pytest -m slow
+
+# The tests whose outcome depends on the CPU's flags, run as on each CPU kind of the project's
+# machines (pytest --cpu-kind, tests/conftest.py): the detection and its override, OpenVINO and
+# the precision auto picks, the artifact cache (its keys hold the flags), and generate, bulk and
+# eval through the CLI on the default backend. The rest of the suite (sampler maths, export,
+# TensorRT, training, serve's HTTP handling) runs the same on any CPU and runs once, in `make
+# test`; serve and bulk on Ray choose their backend through the same code as generate.
+CPU_KINDS = avx2 avx512 avx512-bf16
+CPU_KIND_TESTS = tests/test_cpu.py tests/test_openvino.py tests/test_cache.py tests/test_cli.py tests/test_bulk.py \
+	tests/test_train.py::test_train_and_eval_cli
+test-cpu-kinds: install-test
+	set -e; for kind in $(CPU_KINDS); do $(PYTHON) -m pytest -m "not slow and not ray" --cpu-kind $$kind $(CPU_KIND_TESTS); done
 
 bench: install-test
 	$(PYTHON) -m pytest --benchmark-only
