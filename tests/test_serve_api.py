@@ -11,7 +11,6 @@ import threading
 import time
 
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")  # FastAPI's TestClient
@@ -23,49 +22,10 @@ from glyph_engine.errors import GlyphEngineError  # noqa: E402
 from glyph_engine.pipeline import Generation, Request  # noqa: E402
 from glyph_engine.serve.api import MAX_BODY_BYTES, ProxyGuard, build_app  # noqa: E402
 from glyph_engine.serve.batcher import BatchConfig, Batcher, BatchKey, GuidanceTooStrong, Overloaded  # noqa: E402
-from glyph_engine.settings import StepImpl  # noqa: E402
+
+from fake_service import FakeService, fake_generation  # noqa: E402
 
 TOKEN = "0123456789abcdef-test"
-
-
-def fake_generation(request: Request) -> Generation:
-    return Generation(
-        images=torch.full((request.count, 1, 8, 8), 0.5),
-        prompts=[request.prompt] * request.count,
-        seeds=list(range(request.first, request.first + request.count)),
-        guidance=1.0,
-        guidance_interval=None,
-        center_noise=False,
-        step_impl=StepImpl.torch,
-    )
-
-
-class FakeService:
-    max_steps = 1000
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[Request, BatchKey]] = []
-        self.overloaded = False
-        self.fails: Exception | None = None
-
-    def healthy(self) -> bool:
-        return True
-
-    def describe(self) -> dict[str, str]:
-        return {"backend": "fake"}
-
-    async def generate(self, request: Request, key: BatchKey) -> Generation:
-        if self.overloaded:
-            raise Overloaded(7)
-        if self.fails is not None:
-            raise self.fails
-        self.calls.append((request, key))
-        return fake_generation(request)
-
-    def encode_png(self, generation: Generation, key: BatchKey, seed: int) -> list[bytes]:
-        out = io.BytesIO()
-        Image.new("L", (8, 8), 128).save(out, format="PNG")
-        return [out.getvalue()] * len(generation.seeds)
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ from fastapi.responses import JSONResponse  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from hypothesis import example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from test_serve_api import FakeService  # noqa: E402
 
 from glyph_engine.serve.api import (  # noqa: E402
     MAX_BODY_BYTES,
@@ -27,6 +26,8 @@ from glyph_engine.serve.api import (  # noqa: E402
     _parse,
     build_app,
 )
+
+from fake_service import FakeService  # noqa: E402
 
 MAX_STEPS = 1000
 FIELDS = ["prompt", "n", "steps", "guidance", "seed"]
