@@ -15,17 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from cpu_kinds import CPU_FLAGS_VAR, CPU_KINDS
 from factories import make_glyffuser_folder, make_text_encoder_folder
-
-# The CPUs of this project's machines, as the $GLYPH_ENGINE_CPU_FLAGS that makes glyph-engine
-# choose as it would there (precision, cache keys): AMD EPYC with AVX2 only; Intel Xeon with
-# AVX-512 and VNNI, no BF16; AMD EPYC Zen 4/5 with AVX-512 BF16. Intel's AMX Xeons run natively.
-CPU_KINDS = {
-    "avx2": "avx2,fma",
-    "avx512": "avx2,fma,avx512f,avx512_vnni",
-    "avx512-bf16": "avx2,fma,avx512f,avx512_vnni,avx512_bf16",
-}
-CPU_FLAGS_VAR = "GLYPH_ENGINE_CPU_FLAGS"  # spelled out, not imported: the tests check glyph_engine.cpu
 
 
 @pytest.fixture(scope="session")

@@ -5,10 +5,11 @@ import logging
 from pathlib import Path
 
 import pytest
-from conftest import CPU_KINDS
 
 from glyph_engine import cpu
 from glyph_engine.errors import GlyphEngineError
+
+from cpu_kinds import CPU_KINDS
 
 
 def cpuinfo(model: str, flags: str, processors: int = 2) -> str:
