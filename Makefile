@@ -23,8 +23,8 @@ install-test: system-data
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e '.[dev,tensorrt-rtx]'
 
-# The default run, kept under 10 minutes on 2 cores; the full-size (131M) model's tests are
-# `make test-slow` (about 2 minutes more), the CPU-kind runs `make test-cpu-kinds`. CI (.ci/run)
+# The default run, kept under 10 minutes on 2 cores; the long tests (the full-size 131M model's,
+# int8 calibration, 1000 steps, a Ray chunk lost 4 times) are `make test-slow` (about 4 minutes more), the CPU-kind runs `make test-cpu-kinds`. CI (.ci/run)
 # runs all three.
 test: install-test
 	$(PYTHON) -m pytest -m "not slow"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
 import socket
@@ -121,3 +122,28 @@ class Server:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+
+
+def listening(root: int) -> set[tuple[str, str, int]]:
+    """(process name, address, port) of every listening TCP socket in `root`'s process tree."""
+    found = set()
+    try:
+        tree = [psutil.Process(root), *psutil.Process(root).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return found
+    for process in tree:
+        try:
+            name = process.name()
+            for conn in process.net_connections(kind="tcp"):
+                if conn.status == psutil.CONN_LISTEN:
+                    found.add((name, conn.laddr.ip, conn.laddr.port))
+        except psutil.Error:
+            continue  # a worker that ended meanwhile
+    return found
+
+
+def is_loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1, how gRPC's dual-stack sockets show 127.0.0.1
+    return ip.is_loopback

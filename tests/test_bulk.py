@@ -355,6 +355,7 @@ def test_ray_workers_redo_a_killed_workers_chunk(tmp_path, ckpt_path):
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # about 15-40 s: in `make test-slow`, which CI runs too
 def test_a_chunk_lost_more_than_max_retries_times_ends_the_job_in_one_line(tmp_path, ckpt_path, prompts_file):
     pytest.importorskip("ray")
     out = tmp_path / "out"

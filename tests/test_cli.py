@@ -50,6 +50,7 @@ def test_generate_writes_grid_and_images(ckpt_path, tmp_path, glyffuser_folder, 
     assert ours.std() > 10  # not blank
 
 
+@pytest.mark.slow  # about 15-40 s: in `make test-slow`, which CI runs too
 def test_generate_at_the_maximum_steps(ckpt_path, tmp_path):
     """--steps 1000, the model's training timesteps and the most it takes, draws a glyph (it
     once divided by zero in the schedule and was refused as NaN). Unguided, in the FP32 entry

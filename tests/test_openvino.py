@@ -121,6 +121,7 @@ def test_auto_takes_int8_only_where_it_passed_the_gate(model, tmp_path, monkeypa
     assert opened.pop().value == "fp32"
 
 
+@pytest.mark.slow  # about 15-40 s: in `make test-slow`, which CI runs too
 def test_int8_failing_the_gate_is_refused_and_remembered(model, tmp_path, monkeypatch):
     """The tiny random test model cannot keep 1% in int8: the build measures that, keeps the
     verdict, and refuses (later runs refuse without quantizing again). Fewer trajectories

@@ -12,15 +12,17 @@ import signal
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import requests
 from PIL import Image
 
 pytest.importorskip("ray.serve")
 
-from serving import Server, descendants, find_process  # noqa: E402
+from serving import Server, descendants, find_process, is_loopback, listening  # noqa: E402
 
 from glyph_engine.serve.api import BODY_TIMEOUT_S  # noqa: E402
 
@@ -62,6 +64,33 @@ def test_concurrent_clients_get_their_images_from_shared_batches(server, model):
     assert images == 24 and batches >= 1
     assert images / batches > 1  # mean images per U-Net batch: clients shared calls
     assert "ray_glyph_engine_queue_images" in server.metrics()
+
+
+def test_serve_listens_on_loopback_only_and_ray_wants_a_token(server):
+    """Every process of serve's local Ray listens on loopback only; its job agent, which runs
+    shell commands, refuses a request without Ray's token."""
+    sockets = listening(server.process.pid)
+    names = {name for name, _, _ in sockets}
+    # The tree really is a running Ray: GCS, raylet and the replica's worker all listen.
+    assert {"gcs_server", "raylet"} <= names, sockets
+    assert any(port == server.port for _, _, port in sockets)  # the HTTP proxy, where the user asked
+    exposed = sorted(s for s in sockets if not is_loopback(s[1]))
+    assert exposed == [], f"listening beyond loopback: {exposed}"
+    # The job agent would run this for anyone; without Ray's token it must refuse. (The
+    # agent's other HTTP port, Prometheus metrics, answers 405 to a POST.)
+    agents = [p for name, _, p in sockets if name.startswith("ray::DashboardAgent")]
+    codes = []
+    for port in agents:
+        try:
+            reply = requests.post(f"http://127.0.0.1:{port}/api/jobs/", json={"entrypoint": "id"}, timeout=5)
+        except requests.RequestException:
+            continue  # a gRPC port of the agent: not HTTP
+        codes.append(reply.status_code)
+    assert 401 in codes and not any(200 <= code < 300 for code in codes), (codes, sockets)
+    # Ray's token for this run was not written to the user's home (Ray's default place).
+    token_file = Path.home() / ".ray" / "auth_token"
+    started = psutil.Process(server.process.pid).create_time()
+    assert not token_file.exists() or token_file.stat().st_mtime < started
 
 
 def test_same_seed_same_image_as_generate(server, ckpt_path, tmp_path):
