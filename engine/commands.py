@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -128,7 +129,7 @@ def environment() -> list[tuple[str, str]]:
         ("glyph-engine", __version__),
         ("python", platform.python_version()),
         ("torch", f"{torch.__version__} (GPU: {gpu})"),
-        ("cpu", f"{cpu.model}, {cpu.cores} cores ({', '.join(cpu.flags) or 'no AVX2'})"),
+        ("cpu", f"{cpu.model}, {cpu.cores} cores ({', '.join(cpu.flags) or 'no AVX2'}{_forced_note()})"),
         ("onnxruntime", ort),
         ("openvino", ov),
         ("artifact cache", str(default_cache_dir())),
@@ -136,6 +137,13 @@ def environment() -> list[tuple[str, str]]:
         *status_rows(),
         ("embedded model", str(DEFAULT_CHECKPOINT) if DEFAULT_CHECKPOINT.is_file() else "not installed"),
     ]
+
+
+def _forced_note() -> str:
+    """Says when the flags shown are $GLYPH_ENGINE_CPU_FLAGS's, not the CPU's own."""
+    from glyph_engine.cpu import ENV_VAR
+
+    return f"; forced by ${ENV_VAR}" if os.environ.get(ENV_VAR) is not None else ""
 
 
 def _interval_text(interval: tuple[float, float] | None) -> str:

@@ -127,3 +127,12 @@ def test_claiming_flags_the_cpu_lacks_warns_once(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="glyph_engine.cpu"):
         cpu.cpu_info()
     assert caplog.records == []
+
+
+def test_info_says_when_the_flags_are_forced(monkeypatch):
+    from glyph_engine.commands import environment
+
+    monkeypatch.delenv(cpu.ENV_VAR, raising=False)
+    assert "forced" not in dict(environment())["cpu"]
+    monkeypatch.setenv(cpu.ENV_VAR, "avx2,fma")
+    assert dict(environment())["cpu"].endswith("(avx2, fma; forced by $GLYPH_ENGINE_CPU_FLAGS)")
