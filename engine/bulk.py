@@ -315,7 +315,7 @@ def run_bulk(job: BulkJob) -> list[str]:
         job.out_dir.mkdir(parents=True, exist_ok=True)
         done = finished(job.out_dir, header, glyphs)
         if not manifest.exists():
-            with atomic_path(manifest) as tmp:
+            with atomic_path(manifest, follow_symlinks=False) as tmp:
                 tmp.write_text(json.dumps({"job": header}) + "\n")
     todo = [g for g in glyphs if g.index not in done]
     chunks = list(_chunks(model.tokenizer, todo, model.max_text_length, job.chunk_images))
@@ -331,7 +331,7 @@ def run_bulk(job: BulkJob) -> list[str]:
         def write(chunk: Sequence[Glyph], pngs: Sequence[bytes]) -> None:
             with _out_dir_errors(job.out_dir):
                 for glyph, png in zip(chunk, pngs, strict=True):
-                    with atomic_path(job.out_dir / glyph.file) as tmp:
+                    with atomic_path(job.out_dir / glyph.file, follow_symlinks=False) as tmp:
                         tmp.write_bytes(png)
                     done[glyph.index] = glyph.record(hashlib.sha256(png).hexdigest())
                     log.write(json.dumps(done[glyph.index]) + "\n")
@@ -353,7 +353,7 @@ def run_bulk(job: BulkJob) -> list[str]:
 
 def _compact(manifest: Path, header: dict[str, object], done: dict[int, dict[str, object]]) -> None:
     """Rewrites the manifest in index order, one line per glyph, once every glyph is there."""
-    with atomic_path(manifest) as tmp:
+    with atomic_path(manifest, follow_symlinks=False) as tmp:
         tmp.write_text("".join(json.dumps(line) + "\n" for line in [{"job": header}, *(done[i] for i in sorted(done))]))
 
 

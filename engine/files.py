@@ -27,14 +27,22 @@ STAGING_LOCK = ".staging.lock"
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, follow_symlinks: bool = True) -> Iterator[Path]:
     """Yields a temporary path beside `path`; renames it over `path` only on success.
 
     A crash or exception leaves `path` as it was and removes the temporary file, so readers
     never see a half-written output. What `refuse_non_regular` refuses is refused before the
     caller does any work; a symlink keeps pointing where it did and its target gets the file.
+    `follow_symlinks=False` (files inside a folder glyph-engine owns, such as a bulk job's)
+    refuses a symlink instead, and the rename then replaces the name itself: a symlink swapped
+    in meanwhile is replaced, never written through.
     """
+    path = Path(path)
+    if not follow_symlinks and kind_of(path) == SYMLINK:
+        raise GlyphEngineError(f"refusing to write {path}: it is a symlink; remove it and run again.")
     target = refuse_non_regular(path)
+    if not follow_symlinks:
+        target = path  # renamed over the name itself, whatever it has become meanwhile
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)

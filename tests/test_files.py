@@ -225,3 +225,17 @@ def test_bench_refuses_a_special_result_file_before_measuring(ckpt_path, tmp_pat
                                  "--batch", "1", "--out", str(out)])  # fmt: skip
     assert result.exit_code == 2, result.output
     assert result.output.count("\n") == 1 and "results.md: it is a FIFO" in result.output
+
+
+def test_without_following_a_symlink_is_refused_and_one_swapped_in_is_replaced(tmp_path):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep")
+    link = symlink(tmp_path / "manifest.jsonl", outside)
+    with pytest.raises(GlyphEngineError, match="it is a symlink"):
+        with atomic_path(link, follow_symlinks=False):
+            pass
+    link.unlink()
+    with atomic_path(link, follow_symlinks=False) as tmp:
+        symlink(link, outside)  # swapped in between the check and the rename
+        tmp.write_text("new")
+    assert not link.is_symlink() and link.read_text() == "new" and outside.read_text() == "keep"
