@@ -31,7 +31,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.files import atomic_path, check_writable_file, sha256_file, zip_damage
 from glyph_engine.model import DEFAULT_TEXT_ENCODER, Glyffuser, image_shape_of, validate_configs
-from glyph_engine.settings import valid_interval
+from glyph_engine.settings import check_guidance, valid_interval
 
 if TYPE_CHECKING:  # building these imports diffusers and transformers' models: only on first use
     from diffusers import UNet2DConditionModel
@@ -147,11 +147,10 @@ def _check_settings(path: Path, pixel_range: tuple[float, float], default_guidan
             f"{path} has pixel range [{low}, {high}]; it must be two finite numbers, low < high "
             "(glyffusers use [0, 1]). The checkpoint is damaged or was written wrongly: re-create it."
         )
-    if not (math.isfinite(default_guidance) and default_guidance >= 0):
-        raise GlyphEngineError(
-            f"{path} has default guidance {default_guidance}; it must be a finite number, 0 or more. "
-            "The checkpoint is damaged or was written wrongly: re-create it."
-        )
+    try:
+        check_guidance(default_guidance, f"the default guidance in {path}")
+    except GlyphEngineError as e:
+        raise GlyphEngineError(f"{e} The checkpoint is damaged or was written wrongly: re-create it.") from None
     if max_length < 1:
         raise GlyphEngineError(
             f"{path} has a tokenizer max_length of {max_length}; it must be at least 1. "
@@ -428,8 +427,7 @@ def convert_diffusers_folder(
     """Writes a glyffuser diffusers folder plus its T5 as one checkpoint; returns its sha256."""
     if not folder.is_dir():
         raise GlyphEngineError(f"{folder} is not a folder; convert takes a glyffuser diffusers folder.")
-    if not default_guidance >= 0:
-        raise GlyphEngineError(f"--default-guidance must be 0 or more (got {default_guidance}).")
+    check_guidance(default_guidance, "--default-guidance")
     check_writable_file(out)
     model = load_diffusers_folder(folder, text_encoder)
     model.default_guidance = default_guidance

@@ -106,7 +106,7 @@ def generate(
     steps: Annotated[int, typer.Option(help="DPM-Solver++ steps; 20 looks good, 10 is usable.")] = _SETTINGS.steps,
     guidance: Annotated[
         Optional[float],
-        typer.Option(help="Classifier-free guidance scale; 1 turns it off. Default: the checkpoint's."),
+        typer.Option(help="Classifier-free guidance scale, 0 to 100; 1 turns it off. Default: the checkpoint's."),
     ] = _SETTINGS.guidance,
     guidance_interval: GuidanceIntervalOption = _SETTINGS.guidance_interval,
     seed: Annotated[

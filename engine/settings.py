@@ -63,10 +63,8 @@ class GenerationSettings:
         """Refuses settings that cannot give a picture, before any model is loaded."""
         if self.steps < 1:
             raise GlyphEngineError(f"--steps must be at least 1 (got {self.steps}).")
-        if self.guidance is not None and not (math.isfinite(self.guidance) and self.guidance >= 0):
-            raise GlyphEngineError(
-                f"--guidance must be a finite number, 0 or more (got {self.guidance}); 1 turns guidance off."
-            )
+        if self.guidance is not None:
+            check_guidance(self.guidance, "--guidance")
         if self.seed < 0:
             raise GlyphEngineError(f"--seed must be 0 or more (got {self.seed}).")
         if self.batch_size is not None and self.batch_size < 1:
@@ -79,6 +77,20 @@ class GenerationSettings:
             )
         if self.sampler.order not in (1, 2):
             raise GlyphEngineError(f"--order must be 1 or 2 (got {self.sampler.order}).")
+
+
+# CFG-trained models want 5-15 (the glyffuser's author); far beyond, the guided prediction
+# overflows (1e308 gives infinities), so the bound is a typo's, not a model's.
+MAX_GUIDANCE = 100.0
+
+
+def check_guidance(value: float, what: str) -> None:
+    """The one rule for a guidance scale, wherever it comes from (an option, a checkpoint, a
+    request): a finite number from 0 to MAX_GUIDANCE; `what` names it in the message."""
+    if not (math.isfinite(value) and 0 <= value <= MAX_GUIDANCE):
+        raise GlyphEngineError(
+            f"{what} must be a finite number from 0 to {MAX_GUIDANCE:g} (got {value}); 1 turns guidance off."
+        )
 
 
 def valid_interval(interval: tuple[float, float]) -> bool:

@@ -240,8 +240,9 @@ def unsupported(tmp_path, ckpt_path):
         (["metal", "-n", "5000", "--ckpt", "{ckpt}"], "-n"),
         (["metal", "--steps", "0", "--ckpt", "{ckpt}"], "--steps"),
         (["metal", "--steps", "1001", "--ckpt", "{ckpt}"], "--steps"),
-        (["metal", "--guidance", "-1", "--ckpt", "{ckpt}"], "--guidance must be a finite number, 0 or more"),
-        (["metal", "--guidance", "nan", "--ckpt", "{ckpt}"], "--guidance must be a finite number, 0 or more"),
+        (["metal", "--guidance", "-1", "--ckpt", "{ckpt}"], "--guidance must be a finite number from 0 to 100"),
+        (["metal", "--guidance", "nan", "--ckpt", "{ckpt}"], "--guidance must be a finite number from 0 to 100"),
+        (["metal", "--guidance", "100.5", "--ckpt", "{ckpt}"], "--guidance must be a finite number from 0 to 100"),
         (["metal", "--guidance", "inf", "--no-clamp-x0", "--ckpt", "{ckpt}"], "--guidance must be a finite number"),
         (["metal", "--batch-size", "0", "--ckpt", "{ckpt}"], "--batch-size"),
         (["metal", "--guidance-interval", "2", "1", "--ckpt", "{ckpt}"], "--guidance-interval must be"),
@@ -293,6 +294,8 @@ def test_one_line_errors(tmp_path, option):
         (["convert", "{tmp}/nope"], "not a folder"),
         (["convert", "{tmp}"], "no model_index.json"),
         (["convert", "{tmp}", "--default-guidance", "-2"], "--default-guidance"),
+        # Written before and refused only when loading: the one guidance rule now refuses it here.
+        (["convert", "{tmp}", "--default-guidance", "inf"], "--default-guidance must be a finite number"),
     ],
 )
 def test_info_and_convert_bad_input(args, message, tmp_path):

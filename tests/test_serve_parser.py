@@ -18,7 +18,6 @@ from hypothesis import strategies as st  # noqa: E402
 
 from glyph_engine.serve.api import (  # noqa: E402
     MAX_BODY_BYTES,
-    MAX_GUIDANCE,
     MAX_IMAGES,
     MAX_PROMPT_CHARS,
     MAX_SEED,
@@ -26,6 +25,7 @@ from glyph_engine.serve.api import (  # noqa: E402
     _parse,
     build_app,
 )
+from glyph_engine.settings import MAX_GUIDANCE  # noqa: E402
 
 from fake_service import FakeService  # noqa: E402
 

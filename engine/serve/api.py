@@ -27,6 +27,7 @@ from glyph_engine.errors import GlyphEngineError
 from glyph_engine.pipeline import Generation
 from glyph_engine.pipeline import Request as GlyphRequest
 from glyph_engine.serve.batcher import BatchKey, GuidanceTooStrong, Overloaded
+from glyph_engine.settings import MAX_GUIDANCE
 from glyph_engine.text import check_prompts
 
 logger = logging.getLogger(__name__)
@@ -36,9 +37,6 @@ MAX_PROMPT_CHARS = 1000  # T5 truncates at its max length anyway; this bounds th
 MAX_BODY_BYTES = 16 * 1024
 MAX_SEED = 2**63 - 1
 TOO_LARGE = f"the request body is over {MAX_BODY_BYTES} bytes; send one prompt per request."
-# CFG-trained models want 5-15; far beyond that the guided prediction overflows (1e308 gives
-# infinities). `generate --guidance` should share this bound.
-MAX_GUIDANCE = 100.0
 
 
 class GenerateBody(BaseModel):
