@@ -103,7 +103,7 @@ def _forget_local_ray() -> None:
 
 def _check_loopback(ray) -> None:
     addresses = {node.get("NodeManagerAddress", "") for node in ray.nodes()}
-    if not addresses or not all(_is_loopback(a) for a in addresses):
+    if not addresses or not all(is_loopback(a) for a in addresses):
         ray.shutdown()
         raise GlyphEngineError(
             f"the local Ray listens on {', '.join(sorted(addresses)) or 'an unknown address'} instead of loopback "
@@ -112,7 +112,8 @@ def _check_loopback(ray) -> None:
         )
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address, or "localhost") is reachable from this machine only."""
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -155,7 +156,7 @@ def keep_replica_grpc_on_loopback() -> None:
     import ray
     from ray.serve._private import replica
 
-    if not _is_loopback(ray.util.get_node_ip_address()):
+    if not is_loopback(ray.util.get_node_ip_address()):
         return  # a cluster: other nodes reach replicas through it; the operator secures the network
     bind = replica.add_port_to_grpc_server
     if getattr(bind, "_glyph_engine_loopback", False):

@@ -8,7 +8,6 @@ cluster that was already running), within 30 s in all.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import signal
@@ -18,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from glyph_engine.errors import GlyphEngineError
-from glyph_engine.ray_cluster import first_line, ray_init
+from glyph_engine.ray_cluster import first_line, is_loopback, ray_init
 from glyph_engine.serve.batcher import BatchConfig
 from glyph_engine.session import ModelSource
 
@@ -50,7 +49,7 @@ class ServeOptions:
     metrics_port: int = 8080  # local Ray's Prometheus endpoint
 
     def check(self) -> None:
-        if self.token is None and not _is_loopback(self.host) and not self.insecure:
+        if self.token is None and not is_loopback(self.host) and not self.insecure:
             raise GlyphEngineError(
                 f"--host {self.host} accepts connections from other machines, and no token is set; pass --token "
                 f"(or set ${TOKEN_ENV}) so requests need it, or --insecure to serve without one."
@@ -76,15 +75,6 @@ class ServeOptions:
                 "--max-batch-size and --max-queue must be at least 1, and --batch-wait-ms 0 or more."
             )
         self.source.check()
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _deployment_options(options: ServeOptions) -> dict[str, object]:
