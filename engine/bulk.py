@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from glyph_engine.commands import MAX_IMAGES
 from glyph_engine.errors import GlyphEngineError
-from glyph_engine.files import atomic_path
+from glyph_engine.files import atomic_path, read_regular_file
 from glyph_engine.model import DEFAULT_CHECKPOINT, Glyffuser
 from glyph_engine.pipeline import Request
 from glyph_engine.ray_cluster import first_line, ray_init
@@ -141,7 +141,7 @@ def finished(out_dir: Path, header: dict[str, object], glyphs: Sequence[Glyph]) 
         if any(out_dir.glob("*.png")):
             raise GlyphEngineError(f"--out-dir {out_dir} holds PNGs but no {MANIFEST}; give an empty or new folder.")
         return {}
-    data = _regular_file_bytes(path)
+    data = read_regular_file(path)
     if data is None:
         raise _not_a_file(path)
     first, _, rest = data.partition(b"\n")
@@ -167,7 +167,7 @@ def finished(out_dir: Path, header: dict[str, object], glyphs: Sequence[Glyph]) 
         if not isinstance(digest, str) or _canonical(record) != _canonical(glyph.record(digest)):
             continue
         if index not in digests:
-            content = _regular_file_bytes(out_dir / glyph.file)
+            content = read_regular_file(out_dir / glyph.file)
             digests[index] = None if content is None else hashlib.sha256(content).hexdigest()
         if digests[index] == digest:
             done[index] = glyph.record(digest)
@@ -204,26 +204,6 @@ def _symlink_refused(path: Path) -> GlyphEngineError:
 
 def _not_a_file(path: Path) -> GlyphEngineError:
     return GlyphEngineError(f"{path} is not a regular file; move it out of --out-dir, or give another folder.")
-
-
-def _regular_file_bytes(path: Path) -> bytes | None:
-    """The contents of `path` if it is a regular file; None if it is missing, a link or anything else.
-
-    The descriptor is checked, not the name, so a file swapped in after a check is not read instead;
-    O_NONBLOCK keeps a FIFO from hanging the open.
-    """
-    try:
-        if not stat.S_ISREG(os.lstat(path).st_mode):
-            return None  # never opened: opening a device can have effects of its own
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        if e.errno == errno.ELOOP:  # became a symlink since lstat
-            return None
-        raise
-    with os.fdopen(fd, "rb") as f:
-        return f.read() if stat.S_ISREG(os.fstat(fd).st_mode) else None
 
 
 def _open_for_append(path: Path) -> TextIO:

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from glyph_engine.files import FOLDER, REGULAR_FILE, kind_of
+from glyph_engine.files import FOLDER, REGULAR_FILE, kind_of, read_regular_file
 
 logger = logging.getLogger(__name__)
 
@@ -244,7 +244,7 @@ def _read_entry(folder: Path, key: ArtifactKey) -> Artifact:
 def _file_bytes(path: Path) -> bytes:
     """The contents of `path` if it is a regular file: reading a FIFO would wait forever, and a
     symlink would read from outside the entry."""
-    kind = kind_of(path)
-    if kind not in (None, REGULAR_FILE):
-        raise OSError(f"{path.name} is {kind}, not a regular file")
-    return path.read_bytes()
+    data = read_regular_file(path)
+    if data is None:
+        raise OSError(f"{path.name} is {kind_of(path) or 'missing'}, not a regular file")
+    return data

@@ -3,6 +3,7 @@ zip checksums."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import glob
 import hashlib
@@ -214,6 +215,26 @@ def check_writable_file(path: str | os.PathLike) -> Path:
     os.close(fd)
     os.unlink(probe)
     return path
+
+
+def read_regular_file(path: str | os.PathLike) -> bytes | None:
+    """The contents of `path` if it is a regular file; None if it is missing, a link or anything else.
+
+    The descriptor is checked, not the name, so a file swapped in after a check is not read instead;
+    O_NONBLOCK keeps a FIFO from hanging the open.
+    """
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return None  # never opened: opening a device can have effects of its own
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # became a symlink since lstat
+            return None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        return f.read() if stat.S_ISREG(os.fstat(fd).st_mode) else None
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -119,7 +119,14 @@ def test_read_only_cache_builds_in_memory_with_one_warning(tmp_path, monkeypatch
 def test_read_only_cache_still_serves_its_entries(tmp_path, monkeypatch):
     cache, build = ArtifactCache(tmp_path), Builder()
     cache.get(KEY, build)
-    monkeypatch.setattr("glyph_engine.cache.os.open", _fail_with(errno.EROFS))  # no lock file can be made
+    real_open = os.open
+
+    def read_only_mount(path, flags, *args, **kwargs):  # what EROFS refuses: opening to write, not to read
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr("glyph_engine.cache.os.open", read_only_mount)  # no lock file can be made
     assert ArtifactCache(tmp_path).get(KEY, build).source == "cache" and build.calls == 1
 
 
