@@ -80,8 +80,9 @@ GuidanceIntervalOption = Annotated[
 PrecisionOption = Annotated[
     Precision,
     typer.Option(
-        help="U-Net precision on a CPU (openvino backend). auto: bf16 where the CPU has BF16 units (AVX-512 "
-        "BF16 or AMX), int8 where an int8 build of the model passed the quality gate, else fp32."
+        help="U-Net precision; a backend refuses one it cannot run. auto on a CPU: int8 where an int8 build "
+        "of the model passed the quality gate here, else bf16 where the CPU has BF16 units (AVX-512 BF16 or "
+        "AMX), else fp32; on a GPU: fp16."
     ),
 ]
 CacheDirOption = Annotated[

@@ -22,11 +22,14 @@ class BackendName(str, enum.Enum):
 
 
 class Precision(str, enum.Enum):
-    """`--precision` of the U-Net on a CPU. "auto": bf16 where the CPU has BF16 units (AVX-512
-    BF16 or AMX), int8 where an int8 build of this model passed the quality gate, else fp32."""
+    """`--precision` of the U-Net. Each backend runs the precisions it accepts as asked and
+    refuses the others. "auto" on a CPU: int8 where an int8 build of this model passed the
+    quality gate here, else bf16 where the CPU has BF16 units (AVX-512 BF16 or AMX), else
+    fp32; on a GPU: fp16."""
 
     auto = "auto"
     fp32 = "fp32"
+    fp16 = "fp16"
     bf16 = "bf16"
     int8 = "int8"
 
