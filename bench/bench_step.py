@@ -26,11 +26,11 @@ DEVICES = [
 
 
 def eager(x, ec, eu, xp):
-    return dpmpp_step(x, ec, eu, xp, COEF, GUIDANCE)
+    return dpmpp_step(x, ec, eu, (xp,), COEF, GUIDANCE)
 
 
 def fused(x, ec, eu, xp):
-    return cpp_ext.dpmpp_step(x, ec, eu, xp, GUIDANCE, COEF.x_scale, COEF.eps_scale, COEF.a, COEF.b, COEF.c)
+    return cpp_ext.dpmpp_step(x, ec, eu, xp, GUIDANCE, COEF.x_scale, COEF.eps_scale, COEF.a, COEF.b, COEF.prev[0])
 
 
 STEPS = {"eager": eager, "fused": fused}

@@ -260,8 +260,9 @@ def reference(x: Tensor, ec: Tensor, eu: Tensor | None, xp: Tensor | None, coef,
     """The eager step in FP32 on the same inputs, rounded to their dtype: what the op computes."""
     from glyph_engine.sampler import dpmpp_step
 
-    up = [None if t is None else t.float() for t in (x, ec, eu, xp)]
-    return tuple(t.to(x.dtype) for t in dpmpp_step(*up, coef, GUIDANCE, clamp))
+    up = [None if t is None else t.float() for t in (x, ec, eu)]
+    history = () if xp is None else (xp.float(),)
+    return tuple(t.to(x.dtype) for t in dpmpp_step(*up, history, coef, GUIDANCE, clamp))
 
 
 def on_side_stream(op: Callable[..., tuple[Tensor, Tensor]], x: Tensor, *rest: Any) -> tuple[Tensor, Tensor]:
@@ -293,7 +294,7 @@ def check_case(case: Case, op: Callable[..., tuple[Tensor, Tensor]] = fused_step
     eu = eu if case.guided else None
     xp = xp if case.second_order else None
     clamp = CLAMP if case.clamp else None
-    args = (ec, eu, xp, coef, GUIDANCE, clamp)
+    args = (ec, eu, () if xp is None else (xp,), coef, GUIDANCE, clamp)
     ours = on_side_stream(op, x, *args) if case.side_stream else op(x, *args)
     rtol, atol = tolerance(case, coef)
     worst, close = 0.0, all(t.dtype == x.dtype and t.shape == x.shape and t.device == x.device for t in ours)

@@ -1,8 +1,8 @@
 """DPM-Solver++ sampling with classifier-free guidance, as stateless functions.
 
-The solver state is just ``(x, x0_prev)``; each step takes one step's tensors plus host
-scalars from `glyph_engine.schedule`, so a fused kernel can replace `dpmpp_step` and be
-checked against it.
+The solver state is just x and the previous steps' x0 (one for 2M, two for 3M); each step
+takes one step's tensors plus host scalars from `glyph_engine.schedule`, so a fused kernel
+can replace `dpmpp_step` and be checked against it.
 """
 
 from __future__ import annotations
@@ -23,13 +23,14 @@ def dpmpp_step(
     x: Tensor,
     eps_cond: Tensor,
     eps_uncond: Tensor | None,
-    x0_prev: Tensor | None,
+    history: Sequence[Tensor],
     coef: StepCoefficients,
     guidance: float,
     clamp: tuple[float, float] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One DPM-Solver++ step: guidance combine, x0 prediction, optional x0 clamp, update.
 
+    `history` holds the previous steps' x0, newest first (at least `len(coef.prev)` of them).
     Returns ``(x_next, x0)``; math in x's dtype, the noise predictions are cast to it.
     """
     eps = eps_cond.to(x.dtype)
@@ -40,10 +41,10 @@ def dpmpp_step(
     if clamp is not None:
         x0 = x0.clamp(*clamp)
     x_next = coef.a * x + coef.b * x0
-    if coef.c != 0.0:
-        if x0_prev is None:
-            raise ValueError("a second-order step needs the previous step's x0")
-        x_next = x_next + coef.c * x0_prev
+    if len(history) < len(coef.prev):
+        raise ValueError(f"an order-{len(coef.prev) + 1} step needs the previous {len(coef.prev)} steps' x0")
+    for weight, x0_before in zip(coef.prev, history, strict=False):
+        x_next = x_next + weight * x0_before
     return x_next, x0
 
 
@@ -56,11 +57,13 @@ def sample_dpmpp(
     step: StepFn = dpmpp_step,
     callback: Callable[[int], None] | None = None,
 ) -> Tensor:
-    """Samples with DPM-Solver++ (1S/2M) from noise `x` along precomputed coefficients."""
-    x0_prev = None
+    """Samples with multistep DPM-Solver++ from noise `x` along precomputed coefficients."""
+    depth = max(len(coef.prev) for coef in coefficients)  # how many previous x0 any step uses
+    history: tuple[Tensor, ...] = ()
     for i, coef in enumerate(coefficients):
         eps_cond, eps_uncond = predict(x, coef.timestep)
-        x, x0_prev = step(x, eps_cond, eps_uncond, x0_prev, coef, guidance, clamp)
+        x, x0 = step(x, eps_cond, eps_uncond, history, coef, guidance, clamp)
+        history = (x0, *history)[:depth]
         if callback is not None:
             callback(i)
     return x

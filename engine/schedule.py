@@ -2,7 +2,7 @@
 
 Every scalar a sampling step needs depends only on the training noise schedule and the
 number of steps, so it is computed here in float64 and the step on the device is a single
-elementwise pass: ``x_next = a * x + b * x0 + c * x0_prev`` with
+elementwise pass: ``x_next = a * x + b * x0 + sum(prev[k] * x0 of k + 1 steps back)`` with
 ``x0 = x_scale * x - eps_scale * eps``.
 
 Timestep selection and sigma handling follow diffusers' ``DPMSolverMultistepScheduler``
@@ -34,7 +34,7 @@ FinalSigma = Literal["zero", "sigma_min"]
 class SamplerConfig:
     """How the solver walks the noise schedule. Defaults match the glyffuser's sampler."""
 
-    order: Literal[1, 2] = 2  # 2 = DPM-Solver++(2M); 1 = DDIM-equivalent, more steps needed
+    order: Literal[1, 2, 3] = 2  # 2 = DPM-Solver++(2M), 3 = (3M); 1 = DDIM-equivalent, more steps needed
     spacing: Spacing = Spacing.linspace  # how timesteps are picked from the training schedule
     karras_sigmas: bool = False  # rho=7 ramp; spends more steps at low noise
     lower_order_final: bool = True  # first-order last steps when fewer than 15: stabler
@@ -51,7 +51,7 @@ class StepCoefficients:
     eps_scale: float  # sigma_s / alpha_s
     a: float  # weight of x (sigma_t_next / sigma_t_s)
     b: float  # weight of this step's x0
-    c: float  # weight of the previous step's x0 (0 for a first-order step)
+    prev: tuple[float, ...] = ()  # weights of the previous steps' x0, newest first (order - 1 of them)
 
 
 def _timesteps(spacing: Spacing, num_steps: int, num_train: int, steps_offset: int) -> np.ndarray:
@@ -108,7 +108,8 @@ def timesteps_and_sigmas(
 def dpmpp_coefficients(
     alphas_cumprod: np.ndarray, num_steps: int, config: SamplerConfig = SamplerConfig()
 ) -> list[StepCoefficients]:
-    """Per-step scalars of DPM-Solver++ (order 1 or 2M midpoint), epsilon prediction."""
+    """Per-step scalars of multistep DPM-Solver++ of order 1, 2 (2M, midpoint) or 3 (3M),
+    epsilon prediction, as diffusers' DPMSolverMultistepScheduler takes its steps."""
     if not 1 <= num_steps <= len(alphas_cumprod):
         raise ValueError(f"num_steps must be from 1 to {len(alphas_cumprod)}, the training timesteps (got {num_steps})")
     timesteps, sigmas = timesteps_and_sigmas(alphas_cumprod, num_steps, config)
@@ -124,19 +125,9 @@ def dpmpp_coefficients(
         # alpha_next * (1 - e^-h): the x0 weight of the first-order (DDIM) update. At a zero
         # final sigma h = inf and the update lands exactly on x0.
         phi = alpha_next * -math.expm1(-h)
-        last = i == num_steps - 1
-        first_order = (
-            config.order == 1
-            or i == 0  # no previous x0 yet
-            or h == 0  # ends at sigma_min from t = 0: a zero-length step, x stays (phi = 0)
-            or (last and (config.final_sigma == "zero" or (config.lower_order_final and num_steps < 15)))
+        b, prev = _multistep_weights(
+            _step_order(i, num_steps, h, config), phi, alpha_next, h, lambdas[max(i - 2, 0) : i + 1]
         )
-        if first_order:
-            b, c = phi, 0.0
-        else:
-            r0 = (lambdas[i] - lambdas[i - 1]) / h
-            # D0 + D1/2 with D1 = (x0 - x0_prev) / r0
-            b, c = phi * (1 + 0.5 / r0), -phi * 0.5 / r0
         coefficients.append(
             StepCoefficients(
                 timestep=int(t),
@@ -144,7 +135,43 @@ def dpmpp_coefficients(
                 eps_scale=float(s),  # sigma_t / alpha_t = sigma
                 a=float((s_next * alpha_next) / (s * alpha_s)),  # sigma_t ratio, sigma_t = sigma * alpha
                 b=float(b),
-                c=float(c),
+                prev=tuple(float(w) for w in prev),
             )
         )
     return coefficients
+
+
+def _step_order(i: int, num_steps: int, h: float, config: SamplerConfig) -> int:
+    """The order step i runs at: diffusers' warm-up (as many previous x0 as exist) and its
+    lower orders at the end of short runs, which keep few-step sampling stable."""
+    last, second_last = i == num_steps - 1, i == num_steps - 2
+    short = config.lower_order_final and num_steps < 15
+    if h == 0 or (last and (config.final_sigma == "zero" or short)):
+        # h == 0: ends at sigma_min from t = 0, a zero-length step where x stays (phi = 0).
+        return 1
+    if second_last and short:
+        return min(config.order, 2, i + 1)
+    return min(config.order, i + 1)
+
+
+def _multistep_weights(
+    order: int, phi: float, alpha_next: float, h: float, lambdas: np.ndarray
+) -> tuple[float, tuple[float, ...]]:
+    """(weight of this step's x0, weights of the previous x0s, newest first) of one
+    DPM-Solver++ update; `lambdas` ends with this step's and holds the previous ones it uses."""
+    if order == 1:
+        return phi, ()
+    r0 = (lambdas[-1] - lambdas[-2]) / h
+    if order == 2:
+        # D0 + D1/2 with D1 = (x0 - x0_prev) / r0 (the midpoint rule)
+        return phi * (1 + 0.5 / r0), (-phi * 0.5 / r0,)
+    r1 = (lambdas[-2] - lambdas[-3]) / h
+    # x_next = a x + phi D0 + k1 D1 + k2 D2 with D1_0 = (x0 - x0_prev) / r0, D1_1 = (x0_prev
+    # - x0_prev2) / r1, D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1), D2 = (D1_0 - D1_1) / (r0 + r1):
+    # the third-order update, gathered by x0.
+    k1 = alpha_next - phi / h
+    k2 = -alpha_next * ((math.expm1(-h) + h) / h**2 - 0.5)
+    q, p = r0 / (r0 + r1), 1.0 / (r0 + r1)
+    u = k1 * (1 + q) + k2 * p  # weight of D1_0
+    v = k1 * q + k2 * p  # weight of -D1_1
+    return phi + u / r0, (-u / r0 - v / r1, v / r1)

@@ -7,6 +7,8 @@ sampler's step signature and decides, per device, whether it can be used.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -16,20 +18,26 @@ from glyph_engine.sampler import StepFn, dpmpp_step
 from glyph_engine.schedule import StepCoefficients
 from glyph_engine.settings import StepImpl
 
+FUSED_MAX_ORDER = 2  # the op's update: a x + b x0 + c x0_prev
+
 
 def fused_dpmpp_step(
     x: Tensor,
     eps_cond: Tensor,
     eps_uncond: Tensor | None,
-    x0_prev: Tensor | None,
+    history: Sequence[Tensor],
     coef: StepCoefficients,
     guidance: float,
     clamp: tuple[float, float] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """`sampler.dpmpp_step` in one pass of the fused op: same arguments, same results."""
+    """`sampler.dpmpp_step` in one pass of the fused op: same arguments, same results, for
+    steps of order 2 at most (the op takes one previous x0)."""
+    if len(coef.prev) > FUSED_MAX_ORDER - 1:
+        raise ValueError(f"the fused op runs steps of order {FUSED_MAX_ORDER} at most (got {len(coef.prev) + 1})")
+    x0_prev, c = history[0] if history else None, coef.prev[0] if coef.prev else 0.0
     low, high = clamp if clamp is not None else (None, None)
     return cpp_ext.dpmpp_step(
-        x, eps_cond, eps_uncond, x0_prev, guidance, coef.x_scale, coef.eps_scale, coef.a, coef.b, coef.c, low, high
+        x, eps_cond, eps_uncond, x0_prev, guidance, coef.x_scale, coef.eps_scale, coef.a, coef.b, c, low, high
     )
 
 

@@ -36,10 +36,11 @@ def tolerance(device: str, dtype: torch.dtype, coef: StepCoefficients) -> dict:
     return dict(rtol=1e-5, atol=1e-5 * max(1.0, coef.x_scale))
 
 
-def fused(x, ec, eu, xp, coef: StepCoefficients, guidance, clamp=None):
+def fused(x, ec, eu, history, coef: StepCoefficients, guidance, clamp=None):
     """cpp_ext.dpmpp_step with sampler.dpmpp_step's arguments, so either can drive a sampler."""
     bounds = clamp if clamp is not None else (None, None)
-    return cpp_ext.dpmpp_step(x, ec, eu, xp, guidance, coef.x_scale, coef.eps_scale, coef.a, coef.b, coef.c, *bounds)
+    xp, c = history[0] if history else None, coef.prev[0] if coef.prev else 0.0
+    return cpp_ext.dpmpp_step(x, ec, eu, xp, guidance, coef.x_scale, coef.eps_scale, coef.a, coef.b, c, *bounds)
 
 
 def tensors(shape, dtype, seed=0):
@@ -47,10 +48,10 @@ def tensors(shape, dtype, seed=0):
     return [torch.randn(shape, generator=gen).to(dtype) for _ in range(4)]
 
 
-def reference(x, ec, eu, xp, coef, guidance, clamp):
+def reference(x, ec, eu, history, coef, guidance, clamp):
     """The pure-PyTorch step in FP32 on the same inputs, rounded to the inputs' dtype."""
-    up = [None if t is None else t.float() for t in (x, ec, eu, xp)]
-    out = dpmpp_step(*up, coef, guidance, clamp)
+    up = [None if t is None else t.float() for t in (x, ec, eu)]
+    out = dpmpp_step(*up, tuple(t.float() for t in history), coef, guidance, clamp)
     return tuple(t.to(x.dtype) for t in out)
 
 
@@ -59,8 +60,8 @@ def check_flags(device, dtype, shape, order2, guided, clamp):
     coef = SECOND if order2 else FIRST
     eu = eu if guided else None
     bounds = (0.0, 1.0) if clamp else None
-    ours = fused(x, ec, eu, xp, coef, 7.5, bounds)
-    ref = reference(x, ec, eu, xp, coef, 7.5, bounds)
+    ours = fused(x, ec, eu, (xp,), coef, 7.5, bounds)
+    ref = reference(x, ec, eu, (xp,), coef, 7.5, bounds)
     for a, b in zip(ours, ref, strict=True):
         assert a.dtype == dtype and a.shape == x.shape and a.device == x.device
         torch.testing.assert_close(a, b, **tolerance(device, dtype, coef))
@@ -75,8 +76,8 @@ def check_nan_clamp(device, dtype, shape, guided):
     flat[10::20] = math.inf
     flat[11::20] = -math.inf
     eu = eu if guided else None
-    ours = fused(x, ec, eu, None, FIRST, 3.0, (0.0, 1.0))
-    ref = reference(x, ec, eu, None, FIRST, 3.0, (0.0, 1.0))
+    ours = fused(x, ec, eu, (), FIRST, 3.0, (0.0, 1.0))
+    ref = reference(x, ec, eu, (), FIRST, 3.0, (0.0, 1.0))
     assert ours[1].isnan().sum() == 5
     for a, b in zip(ours, ref, strict=True):
         assert torch.equal(a.isnan(), b.isnan())
@@ -156,15 +157,15 @@ def test_unavailable_device_is_refused(monkeypatch):
     assert not cpp_ext.available("cpu") and not cpp_ext.available("cuda:0")
     x, ec, _, _ = tensors((2, 3), torch.float32)
     with pytest.raises(cpp_ext.OpUnavailable, match="not available on cpu: no compiler found"):
-        fused(x, ec, None, None, FIRST, 1.0)
+        fused(x, ec, None, (), FIRST, 1.0)
     assert issubclass(cpp_ext.OpUnavailable, RuntimeError)
 
 
 def test_second_order_step_needs_history():
     x, ec, _, _ = tensors((2, 3), torch.float32)
-    assert SECOND.c != 0.0
+    assert SECOND.prev[0] != 0.0
     with pytest.raises(ValueError, match="previous step's x0"):
-        fused(x, ec, None, None, SECOND, 1.0)
+        fused(x, ec, None, (), SECOND, 1.0)
 
 
 # --- the CPU op against the eager step ---
@@ -180,8 +181,8 @@ def test_op_matches_reference(dtype, shape, order2, guided, clamp):
 def test_fp32_equals_eager_bitwise():
     """No FMA contraction in the C++ build: the same roundings as eager PyTorch."""
     x, ec, eu, xp = tensors((4, 1, 64, 64), torch.float32)
-    ours = fused(x, ec, eu, xp, SECOND, 5.0)
-    ref = dpmpp_step(x, ec, eu, xp, SECOND, 5.0)
+    ours = fused(x, ec, eu, (xp,), SECOND, 5.0)
+    ref = dpmpp_step(x, ec, eu, (xp,), SECOND, 5.0)
     assert all(torch.equal(a, b) for a, b in zip(ours, ref, strict=True))
 
 
@@ -194,16 +195,16 @@ def test_nan_passes_the_clamp(dtype, guided):
 def test_noncontiguous_inputs_are_handled():
     x, ec, eu, xp = (t.transpose(2, 3) for t in tensors((2, 1, 16, 8), torch.float32))
     assert not x.is_contiguous()
-    ours = fused(x, ec, eu, xp, SECOND, 3.0)
-    ref = dpmpp_step(x, ec, eu, xp, SECOND, 3.0)
+    ours = fused(x, ec, eu, (xp,), SECOND, 3.0)
+    ref = dpmpp_step(x, ec, eu, (xp,), SECOND, 3.0)
     for a, b in zip(ours, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 def test_eps_of_another_dtype_is_cast():
     x, ec, eu, xp = tensors((2, 1, 8, 8), torch.float32)
-    ours = fused(x, ec.half(), eu.half(), xp, SECOND, 3.0)
-    ref = dpmpp_step(x, ec.half(), eu.half(), xp, SECOND, 3.0)
+    ours = fused(x, ec.half(), eu.half(), (xp,), SECOND, 3.0)
+    ref = dpmpp_step(x, ec.half(), eu.half(), (xp,), SECOND, 3.0)
     torch.testing.assert_close(ours[0], ref[0], rtol=1e-6, atol=1e-6)
 
 
@@ -344,8 +345,8 @@ def test_cuda_misaligned_views(dtype):
     flat = [t.cuda() for t in tensors((4097,), dtype)]
     x, ec, eu, xp = (t[1:] for t in flat)
     assert x.is_contiguous() and x.data_ptr() % 16 != 0
-    ours = fused(x, ec, eu, xp, SECOND, 7.5, (0.0, 1.0))
-    ref = reference(x, ec, eu, xp, SECOND, 7.5, (0.0, 1.0))
+    ours = fused(x, ec, eu, (xp,), SECOND, 7.5, (0.0, 1.0))
+    ref = reference(x, ec, eu, (xp,), SECOND, 7.5, (0.0, 1.0))
     for a, b in zip(ours, ref, strict=True):
         torch.testing.assert_close(a, b, **tolerance("cuda", dtype, SECOND))
 
@@ -362,9 +363,9 @@ def test_cuda_runs_on_the_current_stream():
     with torch.cuda.stream(side):
         torch.cuda._sleep(100_000_000)  # tens of milliseconds of GPU time before the copy
         late.copy_(x)
-        ours = fused(late, ec, eu, xp, SECOND, 7.5)
+        ours = fused(late, ec, eu, (xp,), SECOND, 7.5)
     torch.cuda.current_stream().wait_stream(side)
-    ref = reference(x, ec, eu, xp, SECOND, 7.5, None)
+    ref = reference(x, ec, eu, (xp,), SECOND, 7.5, None)
     for a, b in zip(ours, ref, strict=True):
         torch.testing.assert_close(a, b, **tolerance("cuda", torch.float32, SECOND))
 

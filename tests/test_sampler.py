@@ -78,6 +78,11 @@ CONFIGS = [
     SamplerConfig(order=1),
     SamplerConfig(final_sigma="sigma_min"),
     SamplerConfig(final_sigma="sigma_min", lower_order_final=False),
+    # DPM-Solver++(3M): diffusers' same scheduler with solver_order=3
+    SamplerConfig(order=3),
+    SamplerConfig(order=3, spacing="trailing"),
+    SamplerConfig(order=3, karras_sigmas=True),
+    SamplerConfig(order=3, final_sigma="sigma_min", lower_order_final=False),
 ]
 
 
@@ -90,7 +95,12 @@ def test_full_trajectory_matches_diffusers(steps, config, diffusers_in_float64):
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=repr)
+# At 1000 steps ending at sigma_min the last step has zero length; diffusers' third-order
+# update divides by it (NaN), where ours (and diffusers' 2M) take it at first order.
+AT_MAXIMUM = [c for c in CONFIGS if not (c.order == 3 and c.final_sigma == "sigma_min")]
+
+
+@pytest.mark.parametrize("config", AT_MAXIMUM, ids=repr)
 def test_the_maximum_step_count_takes_every_training_timestep(config, diffusers_in_float64):
     """At 1000 steps (the training timesteps, the most `generate` takes) every spacing walks
     t = 999 .. 0 once, as diffusers' "trailing" spacing does; diffusers' own "linspace" repeats
@@ -142,22 +152,22 @@ def test_guidance_matches_diffusers_on_combined_eps(diffusers_in_float64):
 def test_final_step_lands_on_x0():
     coefficients = dpmpp_coefficients(ALPHAS_CUMPROD, 10)
     last = coefficients[-1]
-    assert (last.a, last.b, last.c) == (0.0, 1.0, 0.0)
+    assert (last.a, last.b, last.prev) == (0.0, 1.0, ())
 
 
 def test_clamp_limits_x0():
     x = torch.full((1, 1, 2, 2), 5.0)
     eps = torch.zeros_like(x)
     coef = dpmpp_coefficients(ALPHAS_CUMPROD, 5)[2]
-    _, x0 = dpmpp_step(x, eps, None, x, coef, 1.0, clamp=(0.0, 1.0))
+    _, x0 = dpmpp_step(x, eps, None, (x,), coef, 1.0, clamp=(0.0, 1.0))
     assert float(x0.max()) == 1.0
 
 
 def test_second_order_step_needs_history():
     coef = dpmpp_coefficients(ALPHAS_CUMPROD, 5)[2]
-    assert coef.c != 0.0
+    assert coef.prev[0] != 0.0
     with pytest.raises(ValueError, match="previous"):
-        dpmpp_step(torch.zeros(1), torch.zeros(1), None, None, coef, 1.0)
+        dpmpp_step(torch.zeros(1), torch.zeros(1), None, (), coef, 1.0)
 
 
 def test_noise_is_per_sample():
