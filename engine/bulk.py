@@ -35,11 +35,11 @@ from tqdm import tqdm
 from glyph_engine.commands import MAX_IMAGES
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.files import atomic_path, read_regular_file
-from glyph_engine.model import DEFAULT_CHECKPOINT, Glyffuser
+from glyph_engine.model import Glyffuser
 from glyph_engine.pipeline import Request
 from glyph_engine.ray_cluster import first_line, ray_init
-from glyph_engine.session import ModelSource, Session, model_settings
-from glyph_engine.settings import GenerationSettings
+from glyph_engine.session import ModelSource, Session
+from glyph_engine.settings import GenerationSettings, ResolvedSettings
 from glyph_engine.text import check_prompts, tokenize
 
 logger = logging.getLogger(__name__)
@@ -258,7 +258,7 @@ def requests_of(chunk: Sequence[Glyph], seed: int) -> list[Request]:
 class ChunkWorker:
     """Holds the model once and draws chunks: requests in, one PNG per image out, in order."""
 
-    def __init__(self, source: ModelSource, settings: GenerationSettings, model: Glyffuser | None = None) -> None:
+    def __init__(self, source: ModelSource, settings: ResolvedSettings, model: Glyffuser | None = None) -> None:
         self._session = Session.load(source, model=model)
         self._settings = settings
 
@@ -267,7 +267,7 @@ class ChunkWorker:
         return [
             png
             for request, result in zip(requests, results, strict=True)
-            for png in self._session.pngs(self._settings, result, first=request.first)
+            for png in self._session.pngs(result, first=request.first)
         ]
 
 
@@ -284,10 +284,8 @@ def run_bulk(job: BulkJob) -> list[str]:
         raise GlyphEngineError(f"-n must be from 1 to {MAX_IMAGES} glyphs per prompt (got {job.num_images}).")
     job.source.check()
     # The driver needs the tokenizer and the model's identity; without Ray it also runs this model.
-    from glyph_engine.checkpoint import load_model
-
-    model = load_model(job.source.ckpt or DEFAULT_CHECKPOINT, job.source.text_encoder)
-    settings = model_settings(model, job.settings)
+    model = job.source.load_model()
+    settings = job.settings.resolve(model)
     header = job_header(job, prompts, model.sha256)
     glyphs = plan(prompts, job.num_images, settings.seed)
     manifest = job.out_dir / MANIFEST
@@ -339,7 +337,7 @@ def _compact(manifest: Path, header: dict[str, object], done: dict[int, dict[str
 
 def _run_on_ray(
     job: BulkJob,
-    settings: GenerationSettings,
+    settings: ResolvedSettings,
     chunks: list[list[Glyph]],
     write: Callable[[Sequence[Glyph], Sequence[bytes]], None],
 ) -> None:

@@ -13,6 +13,7 @@ import typer
 
 from glyph_engine import __version__
 from glyph_engine.errors import GlyphEngineError
+from glyph_engine.samplers import SAMPLERS, SamplerName
 from glyph_engine.schedule import SamplerConfig, Spacing
 from glyph_engine.settings import BackendName, GenerationSettings, Precision, StepImpl
 
@@ -97,6 +98,20 @@ CacheDirOption = Annotated[
 _SETTINGS = GenerationSettings()
 _SAMPLER = SamplerConfig()
 
+_DEFAULT_SAMPLER = SamplerName(_SAMPLER.name)
+SamplerOption = Annotated[
+    SamplerName,
+    typer.Option(
+        help="Sampler: "
+        + "; ".join(f"{s.name}: {s.title}, as diffusers' {s.diffusers}" for s in SAMPLERS.values())
+        + "."
+    ),
+]
+OrderOption = Annotated[
+    Optional[int], typer.Option(help="Lower the solver order (1 is DDIM-like) [default: the sampler's own].")
+]
+StepsOption = Annotated[int, typer.Option(help="Sampler steps; 20 looks good, 10 is usable.")]
+
 
 @app.command()
 def generate(
@@ -104,7 +119,7 @@ def generate(
         Optional[list[str]], typer.Argument(help='English definitions to draw, e.g. "metal" (or --prompts-file).')
     ] = None,
     num_images: Annotated[int, typer.Option("-n", "--num-images", help="Glyphs per prompt (1-4096).")] = 16,
-    steps: Annotated[int, typer.Option(help="DPM-Solver++ steps; 20 looks good, 10 is usable.")] = _SETTINGS.steps,
+    steps: StepsOption = _SETTINGS.steps,
     guidance: Annotated[
         Optional[float],
         typer.Option(help="Classifier-free guidance scale, 0 to 100; 1 turns it off. Default: the checkpoint's."),
@@ -126,9 +141,10 @@ def generate(
     ] = _SETTINGS.batch_size,
     out: Annotated[Path, typer.Option("--out", "-o", help="Grid PNG to write.")] = Path("glyphs.png"),
     out_dir: Annotated[Optional[Path], typer.Option(help="Also write each glyph as a PNG in this folder.")] = None,
+    sampler: SamplerOption = _DEFAULT_SAMPLER,
+    order: OrderOption = _SAMPLER.order,
     spacing: Annotated[Spacing, typer.Option(help="How timesteps are spread.")] = _SAMPLER.spacing,
     karras: Annotated[bool, typer.Option(help="Karras sigmas (more steps at low noise).")] = _SAMPLER.karras_sigmas,
-    order: Annotated[int, typer.Option(help="Solver order: 2 (DPM-Solver++ 2M) or 1.")] = _SAMPLER.order,
     cuda_graph: Annotated[bool, typer.Option(help="TensorRT: capture each batch shape in a CUDA graph.")] = False,
     step_impl: Annotated[
         StepImpl,
@@ -190,7 +206,7 @@ def generate(
             center_noise=center_noise,
             seed=seed,
             batch_size=batch_size,
-            sampler=SamplerConfig(order=order, spacing=spacing, karras_sigmas=karras),
+            sampler=SamplerConfig(name=sampler.value, order=order, spacing=spacing, karras_sigmas=karras),
             clamp_x0=clamp_x0,
             step_impl=step_impl,
         )
@@ -400,9 +416,11 @@ def eval_(
     ),
     ckpt: CkptOption = None,
     num_samples: Annotated[int, typer.Option("-n", help="Glyphs per prompt.")] = 64,
-    steps: Annotated[int, typer.Option(help="Sampler steps.")] = 20,
+    steps: StepsOption = _SETTINGS.steps,
     guidance: Annotated[Optional[float], typer.Option(help="Guidance [default: the checkpoint's].")] = None,
     guidance_interval: GuidanceIntervalOption = None,
+    sampler: SamplerOption = _DEFAULT_SAMPLER,
+    order: OrderOption = _SAMPLER.order,
     backend: Annotated[BackendName, typer.Option(help="Inference backend; auto picks the fastest here.")] = (
         BackendName.auto
     ),
@@ -415,11 +433,18 @@ def eval_(
     --backend/--precision, the quality of each inference path can be compared.
     """
     with user_errors():
+        from glyph_engine.session import ModelSource
         from glyph_engine.training.commands import run_eval
 
         _quiet_libraries()
-        settings = GenerationSettings(steps=steps, guidance=guidance, guidance_interval=guidance_interval)
-        typer.echo(run_eval(data, ckpt, num_samples, settings, backend, precision, cache_dir))
+        settings = GenerationSettings(
+            steps=steps,
+            guidance=guidance,
+            guidance_interval=guidance_interval,
+            sampler=SamplerConfig(name=sampler.value, order=order),
+        )
+        source = ModelSource(ckpt=ckpt, backend=backend, precision=precision, cache_dir=cache_dir)
+        typer.echo(run_eval(data, source, num_samples, settings))
 
 
 @app.command()
@@ -432,8 +457,14 @@ def bench(
     ] = None,
     batch: Annotated[str, typer.Option(help="Comma-separated image batch sizes.")] = "16",
     steps: Annotated[str, typer.Option(help="Comma-separated step counts.")] = "1,2,5,10,20,50",
+    sampler: Annotated[
+        Optional[str],
+        typer.Option(help=f"Comma-separated samplers to compare ({', '.join(SAMPLERS)}) [default: {_SAMPLER.name}]."),
+    ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the results.")] = Path("bench-results"),
     repeats: Annotated[int, typer.Option(help="Timed runs per point (the median is kept).")] = 3,
+    precision: PrecisionOption = Precision.auto,
+    cache_dir: CacheDirOption = None,
 ) -> None:
     """Measure images/s against steps for each backend and the glyffuser's own loop.
 
@@ -442,10 +473,14 @@ def bench(
     """
     with user_errors():
         from glyph_engine.commands import run_bench
+        from glyph_engine.session import ModelSource
 
         _quiet_libraries()
         report = lambda m: typer.echo(m, err=True)  # noqa: E731
-        for line in run_bench(ckpt, backends, batch, steps, out, repeats, report, text_encoder, export_dir):
+        source = ModelSource(
+            ckpt=ckpt, text_encoder=text_encoder, export_dir=export_dir, precision=precision, cache_dir=cache_dir
+        )
+        for line in run_bench(source, backends, batch, steps, sampler, out, repeats, report):
             typer.echo(line)
 
 
@@ -492,6 +527,8 @@ def serve(
     ] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="Allow a non-loopback --host without a token.")] = False,
     metrics_port: Annotated[int, typer.Option(help="Prometheus metrics port of the local Ray.")] = 8080,
+    sampler: SamplerOption = _DEFAULT_SAMPLER,
+    order: OrderOption = _SAMPLER.order,
 ) -> None:
     """Serve the model over HTTP on Ray Serve: POST /generate, GET /healthz, /docs.
 
@@ -521,6 +558,7 @@ def serve(
             token=token,
             insecure=insecure,
             metrics_port=metrics_port,
+            settings=GenerationSettings(sampler=SamplerConfig(name=sampler.value, order=order)),
         )
         run_serve(options, report=lambda message: typer.echo(message, err=True))
 

@@ -9,24 +9,22 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tqdm import tqdm
 
 from glyph_engine import __version__
-from glyph_engine.backends import create_backend
 from glyph_engine.backends.tensorrt import load_tensorrt, require_gpu
 from glyph_engine.cache import default_cache_dir
-from glyph_engine.checkpoint import load_model
 from glyph_engine.cpu import cpu_info
 from glyph_engine.errors import GlyphEngineError
-from glyph_engine.export_manifest import default_export_dir
 from glyph_engine.files import check_writable_file
 from glyph_engine.images import check_folder_targets, grid, save_folder, save_png, to_uint8
 from glyph_engine.model import DEFAULT_CHECKPOINT, Glyffuser, unet_parameter_count
 from glyph_engine.pipeline import Generation
-from glyph_engine.session import ModelSource, Session, model_settings
+from glyph_engine.schedule import SamplerConfig
+from glyph_engine.session import ModelSource, Session
 from glyph_engine.settings import BackendName, GenerationSettings
 from glyph_engine.text import check_prompts
 
@@ -72,8 +70,9 @@ def _validate(request: GenerateRequest) -> None:
 def run_generate(request: GenerateRequest) -> list[Path]:
     """Generates glyphs as `request` says and writes them; returns the files written."""
     _validate(request)
-    session = Session.load(request.source, progress=request.progress)
-    settings = session.settings(request.settings)
+    model = request.source.load_model()
+    settings = request.settings.resolve(model)  # before minutes of building for this machine
+    session = Session.load(request.source, progress=request.progress, model=model)
     total = len(request.prompts) * request.num_images
     batches = -(-total // (settings.batch_size or total))
     with tqdm(
@@ -81,7 +80,7 @@ def run_generate(request: GenerateRequest) -> list[Path]:
     ) as bar:
         result = session.generate(request.prompts, request.num_images, settings, on_step=bar.update)
     try:
-        return _write_outputs(request, result, session.metadata(settings, result))
+        return _write_outputs(request, result, session.metadata(result))
     except OSError as e:
         raise GlyphEngineError(f"cannot write the glyphs: {e}") from None
 
@@ -199,42 +198,42 @@ def _int_list(text: str, option: str) -> tuple[int, ...]:
 
 
 def run_bench(
-    ckpt: Path | None,
+    source: ModelSource,
     backends: str | None,
     batch: str,
     steps: str,
+    samplers: str | None,
     out: Path,
     repeats: int,
     report: Callable[[str], None],
-    text_encoder: str | None = None,
-    export_dir: Path | None = None,
 ) -> list[str]:
     """Measures and writes results.json, .csv, .md and throughput.png into `out`.
 
-    The model is loaded as `generate` loads it (a checkpoint, or a diffusers folder with
-    `text_encoder`), and ONNX Runtime and TensorRT read the same export folder.
+    The model and each backend load as `generate` loads them (`source`, with its backend
+    replaced by each benchmarked one), so ONNX Runtime and TensorRT read the same export.
     """
     from glyph_engine.benchmark import BenchConfig, result_paths, run_benchmark, write_results
 
     config = BenchConfig(
-        batch_sizes=_int_list(batch, "--batch"), steps=_int_list(steps, "--steps"), repeats=max(1, repeats)
+        batch_sizes=_int_list(batch, "--batch"),
+        steps=_int_list(steps, "--steps"),
+        samplers=_names(samplers, "--sampler") if samplers else BenchConfig.samplers,
+        repeats=max(1, repeats),
     )
     if max(config.batch_sizes) > MAX_IMAGES:  # generate's -n limit: a larger batch is a typo, not a plan
         raise GlyphEngineError(f"--batch must be from 1 to {MAX_IMAGES} images (got {max(config.batch_sizes)}).")
     if out.exists() and not out.is_dir():
         raise GlyphEngineError(f"--out {out} is a file; give a folder for the results.")
     result_paths(out)
-    ckpt = ckpt or DEFAULT_CHECKPOINT
-    model = load_model(ckpt, text_encoder)
-    model_settings(model, GenerationSettings(steps=max(config.steps)))  # generate's --steps limit, stated there
-    export_dir = export_dir or default_export_dir(ckpt)
-    names = (
-        [n.strip() for n in backends.split(",")] if backends else [b.value for b in BackendName if b.value != "auto"]
-    )
+    source.check()
+    model = source.load_model()
+    for sampler in config.samplers:  # generate's --steps and --sampler rules, stated there
+        GenerationSettings(steps=max(config.steps), sampler=SamplerConfig(name=sampler)).resolve(model)
+    names = _names(backends, "--backends") if backends else [b.value for b in BackendName if b.value != "auto"]
     chosen = {}
     for name in names:
         try:
-            chosen[name] = create_backend(name, model, export_dir)
+            chosen[name] = Session.load(replace(source, backend=name), model=model).backend
         except GlyphEngineError as e:
             if backends:  # asked for by name: a reason to stop
                 raise
@@ -242,3 +241,10 @@ def run_bench(
     results = run_benchmark(model, chosen, config, report)
     paths = write_results(results, out)
     return [f"wrote {p}" for p in paths]
+
+
+def _names(text: str, option: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise GlyphEngineError(f"{option} takes comma-separated names (got {text!r}).")
+    return names

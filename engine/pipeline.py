@@ -1,4 +1,6 @@
-"""Prompts to glyphs: text encoding, batched guided DPM-Solver++ sampling, pixels out."""
+"""Prompts to glyphs: text encoding, batched guided sampling (the sampler `settings` names),
+pixels out. Settings are resolved against the model once (`GenerationSettings.resolve`);
+callers that resolved them already pass the resolved object through."""
 
 from __future__ import annotations
 
@@ -13,8 +15,8 @@ from glyph_engine.backends.base import Backend
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.model import Glyffuser
 from glyph_engine.sampler import Predictor, initial_noise, sample_dpmpp
-from glyph_engine.schedule import StepCoefficients, dpmpp_coefficients
-from glyph_engine.settings import GenerationSettings, StepImpl
+from glyph_engine.schedule import StepCoefficients
+from glyph_engine.settings import GenerationSettings, ResolvedSettings, StepImpl, resolved
 from glyph_engine.step import select_step
 from glyph_engine.text import tokenize
 
@@ -24,9 +26,7 @@ class Generation:
     images: Tensor  # (N, C, H, W) float32 in [0, 1], white background 1
     prompts: list[str]  # per image
     seeds: list[int]  # per image: its noise depends only on this
-    guidance: float
-    guidance_interval: tuple[float, float] | None  # the noise levels that were guided; None: all
-    center_noise: bool  # whether each image's initial noise had its mean removed
+    settings: ResolvedSettings  # what it was drawn with (seed: the request's)
     step_impl: StepImpl  # the step implementation that ran
 
 
@@ -93,7 +93,7 @@ def generate(
     backend: Backend,
     prompts: Sequence[str],
     num_per_prompt: int,
-    settings: GenerationSettings = GenerationSettings(),
+    settings: GenerationSettings | ResolvedSettings = GenerationSettings(),
     on_step: Callable[[], None] | None = None,
 ) -> Generation:
     """Generates `num_per_prompt` glyphs for each prompt, prompt-major.
@@ -101,7 +101,7 @@ def generate(
     All prompts share one padded text length, as in the glyffuser's own sampling loop.
     `on_step` is called after every solver step of every batch (progress bars).
     """
-    settings.validate()
+    settings = resolved(settings, model)
     distinct = list(dict.fromkeys(prompts))
     prompt_index = [distinct.index(p) for p in prompts for _ in range(num_per_prompt)]
     return sample_rows(
@@ -124,7 +124,7 @@ def generate_requests(
     model: Glyffuser,
     backend: Backend,
     requests: Sequence[Request],
-    settings: GenerationSettings = GenerationSettings(),
+    settings: GenerationSettings | ResolvedSettings = GenerationSettings(),
     on_step: Callable[[], None] | None = None,
 ) -> list[Generation]:
     """Runs many requests in shared U-Net calls; returns one Generation per request.
@@ -133,9 +133,9 @@ def generate_requests(
     batch sizes): the U-Net pools the text embedding over every position, padding included,
     so only prompts of one token length can share a call unchanged. Requests are grouped by
     length, and each group runs as one batched sampling (`settings.batch_size` rows at most).
-    `settings.seed` is ignored: each request has its own.
+    `settings.seed` is ignored: each request has its own, and its Generation records it.
     """
-    settings.validate()
+    settings = resolved(settings, model)
     lengths = [int(n) for n in tokenize(model.tokenizer, [r.prompt for r in requests], model.max_text_length)[1].sum(1)]
     results: list[Generation | None] = [None] * len(requests)
     for length in dict.fromkeys(lengths):
@@ -150,7 +150,11 @@ def generate_requests(
         for i in members:
             end = start + requests[i].count
             results[i] = replace(
-                group, images=group.images[start:end], prompts=group.prompts[start:end], seeds=seeds[start:end]
+                group,
+                images=group.images[start:end],
+                prompts=group.prompts[start:end],
+                seeds=seeds[start:end],
+                settings=replace(settings, seed=requests[i].seed),
             )
             start = end
     return results
@@ -162,28 +166,23 @@ def sample_rows(
     distinct: list[str],
     prompt_index: list[int],
     seeds: list[int],
-    settings: GenerationSettings,
+    settings: ResolvedSettings,
     on_step: Callable[[], None] | None = None,
 ) -> Generation:
     """Samples one image per row: row i draws `distinct[prompt_index[i]]` from the noise of `seeds[i]`."""
-    guidance = model.default_guidance if settings.guidance is None else settings.guidance
     text, mask = encode_prompts(model, backend, distinct)
     prompt_index = torch.tensor(prompt_index)
     total = len(prompt_index)
     noise = initial_noise(seeds, model.image_shape)
-    center_noise = model.center_noise if settings.center_noise is None else settings.center_noise
-    if center_noise:
+    if settings.center_noise:
         noise = noise - noise.mean(dim=tuple(range(1, noise.dim())), keepdim=True)
-    guided = guidance != 1.0
-    if guided:
+    if settings.guided:
         uncond_text, uncond_mask = unconditional_text(model, backend, text[:1])
 
-    coefficients = dpmpp_coefficients(model.alphas_cumprod, settings.steps, settings.sampler)
-    interval = model.guidance_interval if settings.guidance_interval is None else settings.guidance_interval
-    guided_at = guided_timesteps(coefficients, interval) if guided else set()
-    step, step_impl = select_step(settings.step_impl, backend.device)
-    clamp_x0 = model.clamp_x0 if settings.clamp_x0 is None else settings.clamp_x0
-    clamp = model.pixel_range if clamp_x0 else None
+    coefficients = settings.sampler.coefficients(model.alphas_cumprod, settings.steps, settings.schedule)
+    guided_at = guided_timesteps(coefficients, settings.guidance_interval) if settings.guided else set()
+    step, step_impl = select_step(settings.step_impl, backend.device, settings.sampler)
+    clamp = model.pixel_range if settings.clamp_x0 else None
     batch = settings.batch_size or total
     outputs = []
     for start in range(0, total, batch):
@@ -197,7 +196,13 @@ def sample_rows(
         predict = _predictor(backend, cond_text, cond_mask, guided_at)
         x = noise[start : start + b].to(backend.device, torch.float32)
         x = sample_dpmpp(
-            predict, x, coefficients, guidance, clamp, step=step, callback=(lambda _: on_step()) if on_step else None
+            predict,
+            x,
+            coefficients,
+            settings.guidance,
+            clamp,
+            step=step,
+            callback=(lambda _: on_step()) if on_step else None,
         )
         outputs.append(x.float().cpu())
 
@@ -213,12 +218,4 @@ def sample_rows(
     low, high = model.pixel_range
     images = ((samples - low) / (high - low)).clamp(0.0, 1.0)
     prompts_out = [distinct[i] for i in prompt_index]
-    return Generation(
-        images=images,
-        prompts=prompts_out,
-        seeds=seeds,
-        guidance=guidance,
-        guidance_interval=interval if guided else None,
-        center_noise=center_noise,
-        step_impl=step_impl,
-    )
+    return Generation(images=images, prompts=prompts_out, seeds=seeds, settings=settings, step_impl=step_impl)

@@ -32,9 +32,12 @@ FinalSigma = Literal["zero", "sigma_min"]
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    """How the solver walks the noise schedule. Defaults match the glyffuser's sampler."""
+    """Which sampler (`glyph_engine.samplers`) and how it walks the noise schedule. Defaults
+    match the glyffuser's sampler."""
 
-    order: Literal[1, 2, 3] = 2  # 2 = DPM-Solver++(2M), 3 = (3M); 1 = DDIM-equivalent, more steps needed
+    name: str = "dpmpp-2m"  # a key of samplers.SAMPLERS
+    # At most the sampler's own (None): 2 = DPM-Solver++(2M), 3 = (3M); 1 = DDIM-equivalent.
+    order: int | None = None
     spacing: Spacing = Spacing.linspace  # how timesteps are picked from the training schedule
     karras_sigmas: bool = False  # rho=7 ramp; spends more steps at low noise
     lower_order_final: bool = True  # first-order last steps when fewer than 15: stabler
@@ -106,10 +109,12 @@ def timesteps_and_sigmas(
 
 
 def dpmpp_coefficients(
-    alphas_cumprod: np.ndarray, num_steps: int, config: SamplerConfig = SamplerConfig()
+    alphas_cumprod: np.ndarray, num_steps: int, config: SamplerConfig = SamplerConfig(order=2)
 ) -> list[StepCoefficients]:
-    """Per-step scalars of multistep DPM-Solver++ of order 1, 2 (2M, midpoint) or 3 (3M),
-    epsilon prediction, as diffusers' DPMSolverMultistepScheduler takes its steps."""
+    """Per-step scalars of multistep DPM-Solver++ of order `config.order`: 1, 2 (2M, midpoint)
+    or 3 (3M), epsilon prediction, as diffusers' DPMSolverMultistepScheduler takes its steps."""
+    if config.order not in (1, 2, 3):
+        raise ValueError(f"DPM-Solver++ runs at order 1, 2 or 3 (got {config.order})")
     if not 1 <= num_steps <= len(alphas_cumprod):
         raise ValueError(f"num_steps must be from 1 to {len(alphas_cumprod)}, the training timesteps (got {num_steps})")
     timesteps, sigmas = timesteps_and_sigmas(alphas_cumprod, num_steps, config)

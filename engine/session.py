@@ -4,7 +4,7 @@ workers share, so the three give the same glyph for the same prompt and seed."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from glyph_engine import __version__
@@ -17,7 +17,7 @@ from glyph_engine.export_manifest import default_export_dir
 from glyph_engine.images import png_bytes, to_uint8
 from glyph_engine.model import DEFAULT_CHECKPOINT, Glyffuser
 from glyph_engine.pipeline import Generation, Request, generate, generate_requests
-from glyph_engine.settings import BackendName, GenerationSettings, Precision
+from glyph_engine.settings import BackendName, GenerationSettings, Precision, ResolvedSettings
 
 
 @dataclass(frozen=True)
@@ -45,16 +45,21 @@ class ModelSource:
                 "diffusers folder."
             )
 
+    # The defaults of the three paths, decided here only.
+    @property
+    def checkpoint(self) -> Path:
+        return self.ckpt or DEFAULT_CHECKPOINT
 
-def model_settings(model: Glyffuser, settings: GenerationSettings) -> GenerationSettings:
-    """`settings` checked against the model, with its training scheduler's step offset."""
-    settings.validate()
-    max_steps = len(model.alphas_cumprod)
-    if settings.steps > max_steps:
-        raise GlyphEngineError(f"--steps must be at most {max_steps}, the model's training timesteps.")
-    # "leading" spacing is offset as the model's own training scheduler says.
-    offset = int(model.scheduler_config.get("steps_offset", 0))
-    return replace(settings, sampler=replace(settings.sampler, steps_offset=offset))
+    @property
+    def export_folder(self) -> Path:
+        return self.export_dir or default_export_dir(self.checkpoint)
+
+    @property
+    def cache(self) -> ArtifactCache:
+        return ArtifactCache(self.cache_dir or default_cache_dir())
+
+    def load_model(self) -> Glyffuser:
+        return load_model(self.checkpoint, self.text_encoder)
 
 
 class Session:
@@ -65,15 +70,14 @@ class Session:
     @classmethod
     def load(cls, source: ModelSource, progress: bool = False, model: Glyffuser | None = None) -> Session:
         """`model`: the source's model if the caller has loaded it already (it is not read twice)."""
-        ckpt = source.ckpt or DEFAULT_CHECKPOINT
-        model = model or load_model(ckpt, source.text_encoder)
+        model = model or source.load_model()
         backend = create_backend(
             source.backend,
             model,
-            source.export_dir or default_export_dir(ckpt),
+            source.export_folder,
             source.cuda_graph,
             precision=source.precision,
-            cache=ArtifactCache(source.cache_dir or default_cache_dir()),
+            cache=source.cache,
             progress=progress,
         )
         return cls(model, backend)
@@ -82,33 +86,32 @@ class Session:
     def max_steps(self) -> int:
         return len(self.model.alphas_cumprod)
 
-    def settings(self, settings: GenerationSettings) -> GenerationSettings:
-        return model_settings(self.model, settings)
-
     def generate(
         self,
         prompts: Sequence[str],
         num_per_prompt: int,
-        settings: GenerationSettings,
+        settings: GenerationSettings | ResolvedSettings = GenerationSettings(),
         on_step: Callable[[], None] | None = None,
     ) -> Generation:
-        return generate(self.model, self.backend, prompts, num_per_prompt, self.settings(settings), on_step)
+        return generate(self.model, self.backend, prompts, num_per_prompt, settings, on_step)
 
-    def generate_requests(self, requests: Sequence[Request], settings: GenerationSettings) -> list[Generation]:
+    def generate_requests(
+        self, requests: Sequence[Request], settings: GenerationSettings | ResolvedSettings
+    ) -> list[Generation]:
         """Requests in shared U-Net calls, each image as `generate` draws it for its prompt alone."""
-        return generate_requests(self.model, self.backend, requests, self.settings(settings))
+        return generate_requests(self.model, self.backend, requests, settings)
 
-    def metadata(self, settings: GenerationSettings, result: Generation) -> dict[str, object]:
-        """What every PNG records about how it was made."""
-        sampler = self.settings(settings).sampler
+    def metadata(self, result: Generation) -> dict[str, object]:
+        """What every PNG records about how it was made: the settings it ran with, the
+        precision and step that ran."""
+        settings = result.settings
         return {
             "steps": settings.steps,
-            "guidance": result.guidance,
-            "guidance_interval": list(result.guidance_interval) if result.guidance_interval else None,
-            "center_noise": result.center_noise,
+            "guidance": settings.guidance,
+            "guidance_interval": list(settings.guidance_interval) if settings.guidance_interval else None,
+            "center_noise": settings.center_noise,
             "seed": settings.seed,
-            "sampler": f"dpmsolver++ order {sampler.order}, {sampler.spacing.value}"
-            + (", karras" if sampler.karras_sigmas else ""),
+            "sampler": settings.sampler.describe(settings.schedule),
             "model_sha256": self.model.sha256,
             "backend": self.backend.name,
             "precision": self.backend.precision,
@@ -116,9 +119,9 @@ class Session:
             "software": f"glyph-engine {__version__}",
         }
 
-    def pngs(self, settings: GenerationSettings, result: Generation, first: int = 0) -> list[bytes]:
+    def pngs(self, result: Generation, first: int = 0) -> list[bytes]:
         """Each image of `result` as PNG bytes, with its prompt, index (from `first`) and seed recorded."""
-        common = self.metadata(settings, result)
+        common = self.metadata(result)
         return [
             png_bytes(pixels, {"prompt": prompt, "index": i, "image_seed": seed, **common})
             for i, (pixels, prompt, seed) in enumerate(

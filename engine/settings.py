@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from glyph_engine.errors import GlyphEngineError
+from glyph_engine.samplers import Sampler, get_sampler
 from glyph_engine.schedule import SamplerConfig
+
+if TYPE_CHECKING:
+    from glyph_engine.model import Glyffuser
 
 
 class BackendName(str, enum.Enum):
@@ -78,8 +83,70 @@ class GenerationSettings:
                 f"--guidance-interval must be two noise levels LOW HIGH with 0 <= LOW < HIGH "
                 f"(got {low:g} {high:g}); HIGH may be inf, and 0 inf guides every step."
             )
-        if self.sampler.order not in (1, 2):
-            raise GlyphEngineError(f"--order must be 1 or 2 (got {self.sampler.order}).")
+        sampler = get_sampler(self.sampler.name)
+        if self.sampler.order is not None and not 1 <= self.sampler.order <= sampler.order:
+            raise GlyphEngineError(
+                f"--order must be from 1 to {sampler.order} for --sampler {sampler.name} (got {self.sampler.order})."
+            )
+
+    def resolve(self, model: Glyffuser) -> ResolvedSettings:
+        """These settings checked against `model`, with its defaults filled in: what one
+        generation runs with and records. Call once per run; everything downstream reads it."""
+        self.validate()
+        max_steps = len(model.alphas_cumprod)
+        if self.steps > max_steps:
+            raise GlyphEngineError(f"--steps must be at most {max_steps}, the model's training timesteps.")
+        sampler = get_sampler(self.sampler.name)
+        guidance = model.default_guidance if self.guidance is None else self.guidance
+        interval = model.guidance_interval if self.guidance_interval is None else self.guidance_interval
+        return ResolvedSettings(
+            steps=self.steps,
+            guidance=guidance,
+            guidance_interval=interval if guidance != GUIDANCE_OFF else None,
+            seed=self.seed,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            # "leading" spacing is offset as the model's own training scheduler says.
+            schedule=replace(
+                self.sampler,
+                order=self.sampler.order or sampler.order,
+                steps_offset=int(model.scheduler_config.get("steps_offset", 0)),
+            ),
+            clamp_x0=model.clamp_x0 if self.clamp_x0 is None else self.clamp_x0,
+            center_noise=model.center_noise if self.center_noise is None else self.center_noise,
+            step_impl=self.step_impl,
+        )
+
+
+def resolved(settings: GenerationSettings | ResolvedSettings, model: Glyffuser) -> ResolvedSettings:
+    """`settings` resolved against `model`; resolved ones pass as they are, so a run that
+    resolved its settings up front (generate, bulk, serve) is not checked again."""
+    return settings if isinstance(settings, ResolvedSettings) else settings.resolve(model)
+
+
+GUIDANCE_OFF = 1.0  # the guided prediction equals the conditional one: the unconditional pass is skipped
+
+
+@dataclass(frozen=True)
+class ResolvedSettings:
+    """`GenerationSettings` resolved against one model (`GenerationSettings.resolve`): no
+    default left open, every value checked. Sampling, the PNG metadata, serve, bulk, eval and
+    bench all read this one object."""
+
+    steps: int
+    guidance: float
+    guidance_interval: tuple[float, float] | None  # the noise levels guided; None: every step (or none: unguided)
+    seed: int
+    batch_size: int | None
+    sampler: Sampler
+    schedule: SamplerConfig  # its order and the model's step offset filled in
+    clamp_x0: bool
+    center_noise: bool
+    step_impl: StepImpl  # as asked; the one that ran is in the Generation
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance != GUIDANCE_OFF
 
 
 # CFG-trained models want 5-15 (the glyffuser's author); far beyond, the guided prediction

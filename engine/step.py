@@ -15,6 +15,7 @@ from torch import Tensor
 from glyph_engine import cpp_ext
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.sampler import StepFn, dpmpp_step
+from glyph_engine.samplers import Sampler
 from glyph_engine.schedule import StepCoefficients
 from glyph_engine.settings import StepImpl
 
@@ -45,10 +46,17 @@ def _unavailable_reason(device: torch.device) -> str | None:
     return cpp_ext.status().get(device.type, f"the op has no {device.type} implementation")
 
 
-def select_step(impl: StepImpl | str, device: torch.device) -> tuple[StepFn, StepImpl]:
-    """(step function, what it is) for sampling on `device`."""
+def select_step(impl: StepImpl | str, device: torch.device, sampler: Sampler) -> tuple[StepFn, StepImpl]:
+    """(step function, what it is) for running `sampler` on `device`."""
     impl = StepImpl(impl)
     if impl is StepImpl.torch:
+        return dpmpp_step, StepImpl.torch
+    if not sampler.fused:
+        if impl is StepImpl.fused:
+            raise GlyphEngineError(
+                f"the fused step does not run --sampler {sampler.name} (its steps use more than one previous x0); "
+                "use --step-impl torch or auto."
+            )
         return dpmpp_step, StepImpl.torch
     reason = _unavailable_reason(device)
     if reason is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from types import SimpleNamespace
 
 import torch
 from PIL import Image
@@ -17,9 +18,7 @@ def fake_generation(request: Request) -> Generation:
         images=torch.full((request.count, 1, 8, 8), 0.5),
         prompts=[request.prompt] * request.count,
         seeds=list(range(request.first, request.first + request.count)),
-        guidance=1.0,
-        guidance_interval=None,
-        center_noise=False,
+        settings=SimpleNamespace(seed=request.seed),
         step_impl=StepImpl.torch,
     )
 
@@ -46,7 +45,7 @@ class FakeService:
         self.calls.append((request, key))
         return fake_generation(request)
 
-    def encode_png(self, generation: Generation, key: BatchKey, seed: int) -> list[bytes]:
+    def encode_png(self, generation: Generation) -> list[bytes]:
         out = io.BytesIO()
         Image.new("L", (8, 8), 128).save(out, format="PNG")
         return [out.getvalue()] * len(generation.seeds)

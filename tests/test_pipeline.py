@@ -45,7 +45,7 @@ def test_guided_matches_reference_loop(model, glyffuser_folder, t5_folder):
 
 def test_default_guidance_comes_from_checkpoint(model):
     result = generate(model, TorchBackend(model, device="cpu"), ["wood"], 1, GenerationSettings(steps=1))
-    assert result.guidance == 4.0  # conftest converts with default_guidance=4
+    assert result.settings.guidance == 4.0  # conftest converts with default_guidance=4
 
 
 def test_same_seed_same_images_whatever_the_batch_size(model):
@@ -160,12 +160,12 @@ def test_the_checkpoint_default_interval_applies_unless_overridden(model):
     model.guidance_interval = (1.0, 20.0)
     backend = CountingBackend(model)
     result = generate(model, backend, ["metal"], 2, GenerationSettings(steps=10, guidance=4.0))
-    assert result.guidance_interval == (1.0, 20.0) and 2 in backend.denoise_batches
+    assert result.settings.guidance_interval == (1.0, 20.0) and 2 in backend.denoise_batches
     backend.denoise_batches.clear()
     everywhere = (0.0, float("inf"))
     settings = GenerationSettings(steps=10, guidance=4.0, guidance_interval=everywhere)
     result = generate(model, backend, ["metal"], 2, settings)
-    assert result.guidance_interval == everywhere and backend.denoise_batches == [4] * 10
+    assert result.settings.guidance_interval == everywhere and backend.denoise_batches == [4] * 10
 
 
 class FirstInput(TorchBackend):

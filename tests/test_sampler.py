@@ -10,6 +10,7 @@ from diffusers import DPMSolverMultistepScheduler
 from diffusers.schedulers import scheduling_dpmsolver_multistep
 
 from glyph_engine.sampler import dpmpp_step, initial_noise, sample_dpmpp
+from glyph_engine.samplers import SAMPLERS
 from glyph_engine.schedule import SamplerConfig, dpmpp_coefficients
 
 from sampler_cases import ALPHAS_CUMPROD, toy_eps
@@ -37,9 +38,12 @@ def diffusers_in_float64(monkeypatch):
 
 
 def make_scheduler(config: SamplerConfig) -> DPMSolverMultistepScheduler:
+    """diffusers' scheduler that the registered sampler `config.name` names, as configured."""
+    sampler = SAMPLERS[config.name]
+    assert sampler.diffusers.startswith("DPMSolverMultistepScheduler(")
     return DPMSolverMultistepScheduler(
         num_train_timesteps=1000,
-        solver_order=config.order,
+        solver_order=config.order or sampler.order,
         timestep_spacing=config.spacing,
         use_karras_sigmas=config.karras_sigmas,
         lower_order_final=config.lower_order_final,
@@ -53,7 +57,7 @@ def compare(
     """(ours, diffusers) final samples from the same noise, on the scheduler's own schedule;
     diffusers runs `reference_config` where given, else `config`."""
     scheduler = make_scheduler(reference_config or config)
-    coefficients = dpmpp_coefficients(scheduler.alphas_cumprod.numpy(), steps, config)
+    coefficients = SAMPLERS[config.name].coefficients(scheduler.alphas_cumprod.numpy(), steps, config)
     if uncond_fn is None:
         ours = sample_dpmpp(lambda x, t: (eps_fn(x, t), None), x.clone(), coefficients)
         guided = eps_fn
@@ -79,10 +83,11 @@ CONFIGS = [
     SamplerConfig(final_sigma="sigma_min"),
     SamplerConfig(final_sigma="sigma_min", lower_order_final=False),
     # DPM-Solver++(3M): diffusers' same scheduler with solver_order=3
-    SamplerConfig(order=3),
-    SamplerConfig(order=3, spacing="trailing"),
-    SamplerConfig(order=3, karras_sigmas=True),
-    SamplerConfig(order=3, final_sigma="sigma_min", lower_order_final=False),
+    SamplerConfig(name="dpmpp-3m"),
+    SamplerConfig(name="dpmpp-3m", spacing="trailing"),
+    SamplerConfig(name="dpmpp-3m", karras_sigmas=True),
+    SamplerConfig(name="dpmpp-3m", final_sigma="sigma_min", lower_order_final=False),
+    SamplerConfig(name="dpmpp-3m", order=2),
 ]
 
 
@@ -97,7 +102,7 @@ def test_full_trajectory_matches_diffusers(steps, config, diffusers_in_float64):
 
 # At 1000 steps ending at sigma_min the last step has zero length; diffusers' third-order
 # update divides by it (NaN), where ours (and diffusers' 2M) take it at first order.
-AT_MAXIMUM = [c for c in CONFIGS if not (c.order == 3 and c.final_sigma == "sigma_min")]
+AT_MAXIMUM = [c for c in CONFIGS if not (c.name == "dpmpp-3m" and c.final_sigma == "sigma_min")]
 
 
 @pytest.mark.parametrize("config", AT_MAXIMUM, ids=repr)
@@ -111,7 +116,9 @@ def test_the_maximum_step_count_takes_every_training_timestep(config, diffusers_
     assert torch.isfinite(ref).all()
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
     if not config.karras_sigmas:
-        assert [c.timestep for c in dpmpp_coefficients(ALPHAS_CUMPROD, 1000, config)] == list(range(999, -1, -1))
+        assert [c.timestep for c in SAMPLERS[config.name].coefficients(ALPHAS_CUMPROD, 1000, config)] == list(
+            range(999, -1, -1)
+        )
 
 
 def test_more_steps_than_training_timesteps_are_refused():
@@ -133,7 +140,7 @@ def test_timesteps_match_diffusers(steps):
     for config in CONFIGS:
         scheduler = make_scheduler(config)
         scheduler.set_timesteps(steps)
-        ours = [c.timestep for c in dpmpp_coefficients(ALPHAS_CUMPROD, steps, config)]
+        ours = [c.timestep for c in SAMPLERS[config.name].coefficients(ALPHAS_CUMPROD, steps, config)]
         assert ours == scheduler.timesteps.tolist()
 
 

@@ -27,7 +27,7 @@ from glyph_engine.errors import GlyphEngineError
 from glyph_engine.pipeline import Generation
 from glyph_engine.pipeline import Request as GlyphRequest
 from glyph_engine.serve.batcher import BatchKey, GuidanceTooStrong, Overloaded
-from glyph_engine.settings import MAX_GUIDANCE
+from glyph_engine.settings import MAX_GUIDANCE, GenerationSettings
 from glyph_engine.text import check_prompts
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ class GenerateBody(BaseModel):
 
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description='An English definition, e.g. "metal".')
     n: int = Field(1, ge=1, le=MAX_IMAGES, description="Number of glyphs.")
-    steps: int = Field(20, ge=1, description="DPM-Solver++ steps; 20 looks good, 10 is usable.")
+    steps: int = Field(GenerationSettings.steps, ge=1, description="Sampler steps; 20 looks good, 10 is usable.")
     guidance: float | None = Field(
         None,
         ge=0,
@@ -73,7 +73,7 @@ class Service(Protocol):
 
     async def generate(self, request: GlyphRequest, key: BatchKey) -> Generation: ...
 
-    def encode_png(self, generation: Generation, key: BatchKey, seed: int) -> list[bytes]: ...
+    def encode_png(self, generation: Generation) -> list[bytes]: ...
 
 
 def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -192,7 +192,7 @@ def build_app(service: Service, token: str | None) -> FastAPI:
             return error(500, str(e))
         except Exception as e:  # noqa: BLE001 - the batcher logged it; this run's clients get JSON, not a traceback
             return error(500, f"sampling failed ({type(e).__name__}: {e}); the server log has the details.")
-        images = [base64.b64encode(png).decode("ascii") for png in service.encode_png(result, key, parsed.seed)]
+        images = [base64.b64encode(png).decode("ascii") for png in service.encode_png(result)]
         return JSONResponse({"images": images, "seeds": result.seeds})
 
     return app

@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ray import serve
 
@@ -31,6 +31,7 @@ class ReplicaConfig:
     source: ModelSource
     batch: BatchConfig
     token: str | None
+    settings: GenerationSettings = GenerationSettings()  # serve's options; a request sets steps and guidance
 
 
 class RayMetrics:
@@ -101,8 +102,11 @@ class GlyphServer:
         return build_app(self, self._config.token)
 
     def _run(self, requests: Sequence[Request], key: BatchKey) -> list[Generation]:
-        settings = GenerationSettings(
-            steps=key.steps, guidance=key.guidance, batch_size=self._config.batch.max_batch_images
+        settings = replace(
+            self._config.settings,
+            steps=key.steps,
+            guidance=key.guidance,
+            batch_size=self._config.batch.max_batch_images,
         )
         try:
             return self._session.generate_requests(requests, settings)
@@ -117,8 +121,8 @@ class GlyphServer:
     async def generate(self, request: Request, key: BatchKey) -> Generation:
         return await self._batcher.submit(request, key)
 
-    def encode_png(self, generation: Generation, key: BatchKey, seed: int) -> list[bytes]:
-        return self._session.pngs(GenerationSettings(steps=key.steps, guidance=key.guidance, seed=seed), generation)
+    def encode_png(self, generation: Generation) -> list[bytes]:
+        return self._session.pngs(generation)
 
     def healthy(self) -> bool:
         return self._batcher.alive()

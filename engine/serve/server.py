@@ -20,6 +20,7 @@ from glyph_engine.errors import GlyphEngineError
 from glyph_engine.ray_cluster import first_line, is_loopback, ray_init
 from glyph_engine.serve.batcher import BatchConfig
 from glyph_engine.session import ModelSource
+from glyph_engine.settings import GenerationSettings
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +48,10 @@ class ServeOptions:
     token: str | None = None
     insecure: bool = False
     metrics_port: int = 8080  # local Ray's Prometheus endpoint
+    settings: GenerationSettings = GenerationSettings()  # how replicas sample; requests set steps and guidance
 
     def check(self) -> None:
+        self.settings.validate()
         if self.token is None and not is_loopback(self.host) and not self.insecure:
             raise GlyphEngineError(
                 f"--host {self.host} accepts connections from other machines, and no token is set; pass --token "
@@ -141,7 +144,7 @@ def run_serve(options: ServeOptions, report: Callable[[str], None]) -> None:
         except Exception as e:  # noqa: BLE001 - Ray wraps the proxy's error
             raise GlyphEngineError(f"Ray Serve could not start its HTTP proxy: {first_line(e)}") from None
         app = GlyphServer.options(**_deployment_options(options)).bind(
-            ReplicaConfig(source=options.source, batch=options.batch, token=options.token)
+            ReplicaConfig(source=options.source, batch=options.batch, token=options.token, settings=options.settings)
         )
         try:
             serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)

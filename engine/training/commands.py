@@ -5,14 +5,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from glyph_engine.backends import create_backend
-from glyph_engine.cache import ArtifactCache, default_cache_dir
-from glyph_engine.checkpoint import load_model
 from glyph_engine.errors import GlyphEngineError
-from glyph_engine.export_manifest import default_export_dir
 from glyph_engine.files import atomic_path, refuse_non_regular
-from glyph_engine.model import DEFAULT_CHECKPOINT
-from glyph_engine.settings import BackendName, GenerationSettings, Precision
+from glyph_engine.session import ModelSource, Session
+from glyph_engine.settings import GenerationSettings
 
 
 def run_train(
@@ -64,28 +60,21 @@ def run_train(
     ]
 
 
-def run_eval(
-    data: Path,
-    ckpt: Path | None,
-    num_samples: int,
-    settings: GenerationSettings,
-    backend_name: BackendName = BackendName.auto,
-    precision: Precision = Precision.auto,
-    cache_dir: Path | None = None,
-) -> str:
+def run_eval(data: Path, source: ModelSource, num_samples: int, settings: GenerationSettings) -> str:
+    """The radical hit rates and caption gain of `source`'s model on `data`, run as `generate` runs it."""
     from glyph_engine.training.dataset import load_glyph_set
     from glyph_engine.training.evaluate import caption_gain, radical_hit_rates, table
 
     if num_samples < 1:
         raise GlyphEngineError(f"-n must be at least 1 (got {num_samples}).")
     settings.validate()
+    source.check()
     glyphs = load_glyph_set(data)
-    model = load_model(ckpt or DEFAULT_CHECKPOINT)
-    cache = ArtifactCache(cache_dir or default_cache_dir())
-    backend = create_backend(
-        backend_name, model, default_export_dir(ckpt or DEFAULT_CHECKPOINT), precision=precision, cache=cache
-    )
+    model = source.load_model()
+    resolved = settings.resolve(model)
+    session = Session.load(source, model=model)
+    backend = session.backend
     rates = f"Backend: {backend.name} {backend.precision}\n\n" + table(
-        radical_hit_rates(model, backend, glyphs, num_samples, settings)
+        radical_hit_rates(model, backend, glyphs, num_samples, resolved)
     )
     return f"{rates}\n\n{caption_gain(model, backend, glyphs)}"

@@ -20,7 +20,7 @@ from glyph_engine.backends.base import Backend
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.model import Glyffuser
 from glyph_engine.pipeline import encode_prompts, generate, unconditional_text
-from glyph_engine.settings import GenerationSettings
+from glyph_engine.settings import GenerationSettings, ResolvedSettings
 from glyph_engine.training.dataset import GlyphSet
 
 # Prompt -> Kangxi radical numbers (the radical and its variant forms share a number:
@@ -77,10 +77,11 @@ def radical_hit_rates(
     backend: Backend,
     glyphs: GlyphSet,
     num_samples: int = 64,
-    settings: GenerationSettings | None = None,
+    settings: ResolvedSettings | None = None,
     prompts: dict[str, int] = RADICAL_PROMPTS,
 ) -> list[RadicalResult]:
-    settings = settings or GenerationSettings()
+    """`settings`: resolved against `model`; None: generate's defaults for it."""
+    settings = settings or GenerationSettings().resolve(model)
     _, height, width = model.image_shape
     if glyphs.images.shape[1:] != (height, width):
         raise GlyphEngineError(
