@@ -67,7 +67,7 @@ def bench_device(request):
 @pytest.fixture(scope="session")
 def bench_backend(bench_model, bench_device, tmp_path_factory):
     """bench_backend(size, name) -> a backend on the benchmark device, one per (size, name)."""
-    from glyph_engine.backends import create_backend
+    from glyph_engine.backend_factory import create_backend
     from glyph_engine.backends.onnx_runtime import OnnxRuntimeBackend
     from glyph_engine.cache import ArtifactCache
 

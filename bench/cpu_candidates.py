@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from glyph_engine.backends.openvino import onnx_bytes
 from glyph_engine.backends.pytorch import TorchBackend
 from glyph_engine.checkpoint import load_model
 from glyph_engine.cpu import cpu_info
 from glyph_engine.model import DEFAULT_CHECKPOINT
+from glyph_engine.openvino_build import onnx_bytes
 from glyph_engine.quality import CALIBRATION_PROMPTS, GATE_PROMPTS, UNetCall, relative_errors, trajectory_calls
 from glyph_engine.timing import median_seconds
 from glyph_engine.to_onnx import UNetForExport

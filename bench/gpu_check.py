@@ -564,7 +564,7 @@ def measure(make: Callable[[list[int]], Callable[[], object]], batch: int, flops
 
 
 def bench_case(name: str, model: Glyffuser, batch: int, guidance: float | None, peak: float) -> dict[str, Any]:
-    from glyph_engine.backends import create_backend
+    from glyph_engine.backend_factory import create_backend
     from glyph_engine.backends.pytorch import TorchBackend
     from glyph_engine.benchmark import unet_flops_per_image
     from glyph_engine.settings import StepImpl

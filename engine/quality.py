@@ -19,6 +19,7 @@ from glyph_engine.backends.base import Backend
 from glyph_engine.model import Glyffuser
 from glyph_engine.pipeline import generate
 from glyph_engine.settings import GenerationSettings
+from glyph_engine.specs import unet_feed
 
 # The gate's limit on the U-Net: ||eps - eps_fp32|| / ||eps_fp32||, worst call of a trajectory.
 MAX_UNET_RELATIVE_ERROR = 0.01
@@ -37,12 +38,9 @@ class UNetCall:
     mask: Tensor
 
     def as_numpy(self) -> dict[str, np.ndarray]:
-        """The feed of an exported U-Net (names of `glyph_engine.specs.unet_spec`)."""
+        """The feed of an exported U-Net, as NNCF and ONNX Runtime take it."""
         return {
-            "sample": self.sample.numpy(),
-            "timestep": np.full((self.sample.shape[0],), float(self.timestep), np.float32),
-            "encoder_hidden_states": self.text.numpy(),
-            "encoder_attention_mask": self.mask.numpy().astype(np.int64),
+            name: value.numpy() for name, value in unet_feed(self.sample, self.timestep, self.text, self.mask).items()
         }
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from glyph_engine import __version__
-from glyph_engine.backends import create_backend
+from glyph_engine.backend_factory import create_backend
 from glyph_engine.backends.base import Backend
 from glyph_engine.cache import ArtifactCache, default_cache_dir
 from glyph_engine.checkpoint import load_model

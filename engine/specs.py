@@ -1,7 +1,7 @@
 """One spec per exported component: tensor names, dynamic axes, shape ranges, sample inputs.
 
-The ONNX export, its validation and the TensorRT build (optimization profiles) all read
-these, so names and shapes are defined once.
+The ONNX export, its validation, the TensorRT build (optimization profiles) and every runtime's
+feed (`unet_feed`, `text_encoder_feed`) read these, so names, dtypes and shapes are defined once.
 
 U-Net (`unet`):
     sample                  (batch, C, H, W) float32   noisy images; batch = 2 x images with guidance
@@ -18,10 +18,11 @@ Text encoder (`text_encoder`):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from glyph_engine.model import Glyffuser
 
@@ -71,6 +72,19 @@ class ComponentSpec:
         }
 
 
+# Names and dtypes (numpy names) of the inputs, in the graphs' order: the same for every model,
+# so a runtime builds its feed without one; the specs below add each model's dims.
+UNET_INPUTS = (
+    ("sample", "float32"),
+    ("timestep", "float32"),
+    ("encoder_hidden_states", "float32"),
+    ("encoder_attention_mask", "int64"),
+)
+UNET_OUTPUT = "noise_pred"
+TEXT_ENCODER_INPUTS = (("input_ids", "int64"), ("attention_mask", "int64"))
+TEXT_ENCODER_OUTPUT = "text_embeddings"
+
+
 def _mask(batch: int, length: int, gen: torch.Generator) -> torch.Tensor:
     """Attention masks with a random amount of right padding (at least one real token)."""
     real = torch.randint(1, length + 1, (batch,), generator=gen)
@@ -85,22 +99,18 @@ def unet_spec(model: Glyffuser, max_images: int, opt_images: int, max_text_lengt
     def make_inputs(sizes: Sizes, gen: torch.Generator) -> dict[str, torch.Tensor]:
         b, n = sizes["batch"], sizes["text_length"]
         mask = _mask(b, n, gen)
-        return {
-            "sample": torch.randn(b, channels, height, width, generator=gen),
-            "timestep": torch.randint(0, 1000, (b,), generator=gen).float(),
-            "encoder_hidden_states": torch.randn(b, n, dim, generator=gen) * 0.2 * mask[..., None],
-            "encoder_attention_mask": mask,
-        }
+        sample = torch.randn(b, channels, height, width, generator=gen)
+        timesteps = torch.randint(0, 1000, (b,), generator=gen)
+        text = torch.randn(b, n, dim, generator=gen) * 0.2 * mask[..., None]
+        return _feed(UNET_INPUTS, (sample, timesteps, text, mask), None)
 
     return ComponentSpec(
         name="unet",
-        inputs=(
-            TensorSpec("sample", ("batch", channels, height, width), "float32"),
-            TensorSpec("timestep", ("batch",), "float32"),
-            TensorSpec("encoder_hidden_states", ("batch", "text_length", dim), "float32"),
-            TensorSpec("encoder_attention_mask", ("batch", "text_length"), "int64"),
+        inputs=_tensors(
+            UNET_INPUTS,
+            (("batch", channels, height, width), ("batch",), ("batch", "text_length", dim), ("batch", "text_length")),
         ),
-        outputs=(TensorSpec("noise_pred", ("batch", channels, height, width), "float32"),),
+        outputs=(TensorSpec(UNET_OUTPUT, ("batch", channels, height, width), "float32"),),
         # x2: guidance runs the unconditional and conditional passes in one batch.
         ranges={"batch": (1, 2 * opt_images, 2 * max_images), "text_length": (1, 16, max_text_length)},
         make_inputs=make_inputs,
@@ -116,15 +126,41 @@ def text_encoder_spec(model: Glyffuser, max_prompts: int, max_text_length: int) 
         mask = _mask(b, n, gen)
         # ids past the sentencepiece pieces are T5's sentinels: real, rarely used tokens.
         ids = torch.randint(3, vocab, (b, n), generator=gen) * mask
-        return {"input_ids": ids, "attention_mask": mask}
+        return _feed(TEXT_ENCODER_INPUTS, (ids, mask), None)
 
     return ComponentSpec(
         name="text_encoder",
-        inputs=(
-            TensorSpec("input_ids", ("batch", "text_length"), "int64"),
-            TensorSpec("attention_mask", ("batch", "text_length"), "int64"),
-        ),
-        outputs=(TensorSpec("text_embeddings", ("batch", "text_length", dim), "float32"),),
+        inputs=_tensors(TEXT_ENCODER_INPUTS, (("batch", "text_length"), ("batch", "text_length"))),
+        outputs=(TensorSpec(TEXT_ENCODER_OUTPUT, ("batch", "text_length", dim), "float32"),),
         ranges={"batch": (1, 1, max_prompts), "text_length": (1, 16, max_text_length)},
         make_inputs=make_inputs,
     )
+
+
+def unet_feed(
+    sample: Tensor, timestep: int, text: Tensor, mask: Tensor, device: torch.device | str | None = None
+) -> dict[str, Tensor]:
+    """One U-Net call as the exported graph takes it: each input by its name, in its dtype, on
+    `device` (None: where it is), with the timestep repeated for every row."""
+    timesteps = torch.full((sample.shape[0],), float(timestep), device=device or sample.device)
+    return _feed(UNET_INPUTS, (sample, timesteps, text, mask), device)
+
+
+def text_encoder_feed(
+    input_ids: Tensor, attention_mask: Tensor, device: torch.device | str | None = None
+) -> dict[str, Tensor]:
+    """One T5 call as the exported graph takes it (see `unet_feed`)."""
+    return _feed(TEXT_ENCODER_INPUTS, (input_ids, attention_mask), device)
+
+
+def _feed(
+    inputs: Sequence[tuple[str, str]], values: Sequence[Tensor], device: torch.device | str | None
+) -> dict[str, Tensor]:
+    return {
+        name: value.detach().to(device or value.device, getattr(torch, dtype))
+        for (name, dtype), value in zip(inputs, values, strict=True)
+    }
+
+
+def _tensors(inputs: Sequence[tuple[str, str]], dims: Sequence[tuple[Dim, ...]]) -> tuple[TensorSpec, ...]:
+    return tuple(TensorSpec(name, d, dtype) for (name, dtype), d in zip(inputs, dims, strict=True))

@@ -128,7 +128,7 @@ def test_cuda_fast_path_against_fp32_on_the_same_gpu():
 
     model = load_model(DEFAULT_CHECKPOINT)
     fast = TorchBackend(model, device="cuda")
-    reference = TorchBackend(model, device="cuda", dtype=torch.float32)
+    reference = TorchBackend(model, device="cuda", precision="fp32")
     settings = GenerationSettings(seed=3)
     images = [generate(model, b, ["metal", "water"], 16, settings).images.double() for b in (fast, reference)]
     psnr = 10 * torch.log10(1.0 / (images[0] - images[1]).pow(2).mean())

@@ -16,7 +16,9 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from glyph_engine.backends import create_backend
+import glyph_engine.backend_factory as backend_factory
+import glyph_engine.backends.onnx_runtime as onnx_runtime
+from glyph_engine.backend_factory import create_backend
 from glyph_engine.backends.onnx_runtime import OnnxRuntimeBackend
 from glyph_engine.backends.pytorch import TorchBackend
 from glyph_engine.checkpoint import load_model, save_checkpoint
@@ -172,6 +174,90 @@ def test_onnxruntime_gpu_fp16_matches_torch(exported, model):
     assert psnr(gpu, cpu) >= 30
 
 
+@pytest.mark.gpu
+def test_onnxruntime_gpu_fp32_runs_the_fp32_files(exported, model):
+    """--precision fp32 was accepted and ignored: the GPU sessions still ran the FP16 files."""
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("needs onnxruntime-gpu (pip install 'glyph-engine[onnx-gpu]')")
+    out, _ = exported
+    backend = create_backend("onnxruntime", model, out, precision="fp32")
+    assert backend.device.type == "cuda" and backend.precision == "fp32"
+    settings = GenerationSettings(steps=20, guidance=4.0, seed=2)
+    gpu = generate(model, backend, ["metal"], 4, settings).images.cpu()
+    cpu = generate(model, TorchBackend(model, "cpu"), ["metal"], 4, settings).images
+    assert psnr(gpu, cpu) >= 40  # FP32's bound on the CPU, above FP16's 30
+
+
+def test_onnxruntime_on_a_cpu_runs_fp32_and_refuses_fp16(exported, model):
+    out, _ = exported
+    for precision in ("auto", "fp32"):
+        assert create_backend("onnxruntime", model, out, precision=precision).precision == "fp32"
+    # The FP16 files once ran on the CPU and reported fp16 (the CPU provider computes them in FP32).
+    with pytest.raises(GlyphEngineError, match="--backend onnxruntime on a CPU runs --precision fp32, not fp16"):
+        OnnxRuntimeBackend(model, out, precision="fp16", device="cpu")
+
+
+class FakeSession:
+    """Stands for an ORT session: the providers it got, the file it opened (no GPU here)."""
+
+    def __init__(self, path, providers):
+        self.path, self.providers = path, list(providers)
+
+    def get_providers(self):
+        return self.providers
+
+
+@pytest.fixture
+def gpu_providers(monkeypatch):
+    """The choice of files where ONNX Runtime's GPU providers load (or, set to False, fail to
+    load and leave the CPU provider), with sessions that record what they opened. The
+    precision a GPU then runs is measured by the gpu-marked tests above."""
+    loads = {"gpu": True}
+
+    def session(path, sha256, providers):
+        got = providers if loads["gpu"] else (onnx_runtime.CPU_PROVIDER,)
+        return FakeSession(path, got)
+
+    monkeypatch.setattr(onnx_runtime, "_providers", lambda device: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(onnx_runtime, "_session", session)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    return loads
+
+
+@pytest.mark.parametrize("precision, files", [("auto", "fp16"), ("fp16", "fp16"), ("fp32", "fp32")])
+def test_onnxruntime_gpu_opens_the_files_of_the_precision_asked(exported, model, gpu_providers, precision, files):
+    out, _ = exported
+    backend = create_backend("onnxruntime", model, out, precision=precision)
+    assert backend.device.type == "cuda" and backend.precision == files
+    assert {Path(s.path).name for s in backend.sessions.values()} == {
+        f"unet.{files}.onnx",
+        f"text_encoder.{files}.onnx",
+    }
+
+
+def test_onnxruntime_gpu_providers_failing_to_load(exported, model, gpu_providers, caplog):
+    """auto falls back to the FP32 files on the CPU, as before; fp16 asked for is refused
+    rather than run on the CPU under its name."""
+    out, _ = exported
+    gpu_providers["gpu"] = False
+    with caplog.at_level(logging.WARNING):
+        backend = create_backend("onnxruntime", model, out)
+    assert backend.device.type == "cpu" and backend.precision == "fp32" and "did not load" in caplog.text
+    assert Path(backend.sessions["unet"].path).name == "unet.fp32.onnx"
+    with pytest.raises(GlyphEngineError, match="on a CPU runs --precision fp32, not fp16"):
+        create_backend("onnxruntime", model, out, precision="fp16")
+
+
+def test_generate_records_the_onnxruntime_precision_or_refuses_it(ckpt_path, tmp_path, exported):
+    args = ["generate", "fire", "--steps", "2", "--ckpt", str(ckpt_path), "--backend", "onnxruntime"]
+    result = runner.invoke(app, [*args, "--precision", "fp32", "-o", str(tmp_path / "g.png")])
+    assert result.exit_code == 0, result.output
+    assert Image.open(tmp_path / "g.png").text["precision"] == "fp32"
+    result = runner.invoke(app, [*args, "--precision", "fp16", "-o", str(tmp_path / "h.png")])
+    assert result.exit_code == 2 and result.output.startswith("error: --backend onnxruntime on a CPU runs")
+    assert result.output.strip().count("\n") == 0 and not (tmp_path / "h.png").exists()
+
+
 def test_second_export_does_no_work(exported, ckpt_path):
     out, manifest = exported
     before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.iterdir()}
@@ -202,9 +288,7 @@ def test_changed_options_or_checkpoint_rebuild(ckpt_path, tmp_path, model):
 @pytest.fixture
 def without_openvino(monkeypatch):
     """auto on a CPU without OpenVINO: the export's ONNX Runtime files, or PyTorch."""
-    import glyph_engine.backends
-
-    monkeypatch.setattr(glyph_engine.backends, "openvino_installed", lambda: False)
+    monkeypatch.setattr(backend_factory, "openvino_installed", lambda: False)
 
 
 def test_truncated_onnx_is_detected(ckpt_path, tmp_path, model, without_openvino):

@@ -15,9 +15,10 @@ from typer.testing import CliRunner
 
 pytest.importorskip("openvino", reason="the CPU default needs OpenVINO (not on the GPU machines)")
 
-import glyph_engine.backends  # noqa: E402 - after the skip: these import OpenVINO
-import glyph_engine.backends.openvino as openvino_backend
-from glyph_engine.backends import create_backend
+import glyph_engine.backend_factory  # noqa: E402 - after the skip: these import OpenVINO
+import glyph_engine.openvino_build as openvino_build
+import glyph_engine.precision
+from glyph_engine.backend_factory import create_backend
 from glyph_engine.backends.pytorch import TorchBackend
 from glyph_engine.cache import ArtifactCache
 from glyph_engine.checkpoint import load_model
@@ -28,7 +29,7 @@ from glyph_engine.images import to_uint8
 from glyph_engine.model import DEFAULT_CHECKPOINT
 from glyph_engine.pipeline import generate
 from glyph_engine.quality import GATE_PROMPTS, MAX_UNET_RELATIVE_ERROR, relative_errors, torch_unet, trajectory_calls
-from glyph_engine.settings import GenerationSettings
+from glyph_engine.settings import GenerationSettings, Precision
 
 runner = CliRunner()
 
@@ -37,20 +38,20 @@ runner = CliRunner()
 def build_count(monkeypatch):
     """How many OpenVINO models were compiled from PyTorch (cache misses)."""
     calls = []
-    original = openvino_backend._build
+    original = openvino_build._build
 
     def counting(core, model, precision, progress):
         calls.append(precision.value)
         return original(core, model, precision, progress)
 
-    monkeypatch.setattr(openvino_backend, "_build", counting)
+    monkeypatch.setattr(openvino_build, "_build", counting)
     return calls
 
 
 def fake_cpu(monkeypatch, *flags):
     info = CpuInfo("test CPU", tuple(flags), 2)
-    monkeypatch.setattr(glyph_engine.backends, "cpu_info", lambda: info)
-    monkeypatch.setattr(openvino_backend, "cpu_info", lambda: info)
+    for module in (glyph_engine.precision, glyph_engine.backend_factory, openvino_build):
+        monkeypatch.setattr(module, "cpu_info", lambda: info)
 
 
 def test_matches_pytorch_fp32(model, tmp_path):
@@ -72,8 +73,8 @@ def test_first_run_builds_later_runs_read(model, tmp_path, build_count):
 def test_damaged_entry_is_rebuilt(model, tmp_path, build_count, caplog):
     cache = ArtifactCache(tmp_path)
     create_backend("openvino", model, precision="fp32", cache=cache)
-    entry = tmp_path / openvino_backend.artifact_key(model, openvino_backend.Precision.fp32).name
-    blob = entry / openvino_backend.UNET
+    entry = tmp_path / openvino_build.artifact_key(model, Precision.fp32).name
+    blob = entry / openvino_build.UNET
     data = bytearray(blob.read_bytes())
     data[len(data) // 3] ^= 0x55
     blob.write_bytes(bytes(data))
@@ -103,7 +104,7 @@ def test_auto_precision_follows_the_cpu(model, artifact_cache, monkeypatch, flag
     # The choice only: real builds in each precision are tested above and in the quality gate.
     fake_cpu(monkeypatch, *flags)
     opened = []
-    monkeypatch.setattr(openvino_backend, "open_openvino", lambda m, c, p, progress: opened.append(p) or (None, []))
+    monkeypatch.setattr(openvino_build, "open_openvino", lambda m, c, p, progress: opened.append(p) or (None, []))
     create_backend("auto", model, cache=ArtifactCache(artifact_cache))
     assert [p.value for p in opened] == [expected]
 
@@ -111,9 +112,9 @@ def test_auto_precision_follows_the_cpu(model, artifact_cache, monkeypatch, flag
 def test_auto_takes_int8_only_where_it_passed_the_gate(model, tmp_path, monkeypatch):
     fake_cpu(monkeypatch, "avx512f", "avx512_vnni")
     opened = []
-    monkeypatch.setattr(openvino_backend, "open_openvino", lambda m, c, p, progress: opened.append(p) or (None, []))
+    monkeypatch.setattr(openvino_build, "open_openvino", lambda m, c, p, progress: opened.append(p) or (None, []))
     for gate, expected in [(None, "fp32"), ({"passed": False}, "fp32"), ({"passed": True}, "int8")]:
-        monkeypatch.setattr(openvino_backend, "int8_gate", lambda model, cache, gate=gate: gate)
+        monkeypatch.setattr(openvino_build, "int8_gate", lambda model, cache, gate=gate: gate)
         create_backend("auto", model, cache=ArtifactCache(tmp_path))
         assert opened.pop().value == expected
     fake_cpu(monkeypatch, "avx2")  # no int8 units: a passed gate does not make int8 fast
@@ -126,21 +127,30 @@ def test_int8_failing_the_gate_is_refused_and_remembered(model, tmp_path, monkey
     """The tiny random test model cannot keep 1% in int8: the build measures that, keeps the
     verdict, and refuses (later runs refuse without quantizing again). Fewer trajectories
     than a real build, to keep the test short."""
-    monkeypatch.setattr(openvino_backend, "CALIBRATION_PROMPTS", ("tree", "fish"))
-    monkeypatch.setattr(openvino_backend, "GATE_PROMPTS", ("metal",))
+    monkeypatch.setattr(openvino_build, "CALIBRATION_PROMPTS", ("tree", "fish"))
+    monkeypatch.setattr(openvino_build, "GATE_PROMPTS", ("metal",))
     cache = ArtifactCache(tmp_path)
     with pytest.raises(GlyphEngineError, match="quality gate"):
         create_backend("openvino", model, precision="int8", cache=cache)
-    gate = openvino_backend.int8_gate(model, cache)
+    gate = openvino_build.int8_gate(model, cache)
     assert gate is not None and not gate["passed"] and gate["max_relative_error"] > MAX_UNET_RELATIVE_ERROR
-    monkeypatch.setattr(openvino_backend, "_build_int8", lambda *a: pytest.fail("quantized again"))
+    monkeypatch.setattr(openvino_build, "_build_int8", lambda *a: pytest.fail("quantized again"))
     with pytest.raises(GlyphEngineError, match="quality gate"):
         create_backend("openvino", model, precision="int8", cache=cache)
 
 
 def test_precision_needs_the_openvino_backend(model):
-    with pytest.raises(GlyphEngineError, match="openvino backend"):
+    with pytest.raises(GlyphEngineError, match="bf16 runs on a CPU with --backend openvino"):
         create_backend("torch", model, precision="bf16")
+
+
+def test_fp16_is_refused_before_anything_is_built(model, tmp_path, monkeypatch):
+    """fp16 once fell through to the int8 build (calibration, quantization) before failing."""
+    monkeypatch.setattr(openvino_build, "open_openvino", lambda *a: pytest.fail("opened or built"))
+    with pytest.raises(GlyphEngineError) as refused:
+        create_backend("openvino", model, precision="fp16", cache=ArtifactCache(tmp_path))
+    assert str(refused.value).startswith("--backend openvino on a CPU runs --precision fp32, bf16 or int8, not fp16;")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_generate_default_is_openvino_and_records_it(tmp_path, default_precision):
@@ -177,7 +187,7 @@ def test_a_masked_bf16_cpu_runs_fp32(ckpt_path, tmp_path, monkeypatch, kind, exp
     result = runner.invoke(app, [*args, "-o", str(png)])
     assert result.exit_code == 0, result.output
     assert Image.open(png).text["precision"] == expected
-    key = openvino_backend.artifact_key(load_model(ckpt_path), openvino_backend.Precision.fp32)
+    key = openvino_build.artifact_key(load_model(ckpt_path), Precision.fp32)
     assert [e.name for e in cache.iterdir() if e.name.startswith("openvino-")] == [
         dataclasses.replace(key, cpu_flags=tuple(kind.split(","))).name
     ]

@@ -11,11 +11,11 @@ import pytest
 
 pytest.importorskip("openvino", reason="the CPU default needs OpenVINO")
 
-from glyph_engine.backends import create_backend  # noqa: E402 - after the skip
-from glyph_engine.backends.openvino import int8_gate  # noqa: E402
+from glyph_engine.backend_factory import create_backend  # noqa: E402 - after the skip
 from glyph_engine.cache import ArtifactCache
 from glyph_engine.checkpoint import load_model
 from glyph_engine.model import DEFAULT_CHECKPOINT
+from glyph_engine.openvino_build import int8_gate
 from glyph_engine.training.dataset import build_glyph_set
 from glyph_engine.training.evaluate import radical_hit_rates
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from glyph_engine.backend_factory import create_backend
 from glyph_engine.backends.tensorrt import MODULES, Engine, batch_chunks, load_tensorrt, select_build
 from glyph_engine.cli import app
 from glyph_engine.errors import GlyphEngineError
@@ -232,6 +233,33 @@ def test_binding_checks_tensorrt_return_values(context, message):
         engine._bind({"sample": torch.zeros(3, 1, 4, 4)})
 
 
+def test_tensorrt_refuses_fp32_and_says_what_to_use(model, tmp_path):
+    """--precision fp32 was accepted and ignored: the engines ran FP16. Refused on any machine."""
+    with pytest.raises(GlyphEngineError) as refused:
+        create_backend("tensorrt", model, tmp_path, precision="fp32")
+    assert str(refused.value) == (
+        "--backend tensorrt on a GPU runs --precision fp16 (its engines are built from the FP16 ONNX files), "
+        "not fp32; fp32 runs with --backend torch, --backend onnxruntime or --backend openvino."
+    )
+
+
+@pytest.mark.parametrize("precision", ["auto", "fp16"])
+def test_tensorrt_takes_fp16_and_auto(model, tmp_path, precision):
+    """Accepted: on this CPU-only run (the GPU is hidden from unmarked tests) they get as far
+    as the GPU check; test_tensorrt_generation_matches_torch runs them on a GPU."""
+    with pytest.raises(GlyphEngineError, match="needs an NVIDIA GPU"):
+        create_backend("tensorrt", model, tmp_path, precision=precision)
+
+
+@pytest.mark.gpu  # on a CPU, generate refuses --backend tensorrt for want of a GPU first
+def test_generate_refuses_tensorrt_fp32_in_one_line(ckpt_path, tmp_path):
+    args = ["generate", "metal", "--ckpt", str(ckpt_path), "--backend", "tensorrt", "--precision", "fp32"]
+    result = runner.invoke(app, [*args, "-o", str(tmp_path / "g.png")])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: --backend tensorrt on a GPU runs --precision fp16")
+    assert result.output.strip().count("\n") == 0 and not (tmp_path / "g.png").exists()
+
+
 @pytest.mark.gpu
 @pytest.mark.tensorrt
 @pytest.mark.parametrize("cuda_graph", [False, True])
@@ -247,7 +275,9 @@ def test_tensorrt_generation_matches_torch(ckpt_path, tmp_path, cuda_graph):
     assert result.exit_code == 0, result.output
     model = load_model(ckpt_path)
     settings = GenerationSettings(steps=20, guidance=4.0, seed=2)
-    ours = generate(model, TensorRTBackend(model, out, cuda_graph), ["metal"], 4, settings).images.cpu()
+    backend = TensorRTBackend(model, out, cuda_graph)
+    assert backend.precision == "fp16"
+    ours = generate(model, backend, ["metal"], 4, settings).images.cpu()
     reference = generate(load_model(ckpt_path), TorchBackend(load_model(ckpt_path), "cpu"), ["metal"], 4, settings)
     mse = float(((ours - reference.images) ** 2).mean())
     assert 10 * np.log10(1 / max(mse, 1e-12)) >= 30

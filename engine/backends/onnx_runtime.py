@@ -1,7 +1,8 @@
 """ONNX Runtime backend: runs the exported U-Net and T5 from an artifact folder.
 
-CPU execution provider everywhere; with `onnxruntime-gpu`, the TensorRT or CUDA providers
-and FP16 files, with inputs and outputs bound to torch CUDA tensors (no host copies).
+CPU execution provider and FP32 files everywhere; with `onnxruntime-gpu`, the TensorRT or CUDA
+providers and the FP16 files (or FP32 ones when asked), with inputs and outputs bound to torch
+CUDA tensors (no host copies).
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from torch import Tensor
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.export_manifest import open_export
 from glyph_engine.model import Glyffuser
+from glyph_engine.precision import choose
+from glyph_engine.settings import Precision
+from glyph_engine.specs import text_encoder_feed, unet_feed
 
 logger = logging.getLogger(__name__)
 
@@ -62,24 +66,53 @@ class OnnxRuntimeBackend:
         self,
         model: Glyffuser,
         export_dir: Path,
-        precision: str | None = None,
+        precision: Precision | str = Precision.auto,
         device: str | torch.device | None = None,
     ):
-        """`device`: "cpu", "cuda", or None for a GPU where onnxruntime-gpu can use one."""
+        """`device`: "cpu", "cuda", or None for a GPU where onnxruntime-gpu can use one.
+        `precision` applies to both components' files (T5's FP16 file keeps its overflowing
+        layers in FP32); auto takes the device's, among the precisions the export holds."""
         manifest = open_export(export_dir, model.sha256, model.source)
-        providers = tuple(_providers(None if device is None else torch.device(device)))
         files = {c: manifest["components"][c]["files"] for c in ("text_encoder", "unet")}
-        # Where each session runs is decided by the providers it really got (a GPU provider
-        # may fail to load, and ORT then falls back to the CPU silently).
-        opened = {c: _session_for(export_dir, by_precision, precision, providers) for c, by_precision in files.items()}
-        self.sessions = {c: session for c, (session, _) in opened.items()}
-        self.precision = opened["unet"][1]
+        held = {Precision(p) for p in files["unet"]} & {Precision(p) for p in files["text_encoder"]}
+        asked = None if device is None else torch.device(device)
+        providers = tuple(_providers(asked))
+        self.sessions, chosen = self._open(export_dir, files, held, precision, providers)
+        # Where the sessions run is decided by the providers they really got: a GPU provider may
+        # fail to load, and ORT then falls back to the CPU silently.
+        fell_back = [s for s in self.sessions.values() if s.get_providers()[0] == CPU_PROVIDER]
+        if providers[0] != CPU_PROVIDER and fell_back:
+            got = ", ".join(fell_back[0].get_providers())
+            if asked is not None:
+                raise GlyphEngineError(f"ONNX Runtime could not run on {device} here (its session got {got}).")
+            logger.warning("onnxruntime: the GPU providers did not load (the session got %s); running on the CPU", got)
+            self.sessions, chosen = self._open(export_dir, files, held, precision, (CPU_PROVIDER,))
+        self.precision = chosen.value
         on_gpu = self.sessions["unet"].get_providers()[0] != CPU_PROVIDER
         self.device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
-        if device is not None and torch.device(device).type != self.device.type:
-            got = ", ".join(self.sessions["unet"].get_providers())
-            raise GlyphEngineError(f"ONNX Runtime could not run on {device} here (its session got {got}).")
         logger.info("onnxruntime: %s, %s", ", ".join(self.sessions["unet"].get_providers()), self.precision)
+
+    def _open(
+        self,
+        export_dir: Path,
+        files: dict[str, dict],
+        held: set[Precision],
+        requested: Precision | str,
+        providers: tuple[str, ...],
+    ) -> tuple[dict[str, ort.InferenceSession], Precision]:
+        """Both components' sessions at the precision ONNX Runtime runs where `providers` run."""
+        device = "cpu" if providers[0] == CPU_PROVIDER else "cuda"
+        precision = choose(self.name, device, requested, available=held)
+        if precision not in held:
+            raise GlyphEngineError(
+                f"the export in {export_dir} has no {precision.value} files, which ONNX Runtime on "
+                f"{'the GPU' if device == 'cuda' else 'the CPU'} needs; re-export with --precision fp32,fp16."
+            )
+        sessions = {}
+        for component, by_precision in files.items():
+            entry = by_precision[precision.value]
+            sessions[component] = _session(str(export_dir / entry["path"]), entry["sha256"], providers)
+        return sessions, precision
 
     def _run(self, component: str, inputs: dict[str, Tensor]) -> Tensor:
         """Runs one session; the output is on this backend's device whatever the session's."""
@@ -95,7 +128,7 @@ class OnnxRuntimeBackend:
         torch.cuda.current_stream(self.device).synchronize()
         binding = session.io_binding()
         for name, value in inputs.items():
-            value = value.to(self.device).contiguous()
+            value = value.contiguous()
             binding.bind_input(
                 name, "cuda", self.device.index, _numpy_dtype(value), list(value.shape), value.data_ptr()
             )
@@ -105,44 +138,10 @@ class OnnxRuntimeBackend:
         return torch.from_dlpack(binding.get_outputs()[0].to_dlpack())
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        ids, mask = input_ids.to(self.device, torch.int64), attention_mask.to(self.device, torch.int64)
-        return self._run("text_encoder", {"input_ids": ids, "attention_mask": mask})
+        return self._run("text_encoder", text_encoder_feed(input_ids, attention_mask, self.device))
 
     def denoise(self, x: Tensor, timestep: int, text: Tensor, mask: Tensor) -> Tensor:
-        batch = x.shape[0]
-        return self._run(
-            "unet",
-            {
-                "sample": x.to(self.device, torch.float32),
-                "timestep": torch.full((batch,), float(timestep), device=self.device),
-                "encoder_hidden_states": text.to(self.device, torch.float32),
-                "encoder_attention_mask": mask.to(self.device, torch.int64),
-            },
-        )
-
-
-def _session_for(
-    export_dir: Path, by_precision: dict, precision: str | None, providers: tuple[str, ...]
-) -> tuple[ort.InferenceSession, str]:
-    """The session for one component: FP16 files on a GPU, FP32 on a CPU (no fast half math).
-
-    The first choice is tried with the providers asked for; if it lands on the CPU, the FP32
-    file is used instead, so the precision always matches where the session really runs.
-    """
-    on_gpu = providers[0] != CPU_PROVIDER
-    wanted = precision or ("fp16" if on_gpu else "fp32")
-    if wanted not in by_precision:
-        raise GlyphEngineError(
-            f"the export in {export_dir} has no {wanted} files, which ONNX Runtime on "
-            f"{'the GPU' if on_gpu else 'the CPU'} needs; re-export with --precision fp32,fp16."
-        )
-    entry = by_precision[wanted]
-    session = _session(str(export_dir / entry["path"]), entry["sha256"], providers)
-    if precision is None and on_gpu and session.get_providers()[0] == CPU_PROVIDER and "fp32" in by_precision:
-        logger.warning("onnxruntime: the GPU providers did not load; running the FP32 files on the CPU")
-        entry, wanted = by_precision["fp32"], "fp32"
-        session = _session(str(export_dir / entry["path"]), entry["sha256"], (CPU_PROVIDER,))
-    return session, wanted
+        return self._run("unet", unet_feed(x, timestep, text, mask, self.device))
 
 
 def _numpy_dtype(tensor: Tensor) -> type:

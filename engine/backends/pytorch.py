@@ -9,6 +9,10 @@ from torch import Tensor
 
 from glyph_engine.cuda_graphs import Capturer, CudaCapturer, GraphedUNet, guarded
 from glyph_engine.model import Glyffuser
+from glyph_engine.precision import choose
+from glyph_engine.settings import Precision
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
 def _placed(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -24,7 +28,7 @@ def _placed(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -
 
 
 class TorchBackend:
-    """Runs the diffusers U-Net and transformers T5 as loaded; FP16 U-Net on CUDA by default.
+    """Runs the diffusers U-Net and transformers T5 as loaded: an FP32 U-Net, or FP16 on CUDA.
 
     On CUDA the U-Net runs channels_last (cuDNN's fast layout for half-precision convolutions)
     with diffusers' SDPA attention, replayed from CUDA graphs (`glyph_engine.cuda_graphs`).
@@ -38,17 +42,17 @@ class TorchBackend:
         self,
         model: Glyffuser,
         device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
+        precision: Precision | str = Precision.auto,
         capturer: Capturer | None = None,
         cuda_graphs: bool = True,
     ):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        # FP16 halves memory traffic on a GPU; CPUs here have no fast half math. T5 stays
-        # FP32 everywhere: its feed-forward output overflows in FP16.
-        self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
-        self.precision = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.dtype]
+        # The U-Net's precision only: T5 stays FP32 everywhere (its feed-forward output
+        # overflows in FP16).
+        self.precision = choose(self.name, self.device.type, precision).value
+        self.dtype = DTYPES[self.precision]
         unet = _placed(model.unet, self.device, self.dtype)
         if self.device.type == "cuda" and unet is not model.unet:  # a copy: its layout is ours to change
             unet = unet.to(memory_format=torch.channels_last)

@@ -5,7 +5,8 @@ Two TensorRT Python modules are supported, through one small adapter (`TensorRT`
 - `tensorrt_rtx` (TensorRT-RTX; the PyPI wheels import as `tensorrt_rtx_bindings`): RTX
   GPUs; can build ahead of time for a chosen compute capability on a machine with no GPU.
 Both are strongly typed (TensorRT 11 and RTX only are): an engine's precision is the
-precision of the ONNX graph it was built from. Engines are built by `glyph_engine.export`.
+precision of the ONNX graph it was built from. Engines are built by `glyph_engine.export`,
+from the FP16 ONNX files only, so the backend runs fp16 and refuses other precisions.
 
 The backend is written against the documented runtime API (`deserialize_cuda_engine`,
 `set_input_shape`, `set_tensor_address`, `execute_async_v3`); inputs and outputs are torch
@@ -28,6 +29,9 @@ from torch import Tensor
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.export_manifest import damaged_files_cached, engine_files, open_export
 from glyph_engine.model import Glyffuser
+from glyph_engine.precision import choose
+from glyph_engine.settings import Precision
+from glyph_engine.specs import TEXT_ENCODER_OUTPUT, UNET_OUTPUT, text_encoder_feed, unet_feed
 
 logger = logging.getLogger(__name__)
 
@@ -262,9 +266,16 @@ class Engine:
 
 class TensorRTBackend:
     name = "tensorrt"
-    precision = "fp16"  # engines are built from the FP16 ONNX files
 
-    def __init__(self, model: Glyffuser, export_dir: Path, use_cuda_graph: bool = False):
+    def __init__(
+        self,
+        model: Glyffuser,
+        export_dir: Path,
+        use_cuda_graph: bool = False,
+        precision: Precision | str = Precision.auto,
+    ):
+        # Before the GPU check: what the engines run is the same on every machine.
+        self.precision = choose(self.name, "cuda", precision).value
         require_gpu()
         trt = load_tensorrt()
         if trt is None:
@@ -294,17 +305,8 @@ class TensorRTBackend:
         logger.info("tensorrt: engines %s (%s %s)", name, trt.import_name, trt.version)
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        inputs = {
-            "input_ids": input_ids.to(self.device, torch.int64),
-            "attention_mask": attention_mask.to(self.device, torch.int64),
-        }
-        return self.engines["text_encoder"].infer(inputs)["text_embeddings"]
+        inputs = text_encoder_feed(input_ids, attention_mask, self.device)
+        return self.engines["text_encoder"].infer(inputs)[TEXT_ENCODER_OUTPUT]
 
     def denoise(self, x: Tensor, timestep: int, text: Tensor, mask: Tensor) -> Tensor:
-        inputs = {
-            "sample": x.to(self.device, torch.float32),
-            "timestep": torch.full((x.shape[0],), float(timestep), device=self.device),
-            "encoder_hidden_states": text.to(self.device, torch.float32),
-            "encoder_attention_mask": mask.to(self.device, torch.int64),
-        }
-        return self.engines["unet"].infer(inputs)["noise_pred"]
+        return self.engines["unet"].infer(unet_feed(x, timestep, text, mask, self.device))[UNET_OUTPUT]
