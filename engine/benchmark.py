@@ -1,8 +1,9 @@
 """Throughput measurements: glyph-engine's backends against the glyffuser's own sampling loop.
 
 Everything is measured in one run on one machine, and every figure is also given as a
-ratio to the peer (the glyffuser's published loop: T5 encode, diffusers U-Net and
-`DPMSolverMultistepScheduler`, eager PyTorch) on the same weights, batch and steps.
+ratio to the peer (`glyph_engine.peer`: the glyffuser's published loop, eager PyTorch) on
+the same weights, batch, steps and guidance. U-Net rates are given against the
+matrix-multiply peak of the precision each system computes in, measured in the same run.
 """
 
 from __future__ import annotations
@@ -15,25 +16,28 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
-from diffusers import DPMSolverMultistepScheduler
+from torch import Tensor
 
 from glyph_engine.backends.base import Backend
 from glyph_engine.cpu import cpu_info
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.files import atomic_path, refuse_non_regular
 from glyph_engine.model import Glyffuser
+from glyph_engine.peer import PEER_SAMPLER, Peer
 from glyph_engine.pipeline import generate, image_seeds
 from glyph_engine.sampler import initial_noise
+from glyph_engine.samplers import DEFAULT_SAMPLER
+from glyph_engine.schedule import SamplerConfig
 from glyph_engine.settings import GenerationSettings
-from glyph_engine.step import select_step
-from glyph_engine.timing import matmul_flops_per_second, median_seconds
+from glyph_engine.timing import matmul_peak, median_seconds
 
 PEER = "peer"  # the glyffuser's own loop
 PROMPT = "metal"
 UNET_TEXT_LENGTH = 16  # tokens in the U-Net-alone measurements
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -42,8 +46,11 @@ class BenchConfig:
 
     batch_sizes: tuple[int, ...] = (16,)
     steps: tuple[int, ...] = (1, 2, 5, 10, 20, 50)
-    # The published glyffuser loop has no classifier-free guidance: compare unguided.
+    # The scale both glyph-engine and the peer run at. 1 (unguided): the published glyffuser
+    # loop has no classifier-free guidance; any other scale doubles the peer's batch at every
+    # step and glyph-engine's at the steps of the model's guidance interval.
     guidance: float = 1.0
+    samplers: tuple[str, ...] = (DEFAULT_SAMPLER,)  # glyph-engine's; the peer is diffusers' 2M
     repeats: int = 3  # timed runs per point (median reported)
     warmup: int = 1
 
@@ -81,49 +88,40 @@ def unet_flops_per_image(model: Glyffuser, text_length: int = 16) -> int:
     return int(counter.get_total_flops())
 
 
-def peer_generate(
-    model: Glyffuser,
-    scheduler: DPMSolverMultistepScheduler,
-    prompts: list[str],
-    noise: torch.Tensor,
-    steps: int,
-) -> torch.Tensor:
-    """The glyffuser's published sampling loop, eager PyTorch: the reference to beat.
-
-    The scheduler belongs to the pipeline, created once, as in the published pipeline.
-    """
-    device = peer_device(model)
-    # 256 is the published pipeline's literal, whatever the model's own limit.
-    tokens = model.tokenizer(prompts, padding="longest", max_length=256, truncation=True, return_tensors="pt")
-    mask = tokens.attention_mask.to(device)
-    scheduler.set_timesteps(steps)
-    with torch.inference_mode():
-        text = model.text_encoder(tokens.input_ids.to(device), attention_mask=mask).last_hidden_state
-        text = text * mask[..., None]
-        image = noise.to(device)
-        for t in scheduler.timesteps:
-            eps = model.unet(image, t, encoder_hidden_states=text, encoder_attention_mask=mask).sample
-            image = scheduler.step(eps, t, image).prev_sample
-    return image.clamp(0, 1)
-
-
-def peer_device(model: Glyffuser) -> torch.device:
-    """The peer runs where the model's U-Net lives (backends never move the model)."""
-    return next(model.unet.parameters()).device
-
-
 @dataclass(frozen=True)
 class Point:
     backend: str
     device: str
+    precision: str  # the U-Net's, as it ran
+    sampler: str
+    step: str  # the sampler step that ran: "fused", "torch", or "diffusers" (the peer's scheduler)
+    guidance: float  # the same for the peer and every backend of a run
     batch: int
     steps: int
     seconds: float
     images_per_s: float
-    ratio_to_peer: float | None
+    ratio_to_peer: float
+    unet_rows: float  # U-Net rows per generate (guidance doubles a batch at the steps it guides)
     unet_flops_per_s: float  # U-Net FLOPs done / end-to-end time: a lower bound on U-Net speed
-    utilization: float  # of the measured matrix-multiply rate
-    outside_unet_ms_per_step: float  # end-to-end time per step minus one U-Net call (sampler, text, copies)
+    utilization: float | None  # of the matmul peak in its own precision; None: no honest peak here
+    outside_unet_ms_per_step: float  # end-to-end time per step minus its U-Net calls (sampler, text, copies)
+
+
+class CountedBackend:
+    """A backend that counts the U-Net rows it runs: what a generate really asked of the
+    U-Net, guidance interval included."""
+
+    def __init__(self, inner: Backend):
+        self.inner = inner
+        self.name, self.device, self.precision = inner.name, inner.device, inner.precision
+        self.rows = 0
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.inner.encode_text(input_ids, attention_mask)
+
+    def denoise(self, x: Tensor, timestep: int, text: Tensor, mask: Tensor) -> Tensor:
+        self.rows += x.shape[0]
+        return self.inner.denoise(x, timestep, text, mask)
 
 
 def run_benchmark(
@@ -132,11 +130,19 @@ def run_benchmark(
     config: BenchConfig,
     report: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
-    """Generate throughput for the peer and each backend, at every batch size and step count."""
+    """Generate throughput for the peer and each backend with each sampler, at every batch
+    size and step count, all at `config.guidance`."""
     flops = unet_flops_per_image(model)
-    devices = {PEER: peer_device(model), **{name: b.device for name, b in backends.items()}}
-    # One ceiling per device the benchmark runs on, measured in that device's compute precision.
-    peaks = {str(d): matmul_flops_per_second(d) for d in set(devices.values())}
+    peer = Peer(model)
+    runs_on = {PEER: (str(peer.device), peer.precision)}
+    runs_on |= {name: (str(b.device), b.precision) for name, b in backends.items()}
+    # One ceiling per device and precision that runs: a U-Net is only held to its own precision's.
+    peaks = {where: matmul_peak(*where) for where in dict.fromkeys(runs_on.values())}
+
+    def utilization(name: str, flops_per_s: float) -> float | None:
+        peak = peaks[runs_on[name]].flops_per_s
+        return None if peak is None else flops_per_s / peak
+
     points: list[Point] = []
     unet_only: list[dict[str, Any]] = []
     for batch in config.batch_sizes:
@@ -152,36 +158,48 @@ def run_benchmark(
                 {
                     "backend": name,
                     "device": str(backend.device),
+                    "precision": backend.precision,
                     "batch": unet_batch,
                     "seconds": seconds,
                     "images_per_s": unet_batch / seconds,
-                    "utilization": flops * unet_batch / seconds / peaks[str(backend.device)][0],
+                    "utilization": utilization(name, flops * unet_batch / seconds),
                 }
             )
-        # The peer runs the same eager PyTorch U-Net as the torch backend, without guidance.
-        unet_seconds[PEER] = unet_seconds.get("torch", float("nan")) * (batch / unet_batch)
+        # The peer runs the same eager PyTorch U-Net as the torch backend.
+        unet_seconds[PEER] = unet_seconds.get("torch", float("nan"))
+
         for steps in config.steps:
-            peer_seconds = None
-            for name in (PEER, *backends):
-                report(f"{name}: batch {batch}, {steps} steps")
-                run = generation(model, backends.get(name), batch, steps, config.guidance)
-                seconds = median_seconds(run, config.repeats, config.warmup, devices[name])
-                if name == PEER:
-                    peer_seconds = seconds
-                unet_calls = batch * steps * (2 if config.guidance != 1.0 and name != PEER else 1)
-                achieved = flops * unet_calls / seconds
+            report(f"{PEER}: batch {batch}, {steps} steps")
+            run = generation(model, None, batch, steps, config.guidance)
+            peer_seconds = median_seconds(run, config.repeats, config.warmup, peer.device)
+            # (system, sampler, step that ran, seconds, U-Net rows per generate)
+            measured = [(PEER, PEER_SAMPLER, "diffusers", peer_seconds, Peer.unet_rows(batch, steps, config.guidance))]
+            for sampler in config.samplers:
+                for name, backend in backends.items():
+                    report(f"{name}: batch {batch}, {steps} steps, {sampler}")
+                    counted = CountedBackend(backend)
+                    run = generation(model, counted, batch, steps, config.guidance, sampler)
+                    seconds, last, calls = timed(run, config, backend.device)
+                    # The step that ran, as the generation reports it; rows per generate.
+                    measured.append((name, sampler, last.step_impl.value, seconds, counted.rows / calls))
+            for name, sampler, step, seconds, rows in measured:
+                achieved = flops * rows / seconds
                 points.append(
                     Point(
                         name,
-                        str(devices[name]),
+                        *runs_on[name],
+                        sampler,
+                        step,
+                        config.guidance,
                         batch,
                         steps,
                         seconds,
                         batch / seconds,
-                        peer_seconds / seconds if peer_seconds else None,
+                        peer_seconds / seconds,
+                        rows,
                         achieved,
-                        achieved / peaks[str(devices[name])][0],
-                        1000 * (seconds / steps - unet_seconds[name]),
+                        utilization(name, achieved),
+                        1000 * (seconds - rows / unet_batch * unet_seconds[name]) / steps,
                     )
                 )
     return {
@@ -189,27 +207,39 @@ def run_benchmark(
         "model": {"source": model.source, "sha256": model.sha256, "image_shape": list(model.image_shape)},
         "config": asdict(config),
         # What ran, not what was asked for: a backend that failed to start is not here.
-        "backends": {
-            name: {"device": str(b.device), "step": select_step(GenerationSettings().step_impl, b.device)[1].value}
-            for name, b in backends.items()
-        },
+        "peer": {"device": str(peer.device), "precision": peer.precision, "sampler": PEER_SAMPLER},
+        "backends": {name: {"device": str(b.device), "precision": b.precision} for name, b in backends.items()},
         "unet_flops_per_image_step": flops,
-        "matmul_flops_per_s": {device: rate for device, (rate, _) in peaks.items()},
-        "matmul": {device: how for device, (_, how) in peaks.items()},
+        "matmul_peaks": [asdict(peak) for peak in peaks.values()],
         "unet_only": unet_only,
         "points": [asdict(p) for p in points],
     }
 
 
+def timed(run: Callable[[], T], config: BenchConfig, device: torch.device) -> tuple[float, T, int]:
+    """The median seconds of `run` (as `config` says), what its last call returned, and how
+    many calls were made (warm-up included)."""
+    results: list[T] = []
+    seconds = median_seconds(lambda: results.append(run()), config.repeats, config.warmup, device)
+    return seconds, results[-1], len(results)
+
+
 def generation(
-    model: Glyffuser, backend: Backend | None, batch: int, steps: int, guidance: float
-) -> Callable[[], object]:
-    """One end-to-end generation of `batch` glyphs: the peer's loop when `backend` is None."""
+    model: Glyffuser,
+    backend: Backend | None,
+    batch: int,
+    steps: int,
+    guidance: float,
+    sampler: str = DEFAULT_SAMPLER,
+) -> Callable[[], Any]:
+    """One end-to-end generation of `batch` glyphs at `guidance`: the peer's loop (which is
+    diffusers' DPM-Solver++(2M) whatever `sampler` says) when `backend` is None. Each call
+    returns what it drew (a Generation for glyph-engine)."""
     if backend is None:
+        peer = Peer(model)
         noise = initial_noise(image_seeds(0, batch), model.image_shape)
-        scheduler = DPMSolverMultistepScheduler()
-        return lambda: peer_generate(model, scheduler, [PROMPT] * batch, noise, steps)
-    settings = GenerationSettings(steps=steps, guidance=guidance)
+        return lambda: peer.generate([PROMPT] * batch, noise, steps, guidance)
+    settings = GenerationSettings(steps=steps, guidance=guidance, sampler=SamplerConfig(name=sampler))
     return lambda: generate(model, backend, [PROMPT], batch, settings)
 
 
@@ -256,44 +286,63 @@ def write_results(results: dict[str, Any], out: Path) -> list[Path]:
 
 def markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
-    rates = ", ".join(
-        f"{device} {rate / 1e9:.0f} GFLOP/s ({results['matmul'][device]['dtype']})"
-        for device, rate in results["matmul_flops_per_s"].items()
-    )
-    ran = ", ".join(f"{name} on {b['device']} (step: {b['step']})" for name, b in results["backends"].items())
+    peaks = ", ".join(map(peak_text, results["matmul_peaks"]))
+    systems = {PEER: results["peer"], **results["backends"]}
+    ran = ", ".join(f"{name} on {b['device']} in {b['precision']}" for name, b in systems.items())
+    guidance = results["config"]["guidance"]
     lines = [
         f"Machine: {m['cpu']}, {m['cores']} cores, GPU: {m['gpu'] or 'none'}; "
         f"torch {m['libraries']['torch']}, onnxruntime {m['libraries']['onnxruntime']}.",
         f"Model: {results['model']['source']} ({'x'.join(map(str, results['model']['image_shape']))}); "
         f"U-Net {results['unet_flops_per_image_step'] / 1e9:.2f} GFLOP per image per step; "
-        f"matrix-multiply rate: {rates}.",
-        f"Backends: {ran}.",
+        f"matrix-multiply peaks, per precision, in the same run: {peaks}.",
+        f"Backends: {ran}; each U-Net rate is given against the peak of its own precision.",
+        f"Guidance {guidance:g} for the peer and every backend"
+        + (
+            " (unguided)."
+            if guidance == 1.0
+            else ": the peer doubles its batch at every step, glyph-engine at the steps of the model's guidance "
+            "interval."
+        ),
         "",
         "U-Net alone:",
         "",
-        "| backend | device | U-Net batch | images/s | of matmul rate |",
-        "| --- | --- | ---: | ---: | ---: |",
+        "| backend | device | precision | U-Net batch | images/s | of its precision's peak |",
+        "| --- | --- | --- | ---: | ---: | ---: |",
         *(
-            f"| {u['backend']} | {u['device']} | {u['batch']} | {u['images_per_s']:.2f} | {u['utilization']:.1%} |"
+            f"| {u['backend']} | {u['device']} | {u['precision']} | {u['batch']} | {u['images_per_s']:.2f} "
+            f"| {percent(u['utilization'])} |"
             for u in results["unet_only"]
         ),
         "",
-        "End to end (`generate`; the peer is the glyffuser's own loop on the same weights):",
+        "End to end (`generate`; the peer is the glyffuser's own loop on the same weights, at the same guidance):",
         "",
-        "| backend | batch | steps | images/s | x peer | U-Net GFLOP/s | of matmul rate | ms/step outside U-Net |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| backend | precision | sampler | step | batch | steps | images/s | x peer | U-Net GFLOP/s "
+        "| of its precision's peak | ms/step outside U-Net |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for p in results["points"]:
-        ratio = f"{p['ratio_to_peer']:.2f}x" if p["ratio_to_peer"] else "-"
         lines.append(
-            f"| {p['backend']} | {p['batch']} | {p['steps']} | {p['images_per_s']:.2f} | {ratio} | "
-            f"{p['unet_flops_per_s'] / 1e9:.1f} | {p['utilization']:.1%} | {p['outside_unet_ms_per_step']:.1f} |"
+            f"| {p['backend']} | {p['precision']} | {p['sampler']} | {p['step']} | {p['batch']} | {p['steps']} "
+            f"| {p['images_per_s']:.2f} | {p['ratio_to_peer']:.2f}x | {p['unet_flops_per_s'] / 1e9:.1f} "
+            f"| {percent(p['utilization'])} | {p['outside_unet_ms_per_step']:.1f} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def plot(results: dict[str, Any], path: Path) -> dict[tuple[str, int], list[tuple[int, float]]]:
-    """Draws images/s against steps, one line per (backend, batch); returns the plotted data."""
+def peak_text(peak: dict[str, Any]) -> str:
+    rate = peak["flops_per_s"]
+    measured = f"{rate / 1e9:.0f} GFLOP/s ({peak['size']}^3)" if rate else f"not measured ({peak['note']})"
+    return f"{peak['device']} {peak['precision']} {measured}"
+
+
+def percent(fraction: float | None) -> str:
+    """A utilization, or "-" where its precision has no honest peak here (the results say why)."""
+    return "-" if fraction is None else f"{fraction:.1%}"
+
+
+def plot(results: dict[str, Any], path: Path) -> dict[tuple[str, str, int], list[tuple[int, float]]]:
+    """Draws images/s against steps, one line per (backend, sampler, batch); returns the plotted data."""
     try:
         import matplotlib
         import matplotlib.ticker
@@ -303,13 +352,17 @@ def plot(results: dict[str, Any], path: Path) -> dict[tuple[str, int], list[tupl
     except ImportError:
         raise GlyphEngineError("the plot needs matplotlib: pip install 'glyph-engine[bench]'.") from None
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
-    series: dict[tuple[str, int], list[tuple[int, float]]] = {}
+    series: dict[tuple[str, str, int], list[tuple[int, float]]] = {}
+    precisions = {}
     for p in results["points"]:
-        series.setdefault((p["backend"], p["batch"]), []).append((p["steps"], p["images_per_s"]))
-    for (backend, batch), values in series.items():
+        series.setdefault((p["backend"], p["sampler"], p["batch"]), []).append((p["steps"], p["images_per_s"]))
+        precisions[p["backend"]] = p["precision"]
+    several = len({sampler for _, sampler, _ in series}) > 1
+    for (backend, sampler, batch), values in series.items():
         values.sort()
         style = "--" if backend == PEER else "-"
-        label = f"{'glyffuser loop (peer)' if backend == PEER else backend}, batch {batch}"
+        name = "glyffuser loop (peer)" if backend == PEER else backend
+        label = f"{name} {precisions[backend]}{f', {sampler}' if several else ''}, batch {batch}"
         ax.plot([v[0] for v in values], [v[1] for v in values], style, marker="o", label=label)
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -319,7 +372,8 @@ def plot(results: dict[str, Any], path: Path) -> dict[tuple[str, int], list[tupl
     ax.set_xlabel("sampler steps")
     ax.set_ylabel("images / s")
     m = results["machine"]
-    ax.set_title(f"{m['cpu']} ({m['cores']} cores), GPU: {m['gpu'] or 'none'}", fontsize=9)
+    guidance = results["config"]["guidance"]
+    ax.set_title(f"{m['cpu']} ({m['cores']} cores), GPU: {m['gpu'] or 'none'}; guidance {guidance:g}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -1,7 +1,9 @@
-"""`glyph-engine bench`: every output file, a plot of the measured numbers, the peer loop."""
+"""`glyph-engine bench`: every output file, a plot of the measured numbers, the peer loop at
+the engine's guidance, each U-Net rate against the matmul peak of its own precision."""
 
 import csv
 import json
+import math
 
 import numpy as np
 import pytest
@@ -9,12 +11,17 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+import glyph_engine.benchmark as benchmark
+import glyph_engine.timing as timing
 from glyph_engine.backends.pytorch import TorchBackend
-from glyph_engine.benchmark import peer_generate, plot, unet_flops_per_image
+from glyph_engine.benchmark import BenchConfig, markdown, plot, run_benchmark, unet_flops_per_image
 from glyph_engine.cli import app
+from glyph_engine.cpu import CpuInfo
+from glyph_engine.peer import Peer
 from glyph_engine.pipeline import generate, image_seeds
 from glyph_engine.sampler import initial_noise
 from glyph_engine.settings import GenerationSettings
+from glyph_engine.timing import MatmulPeak, matmul_peak
 
 
 def test_bench_cli_writes_all_outputs(ckpt_path, tmp_path):
@@ -28,15 +35,26 @@ def test_bench_cli_writes_all_outputs(ckpt_path, tmp_path):
     backends = {p["backend"] for p in points}
     assert {"peer", "torch"} <= backends
     assert {(p["steps"], p["batch"]) for p in points} == {(1, 4), (2, 4)}
-    assert all(p["images_per_s"] > 0 and 0 < p["utilization"] < 1 for p in points)
+    assert all(p["images_per_s"] > 0 and p["guidance"] == 1.0 and p["sampler"] for p in points)
     assert all(p["ratio_to_peer"] == 1.0 for p in points if p["backend"] == "peer")
+    # Each row against the peak measured in its own precision, on its device, in this run.
+    peaks = {(p["device"], p["precision"]): p["flops_per_s"] for p in results["matmul_peaks"]}
+    ran = {"peer": results["peer"], **results["backends"]}
+    assert {(b["device"], b["precision"]) for b in ran.values()} == set(peaks)
+    for p in points:
+        assert p["precision"] == ran[p["backend"]]["precision"]
+        peak = peaks[p["device"], p["precision"]]
+        if peak is None:
+            assert p["utilization"] is None
+        else:
+            assert p["utilization"] == pytest.approx(p["unet_flops_per_s"] / peak) and 0 < p["utilization"] < 1
     assert results["machine"]["cores"] >= 1 and results["machine"]["libraries"]["torch"]
     assert results["unet_flops_per_image_step"] > 1e8
 
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [float(r["images_per_s"]) for r in rows] == pytest.approx([p["images_per_s"] for p in points])
     table = (out / "results.md").read_text()
-    assert table.startswith("Machine:") and "| peer | 4 | 1 |" in table
+    assert table.startswith("Machine:") and "| peer | fp32 | dpmpp-2m | diffusers | 4 | 1 |" in table
 
     image = np.asarray(Image.open(out / "throughput.png").convert("L"))
     assert image.shape[0] > 200 and image.std() > 10  # a drawn figure, not a blank
@@ -45,25 +63,117 @@ def test_bench_cli_writes_all_outputs(ckpt_path, tmp_path):
 def test_plot_draws_exactly_the_measured_points(tmp_path):
     results = {
         "machine": {"cpu": "test", "cores": 2, "gpu": None},
+        "config": {"guidance": 1.0},
         "points": [
-            {"backend": b, "batch": 4, "steps": s, "images_per_s": v}
-            for b, s, v in [("peer", 1, 10.0), ("peer", 2, 6.0), ("torch", 2, 9.0), ("torch", 1, 20.0)]
+            {"backend": b, "precision": "fp32", "sampler": m, "batch": 4, "steps": s, "images_per_s": v}
+            for b, m, s, v in [
+                ("peer", "dpmpp-2m", 1, 10.0),
+                ("peer", "dpmpp-2m", 2, 6.0),
+                ("torch", "dpmpp-3m", 2, 8.0),
+                ("torch", "dpmpp-2m", 2, 9.0),
+                ("torch", "dpmpp-2m", 1, 20.0),
+            ]
         ],
     }
     series = plot(results, tmp_path / "p.png")
-    assert series == {("peer", 4): [(1, 10.0), (2, 6.0)], ("torch", 4): [(1, 20.0), (2, 9.0)]}
+    assert series == {
+        ("peer", "dpmpp-2m", 4): [(1, 10.0), (2, 6.0)],
+        ("torch", "dpmpp-3m", 4): [(2, 8.0)],
+        ("torch", "dpmpp-2m", 4): [(1, 20.0), (2, 9.0)],
+    }
 
 
-def test_peer_loop_draws_what_generate_draws(model):
-    """Same weights, noise and steps: the peer and glyph-engine agree (so they do equal work)."""
-    from diffusers import DPMSolverMultistepScheduler
+@pytest.mark.parametrize("guidance, unconditional", [(1.0, "zeros"), (4.0, "zeros"), (4.0, "empty")])
+def test_peer_draws_what_generate_draws_at_the_same_guidance(model, guidance, unconditional):
+    """Same weights, noise, steps and guidance (every step guided, nothing clamped or centred,
+    as in the published loop): the same images, so the two do equal work. The peer runs the
+    batch once per step unguided and doubled at every step guided (counted where the U-Net
+    is called)."""
+    model.unconditional = unconditional
+    batch, steps = 2, 4
+    noise = initial_noise(image_seeds(0, batch), model.image_shape)
+    peer = Peer(model)
+    assert peer.unet is model.unet  # the model's own modules: never moved or cast
+    rows = []
+    hook = peer.unet.register_forward_pre_hook(lambda _, args: rows.append(args[0].shape[0]))
+    images = peer.generate(["metal"] * batch, noise, steps, guidance)
+    hook.remove()
+    assert rows == [batch * (1 if guidance == 1.0 else 2)] * steps
+    assert sum(rows) == Peer.unet_rows(batch, steps, guidance)
 
-    noise = initial_noise(image_seeds(0, 2), model.image_shape)
-    peer = peer_generate(model, DPMSolverMultistepScheduler(), ["metal", "metal"], noise, 5)
-    ours = generate(
-        model, TorchBackend(model, device="cpu"), ["metal"], 2, GenerationSettings(steps=5, guidance=1.0)
-    ).images
-    torch.testing.assert_close(ours, peer, rtol=0, atol=1e-4)
+    settings = GenerationSettings(
+        steps=steps, guidance=guidance, guidance_interval=(0.0, math.inf), clamp_x0=False, center_noise=False
+    )
+    ours = generate(model, TorchBackend(model, device="cpu"), ["metal"], batch, settings).images
+    # Guidance amplifies float rounding, as against tests/reference.py (test_pipeline.py).
+    torch.testing.assert_close(ours, images, rtol=0, atol=1e-4 if guidance == 1.0 else 5e-4)
+
+
+class Relabelled:
+    """A backend that reports another name and precision: the roofline follows `precision`."""
+
+    def __init__(self, inner, name, precision):
+        self.inner, self.name, self.device, self.precision = inner, name, inner.device, precision
+
+    def encode_text(self, input_ids, attention_mask):
+        return self.inner.encode_text(input_ids, attention_mask)
+
+    def denoise(self, x, timestep, text, mask):
+        return self.inner.denoise(x, timestep, text, mask)
+
+
+def test_each_row_is_held_to_the_peak_of_its_own_precision(model, monkeypatch):
+    """A bf16 backend against the bf16 peak, fp32 ones against fp32, and no figure at all for
+    a precision without an honest peak; the U-Net rows each system ran are counted, the peer
+    and glyph-engine at the same guidance."""
+    peaks = {"fp32": 1e9, "bf16": 4e9, "int8": None}
+    monkeypatch.setattr(
+        benchmark, "matmul_peak", lambda device, precision: MatmulPeak(device, precision, peaks[precision], 64)
+    )
+    monkeypatch.setattr(benchmark, "median_seconds", lambda fn, repeats, warmup, device: (fn(), 0.5)[1])  # no clock
+    backend = TorchBackend(model, device="cpu")
+    backends = {precision: Relabelled(backend, precision, precision) for precision in ("bf16", "int8")}
+    model.guidance_interval = (0.0, math.inf)  # glyph-engine guides every step too: rows known in advance
+    config = BenchConfig(batch_sizes=(1,), steps=(2,), guidance=4.0, samplers=("dpmpp-2m", "dpmpp-3m"), repeats=1)
+    assert config.samplers != BenchConfig().samplers  # the default is the default sampler alone
+    results = run_benchmark(model, backends, config)
+
+    flops = results["unet_flops_per_image_step"]
+    points = {(p["backend"], p["sampler"]): p for p in results["points"]}
+    assert set(points) == {("peer", "dpmpp-2m")} | {(b, s) for b in backends for s in config.samplers}
+    for (name, _), p in points.items():
+        precision = "fp32" if name == "peer" else name
+        assert p["precision"] == precision and p["guidance"] == 4.0
+        assert p["unet_rows"] == 1 * 2 * 2  # batch 1, 2 steps, doubled at each
+        if peaks[precision] is None:
+            assert p["utilization"] is None
+        else:
+            assert p["utilization"] == pytest.approx(flops * 4 / 0.5 / peaks[precision])
+    assert points["peer", "dpmpp-2m"]["step"] == "diffusers"
+    assert points["bf16", "dpmpp-3m"]["step"] == "torch"  # the fused op runs order 2 at most
+    assert {(u["backend"], u["utilization"] is None) for u in results["unet_only"]} == {("bf16", False), ("int8", True)}
+    assert "| int8 | int8 | dpmpp-2m |" in markdown(results)
+
+
+def test_no_peak_without_the_units_of_its_precision(monkeypatch):
+    """bf16 and int8 on a CPU without their units, and fp16 on a CPU, get no peak (and nothing
+    is timed): dividing by an emulated rate would flatter a backend."""
+    monkeypatch.setattr(timing, "detected_cpu", lambda: CpuInfo(model="x", flags=("avx2", "fma"), cores=2))
+    monkeypatch.setattr(timing, "median_seconds", lambda *_, **__: pytest.fail("nothing should be timed"))
+    for precision in ("bf16", "int8", "fp16"):
+        peak = matmul_peak("cpu", precision)
+        assert peak.flops_per_s is None and peak.precision == precision and peak.note
+
+
+def test_an_int8_product_no_faster_than_the_floats_beside_it_is_no_int8_peak(monkeypatch):
+    cpu = CpuInfo(model="x", flags=("avx512_bf16", "avx512_vnni"), cores=2)
+    monkeypatch.setattr(timing, "detected_cpu", lambda: cpu)
+    rates = {torch.int8: 300e9, torch.bfloat16: 400e9}
+    monkeypatch.setattr(timing, "_timed_products", lambda device, dtype, *_: rates[dtype])
+    slow = matmul_peak("cpu", "int8")
+    assert slow.flops_per_s is None and "bf16" in slow.note
+    rates[torch.int8] = 800e9
+    assert matmul_peak("cpu", "int8").flops_per_s == 800e9
 
 
 def test_flop_count_matches_full_size_reference():
