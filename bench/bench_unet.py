@@ -5,15 +5,14 @@ images at text length 16, through the same Backend.denoise that generation uses,
 inputs already on the backend's device (`glyph_engine.benchmark.unet_call`).
 """
 
+import hashlib
 import json
 import shutil
 
 import pytest
 
-from glyph_engine.backends.onnx_runtime import OnnxRuntimeBackend
 from glyph_engine.benchmark import unet_call
-from glyph_engine.export_manifest import MANIFEST
-from glyph_engine.files import sha256_file
+from glyph_engine.session import ModelSource, Session
 from glyph_engine.timing import synchronized
 
 CASES = [("tiny", 1), ("tiny", 16), ("tiny", 64), ("full", 1)]
@@ -24,11 +23,13 @@ def slimmed_copy(export_dir, target):
     onnx = pytest.importorskip("onnx")
     onnxslim = pytest.importorskip("onnxslim")
     shutil.copytree(export_dir, target)
-    path = target / "unet.fp32.onnx"
+    manifest_path = target / "manifest.json"  # the export's documented manifest
+    manifest = json.loads(manifest_path.read_text())
+    entry = manifest["components"]["unet"]["files"]["fp32"]
+    path = target / entry["path"]
     onnx.save(onnxslim.slim(onnx.load(str(path))), str(path))
-    manifest = json.loads((target / MANIFEST).read_text())
-    manifest["components"]["unet"]["files"]["fp32"].update(bytes=path.stat().st_size, sha256=sha256_file(path))
-    (target / MANIFEST).write_text(json.dumps(manifest))
+    entry.update(bytes=path.stat().st_size, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+    manifest_path.write_text(json.dumps(manifest))
     return target
 
 
@@ -38,7 +39,9 @@ def test_unet(benchmark, bench_model, bench_backend, tmp_path, size, batch, back
     model, export_dir = bench_model(size)
     if backend_name == "onnxruntime-slim":
         # Graph clean-up stays out of the product unless this shows it beats plain ONNX Runtime.
-        backend = OnnxRuntimeBackend(model, slimmed_copy(export_dir, tmp_path / "slim"), device="cpu")
+        slim = slimmed_copy(export_dir, tmp_path / "slim")
+        source = ModelSource(backend="onnxruntime", precision="fp32", export_dir=slim)  # the file slimmed
+        backend = Session.load(source, model=model).backend
     else:
         backend = bench_backend(size, backend_name)
     benchmark.group = f"U-Net {size} batch {batch}"

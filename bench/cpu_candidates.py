@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,31 +28,47 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from glyph_engine.backends.pytorch import TorchBackend
 from glyph_engine.checkpoint import load_model
 from glyph_engine.cpu import cpu_info
 from glyph_engine.model import DEFAULT_CHECKPOINT
-from glyph_engine.openvino_build import onnx_bytes
 from glyph_engine.quality import CALIBRATION_PROMPTS, GATE_PROMPTS, UNetCall, relative_errors, trajectory_calls
+from glyph_engine.session import ModelSource, Session
 from glyph_engine.timing import median_seconds
-from glyph_engine.to_onnx import UNetForExport
 
 Run = Callable[[dict[str, np.ndarray]], np.ndarray]
 
 
-def torch_candidate(module: torch.nn.Module, channels_last: bool = False, bf16: bool = False) -> Run:
+def torch_candidate(unet: torch.nn.Module, channels_last: bool = False, bf16: bool = False) -> Run:
+    """The diffusers U-Net on an exported U-Net's feed."""
+
     def run(feed: dict[str, np.ndarray]) -> np.ndarray:
         x = torch.from_numpy(feed["sample"])
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        inputs = [
-            x,
-            *(torch.from_numpy(feed[k]) for k in ("timestep", "encoder_hidden_states", "encoder_attention_mask")),
-        ]
         with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-            return module(*inputs).float().numpy()
+            return (
+                unet(
+                    x,
+                    torch.from_numpy(feed["timestep"]),
+                    encoder_hidden_states=torch.from_numpy(feed["encoder_hidden_states"]),
+                    encoder_attention_mask=torch.from_numpy(feed["encoder_attention_mask"]),
+                    return_dict=False,
+                )[0]
+                .float()
+                .numpy()
+            )
 
     return run
+
+
+def exported_unet(ckpt: Path) -> bytes:
+    """The FP32 U-Net as `glyph-engine export` writes it (the graph every ONNX candidate runs)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "export"
+        command = [sys.executable, "-m", "glyph_engine", "export", str(ckpt), "-o", str(out)]
+        subprocess.run([*command, "--precision", "fp32", "--no-tensorrt"], check=True, capture_output=True)
+        manifest = json.loads((out / "manifest.json").read_text())
+        return (out / manifest["components"]["unet"]["files"]["fp32"]["path"]).read_bytes()
 
 
 def onnxruntime_candidate(model_bytes: bytes) -> Run:
@@ -119,20 +137,21 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-results/cpu-candidates.json"))
     args = parser.parse_args()
 
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # CPU candidates: a GPU machine's GPU stays out of every one
     model = load_model(DEFAULT_CHECKPOINT)
-    eager = TorchBackend(model, device="cpu")
+    eager = Session.load(ModelSource(backend="torch", precision="fp32"), model=model).backend
     print("recording trajectories", file=sys.stderr)
     calibration = trajectory_calls(model, eager, CALIBRATION_PROMPTS, 2, seed=1)
     gate = trajectory_calls(model, eager, GATE_PROMPTS, 1, seed=2)
     timed = {n: c for n, c in ((c.sample.shape[0], c) for c in trajectory_calls(model, eager, ["metal"], 64, seed=0))}
-    module = UNetForExport(model.unet).eval()
-    reference = torch_candidate(module)
-    unet_onnx = onnx_bytes(model, "unet")
+    unet = model.unet.eval()
+    reference = torch_candidate(unet)
+    unet_onnx = exported_unet(DEFAULT_CHECKPOINT)
 
     builders: list[tuple[str, str, Callable[[], Run]]] = [
         ("torch eager", "fp32", lambda: reference),
-        ("torch channels_last", "fp32", lambda: torch_candidate(_channels_last(module), channels_last=True)),
-        ("torch autocast", "bf16", lambda: torch_candidate(module, bf16=True)),
+        ("torch channels_last", "fp32", lambda: torch_candidate(channels_last_copy(unet), channels_last=True)),
+        ("torch autocast", "bf16", lambda: torch_candidate(unet, bf16=True)),
         ("onnxruntime", "fp32", lambda: onnxruntime_candidate(unet_onnx)),
         ("onnxruntime static QDQ", "int8", lambda: onnxruntime_candidate(onnxruntime_int8(unet_onnx, calibration))),
         ("openvino", "fp32", lambda: openvino_candidate(unet_onnx_model(unet_onnx), "f32")),
@@ -140,7 +159,7 @@ def main() -> None:
         ("openvino NNCF", "int8", lambda: openvino_candidate(openvino_int8(unet_onnx, calibration), "f32")),
     ]
     if args.compile:
-        builders.insert(3, ("torch.compile freezing", "fp32", lambda: _compiled(module, timed)))
+        builders.insert(3, ("torch.compile freezing", "fp32", lambda: compiled(unet, timed)))
 
     results = []
     for name, precision, build in builders:
@@ -182,11 +201,11 @@ def unet_onnx_model(model_bytes: bytes):
     return ov.Core().read_model(model_bytes)
 
 
-def _channels_last(module: torch.nn.Module) -> torch.nn.Module:
+def channels_last_copy(module: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(module).to(memory_format=torch.channels_last)
 
 
-def _compiled(module: torch.nn.Module, timed: dict[int, UNetCall]) -> Run:
+def compiled(module: torch.nn.Module, timed: dict[int, UNetCall]) -> Run:
     import torch._inductor.config as inductor
 
     inductor.freezing = True

@@ -111,12 +111,12 @@ def unet_rows() -> list[dict[str, float]]:
     """The default backend's U-Net time per row against batch size: what batching can gain here."""
     import torch
 
-    from glyph_engine.pipeline import encode_prompts
     from glyph_engine.session import ModelSource, Session
 
     session = Session.load(ModelSource())
     model, backend = session.model, session.backend
-    text, mask = encode_prompts(model, backend, ["metal"])
+    tokens = model.tokenizer(["metal"], padding="longest", return_tensors="pt")
+    text, mask = backend.encode_text(tokens.input_ids, tokens.attention_mask), tokens.attention_mask
     rows = []
     for batch in (1, 2, 4, 8, 16, 32, 64):
         x = torch.randn(batch, *model.image_shape)

@@ -1,13 +1,16 @@
 """Whole-process wall time of `glyph-engine generate "metal" -n 64` against the peer, interleaved.
 
-    python bench/wall_clock.py [--runs 3] [--out bench-results/wall-clock.json]
+    python bench/wall_clock.py [--runs 3] [--guidance G] [--out bench-results/wall-clock.json]
 
 Each round runs, one after another: the peer process (`bench/peer_process.py`), `generate`
 with an empty artifact cache (cold: the first run on a fresh machine, compiling included),
 `generate` again with the cache that run filled (warm: every later run) and `generate
 --backend torch` (eager PyTorch FP32, the default before the compiled CPU path). Interleaving
 spreads the drift of a shared machine's speed over all three; medians are reported, and
-every run's time is kept. The CPU and its flags are recorded with the results.
+every run's time is kept. Every process gets the same `--guidance` (default: the embedded
+model's own, what `generate` uses without the option); generate guides only the steps of
+the model's guidance interval, the peer every step. The CPU and its flags, and the
+guidance, are recorded with the results.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from glyph_engine.checkpoint import load_model
 from glyph_engine.cpu import cpu_info
+from glyph_engine.model import DEFAULT_CHECKPOINT
 
 HERE = Path(__file__).resolve().parent
 
@@ -38,22 +43,26 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("-n", type=int, default=64)
     parser.add_argument("--precision", default="auto")
+    parser.add_argument("--guidance", type=float, default=None, help="default: the embedded model's")
     parser.add_argument("--out", type=Path, default=Path("bench-results/wall-clock.json"))
     args = parser.parse_args()
+    # Decided once here and handed to every process: the peer and generate at the same scale.
+    guidance = load_model(DEFAULT_CHECKPOINT).default_guidance if args.guidance is None else args.guidance
 
     times: dict[str, list[float]] = {"peer": [], "cold": [], "warm": [], "torch eager": []}
     with tempfile.TemporaryDirectory() as tmp:
         image = str(Path(tmp) / "glyphs.png")
-        generate = ["glyph-engine", "generate", "metal", "-n", str(args.n), "-o", image, "-q"]
-        generate += ["--precision", args.precision]
+        shared = ["-n", str(args.n), "--guidance", str(guidance)]
+        peer = [sys.executable, str(HERE / "peer_process.py"), *shared]
+        generate = ["glyph-engine", "generate", "metal", *shared, "-o", image, "-q"]
         for run in range(args.runs):
             cache = Path(tmp) / f"cache-{run}"
             env = {**os.environ, "GLYPH_ENGINE_CACHE": str(cache)}
-            times["peer"].append(timed([sys.executable, str(HERE / "peer_process.py"), "-n", str(args.n)], env))
-            times["cold"].append(timed(generate, env))
-            times["warm"].append(timed(generate, env))
+            times["peer"].append(timed(peer, env))
+            times["cold"].append(timed([*generate, "--precision", args.precision], env))
+            times["warm"].append(timed([*generate, "--precision", args.precision], env))
             # The previous default: eager PyTorch FP32 in the same process shape.
-            times["torch eager"].append(timed([*generate[:-2], "--backend", "torch"], env))
+            times["torch eager"].append(timed([*generate, "--backend", "torch"], env))
             print({k: round(v[-1], 2) for k, v in times.items()}, file=sys.stderr)
 
     medians = {k: statistics.median(v) for k, v in times.items()}
@@ -62,7 +71,8 @@ def main() -> None:
         "cpu": cpu.model,
         "cpu_flags": list(cpu.flags),
         "cores": cpu.cores,
-        "command": " ".join(generate[:5]) + f" --precision {args.precision}",
+        "command": " ".join([*generate[:-3], "--precision", args.precision]),
+        "guidance": guidance,  # the peer's and generate's; generate guides the steps of the model's interval
         "runs_s": times,
         "median_s": medians,
         "peer_over_warm": medians["peer"] / medians["warm"],
