@@ -79,6 +79,11 @@ SAMPLING_OPTIONS = {
     "spacing": (["--spacing", "leading"], {"sampler": SamplerConfig(spacing="leading")}, ("sampler", "leading")),
     "karras": (["--karras"], {"sampler": SamplerConfig(karras_sigmas=True)}, ("sampler", "karras")),
     "order": (["--order", "1"], {"sampler": SamplerConfig(order=1)}, ("sampler", "order 1")),
+    "sampler": (
+        ["--sampler", "dpmpp-3m"],
+        {"sampler": SamplerConfig(name="dpmpp-3m")},
+        ("sampler", "dpmpp-3m order 3"),
+    ),
     "clamp-x0": (["--clamp-x0"], {"clamp_x0": True}, None),
     "center-noise": (["--center-noise"], {"center_noise": True}, ("center_noise", "true")),
     "guidance-interval": (
@@ -248,7 +253,13 @@ def unsupported(tmp_path, ckpt_path):
         (["metal", "--guidance-interval", "2", "1", "--ckpt", "{ckpt}"], "--guidance-interval must be"),
         (["metal", "--guidance-interval", "nan", "1", "--ckpt", "{ckpt}"], "--guidance-interval must be"),
         (["metal", "--seed", "-1", "--ckpt", "{ckpt}"], "--seed"),
-        (["metal", "--order", "3", "--ckpt", "{ckpt}"], "--order"),
+        (["metal", "--order", "3", "--ckpt", "{ckpt}"], "--order must be from 1 to 2 for --sampler dpmpp-2m"),
+        (["metal", "--sampler", "dpmpp-3m", "--order", "4", "--ckpt", "{ckpt}"], "--order must be from 1 to 3"),
+        (["metal", "--sampler", "euler", "--ckpt", "{ckpt}"], "--sampler"),
+        (
+            ["metal", "--sampler", "dpmpp-3m", "--step-impl", "fused", "--ckpt", "{ckpt}"],
+            "the fused step does not run --sampler dpmpp-3m",
+        ),
         (["metal", "-n", "x", "--ckpt", "{ckpt}"], "-n"),
         (["metal", "--ckpt", "{ckpt}", "-o", "{tmp}/no/such/dir/g.png"], "does not exist"),
         (["metal", "--ckpt", "{ckpt}", "-o", "{tmp}"], "is a folder"),
@@ -381,3 +392,25 @@ def test_generate_refuses_damaged_or_absurd_checkpoints(make, message, tmp_path,
     assert result.output.startswith("error: ") and result.output.strip().count("\n") == 0
     assert "Traceback" not in result.output
     assert set(tmp_path.rglob("*")) == before and not out.exists()
+
+
+@pytest.mark.parametrize("job", ["generate", "bulk"])
+def test_a_run_resolves_its_settings_against_the_model_once(job, ckpt_path, tmp_path, monkeypatch):
+    """The model's defaults are filled in one place, once per run; sampling and the PNG
+    metadata read that one result (before, five checks and three re-resolutions)."""
+    resolved = []
+    original = GenerationSettings.resolve
+    monkeypatch.setattr(
+        GenerationSettings, "resolve", lambda self, model: resolved.append(self) or original(self, model)
+    )
+    args = ["generate", "-n", 2, "--steps", 2, "--ckpt", ckpt_path, "--backend", "torch", "--out-dir", tmp_path / "out"]
+    if job == "bulk":
+        (tmp_path / "prompts.txt").write_text("metal\nwood\n")
+        args += ["--prompts-file", tmp_path / "prompts.txt"]
+    else:
+        args += ["metal", "-o", tmp_path / "grid.png"]
+    result = run(*args)
+    assert result.exit_code == 0, result.output
+    assert len(resolved) == 1
+    png = Image.open(sorted((tmp_path / "out").glob("*.png"))[0])
+    assert png.text["guidance"] == "4.0" and png.text["sampler"] == "dpmpp-2m order 2, linspace"

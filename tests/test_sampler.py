@@ -194,3 +194,19 @@ def test_coefficients_are_float64_exact_for_order1():
     b = np.sqrt(abar1) - a * np.sqrt(abar0)
     assert coefficients[0].a == pytest.approx(a, rel=1e-12)
     assert coefficients[0].b == pytest.approx(b, rel=1e-12)
+
+
+def test_a_sampler_is_one_registry_entry(monkeypatch, model):
+    """A sampler registered in SAMPLERS alone runs through generate and is recorded by name:
+    here DDIM, which is DPM-Solver++ at first order."""
+    from glyph_engine.backends.pytorch import TorchBackend
+    from glyph_engine.samplers import Sampler
+    from glyph_engine.session import Session
+    from glyph_engine.settings import GenerationSettings
+
+    monkeypatch.setitem(SAMPLERS, "ddim", Sampler("ddim", "DDIM", 1, True, "DDIMScheduler", dpmpp_coefficients))
+    session = Session(model, TorchBackend(model, device="cpu"))
+    ddim = session.generate(["metal"], 2, GenerationSettings(steps=4, sampler=SamplerConfig(name="ddim")))
+    order1 = session.generate(["metal"], 2, GenerationSettings(steps=4, sampler=SamplerConfig(order=1)))
+    torch.testing.assert_close(ddim.images, order1.images, rtol=0, atol=0)
+    assert session.metadata(ddim)["sampler"] == "ddim order 1, linspace"

@@ -493,8 +493,31 @@ class FailingSession:
     class model:
         default_guidance = 4.0
 
+    def __init__(self):
+        self.settings = []
+
     def generate_requests(self, requests, settings):
+        self.settings.append(settings)
         raise GlyphEngineError("sampling produced NaN or infinite values in 1 of 1 images")
+
+
+def test_a_replica_samples_with_serves_settings_and_the_requests_steps_and_guidance():
+    from types import SimpleNamespace
+
+    from glyph_engine.schedule import SamplerConfig
+    from glyph_engine.serve.deployment import GlyphServer, ReplicaConfig
+    from glyph_engine.session import ModelSource
+    from glyph_engine.settings import GenerationSettings
+
+    session = FailingSession()
+    served = GenerationSettings(sampler=SamplerConfig(name="dpmpp-3m", order=2))
+    config = ReplicaConfig(source=ModelSource(), batch=BatchConfig(max_batch_images=8), token=None, settings=served)
+    with pytest.raises(GlyphEngineError):
+        GlyphServer.func_or_class._run(
+            SimpleNamespace(_session=session, _config=config), [Request("m", 1)], BatchKey(7, 3.0)
+        )
+    (settings,) = session.settings
+    assert (settings.sampler, settings.steps, settings.guidance, settings.batch_size) == (served.sampler, 7, 3.0, 8)
 
 
 @pytest.mark.parametrize(
