@@ -72,3 +72,19 @@ def test_test_helpers_live_in_tests_and_tests_import_no_test_module():
         if name.split(".")[0] in test_modules
     ]
     assert found == []
+
+
+# Backends load and run; building (openvino_build), gating (quality) and choosing
+# (backend_factory) sit above them, and the pipeline drives them, never the other way.
+@pytest.mark.parametrize(
+    "upper",
+    [
+        "glyph_engine.pipeline",
+        "glyph_engine.quality",
+        "glyph_engine.openvino_build",
+        "glyph_engine.backend_factory",
+        "glyph_engine.session",
+    ],
+)
+def test_backends_only_load_and_run(upper):
+    assert offenders(files("engine/backends"), upper) == []
