@@ -1,4 +1,4 @@
-"""The one interface every inference backend (PyTorch, ONNX Runtime, TensorRT) implements.
+"""The one interface every inference backend (PyTorch, ONNX Runtime, OpenVINO, TensorRT) implements.
 
 The pipeline and the sampler only ever see this: they never know which backend runs.
 """
@@ -17,7 +17,9 @@ class Backend(Protocol):
 
     name: str
     device: torch.device  # where the backend computes and leaves its outputs
-    precision: str  # the U-Net's compute precision: "fp32", "fp16", "bf16" or "int8"
+    # The U-Net's compute precision as it runs ("fp32", "fp16", "bf16" or "int8"), never merely
+    # the one asked for: PNG metadata and bench results record it (`glyph_engine.precision`).
+    precision: str
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """T5 encoder last hidden state, (P, L, D) float32, padded positions zeroed."""
