@@ -47,9 +47,10 @@ test-cpu-kinds: install-test
 bench: install-test
 	$(PYTHON) -m pytest --benchmark-only
 
-# Everything GPU-side in one pass on a GPU machine (bench/gpu_check.py), results in $(OUT);
-# elsewhere the CPU side of the op's parity sweep. No install step: the GPU machine has no
-# network; what it lacks is installed from wheels/ (make gpu-wheels).
+# Everything GPU-side in one pass on a GPU machine (bench/gpu_check.py, which runs the section
+# modules bench/gpu_*.py), results in $(OUT); elsewhere the CPU side of the op's parity sweep.
+# No install step: the GPU machine has no network; what it lacks is installed from wheels/
+# (make gpu-wheels).
 OUT ?= gpu-results
 gpu-check:
 	$(PYTHON) bench/gpu_check.py --out $(OUT)

@@ -1,6 +1,5 @@
 """The fused step op against the pure-PyTorch step it replaces (sampler.dpmpp_step)."""
 
-import itertools
 import math
 import shutil
 import subprocess
@@ -8,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from step_flags import FLAGS
 
 from glyph_engine import cpp_ext
 from glyph_engine.sampler import dpmpp_step, initial_noise, sample_dpmpp
@@ -21,7 +21,6 @@ pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ comp
 COEFFICIENTS = dpmpp_coefficients(ALPHAS_CUMPROD, 10)
 FIRST, SECOND = COEFFICIENTS[0], COEFFICIENTS[4]  # x_scale 157 at the first step: a hard case
 SHAPES = [(1, 1, 128, 128), (3, 1, 7, 5), (2, 3, 17, 33), (1,), (5,)]
-FLAGS = list(itertools.product([False, True], repeat=3))  # (order2, guided, clamp)
 # FP16 storage: the op computes in FP32 and rounds once; the reference runs on the same FP16
 # inputs upcast to FP32. They may differ by the final rounding: one FP16 ulp (2^-10 relative).
 TOLERANCE = {torch.float32: dict(rtol=1e-6, atol=1e-6), torch.float16: dict(rtol=1e-3, atol=1e-3)}
@@ -173,7 +172,7 @@ def test_second_order_step_needs_history():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("order2, guided, clamp", FLAGS)
+@pytest.mark.parametrize("guided, order2, clamp", FLAGS)
 def test_op_matches_reference(dtype, shape, order2, guided, clamp):
     check_flags("cpu", dtype, shape, order2, guided, clamp)
 
@@ -330,7 +329,7 @@ def cuda_op() -> None:
 @pytest.mark.usefixtures("cuda_op")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shape", [(128, 1, 128, 128), (3, 1, 7, 5), (1,), (5,), (257,), (1, 1, 129, 129)], ids=str)
-@pytest.mark.parametrize("order2, guided, clamp", FLAGS)
+@pytest.mark.parametrize("guided, order2, clamp", FLAGS)
 def test_cuda_op_matches_reference(dtype, shape, order2, guided, clamp):
     """Vector paths (element counts divisible by 4) and the scalar path (odd counts)."""
     check_flags("cuda", dtype, shape, order2, guided, clamp)
