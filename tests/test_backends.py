@@ -109,12 +109,13 @@ def test_torch_on_a_cpu_refuses_what_it_does_not_run(model, precision):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "precision, dtype", [("auto", torch.float16), ("fp16", torch.float16), ("fp32", torch.float32)]
+    "precision, ran, dtype",
+    [("auto", "fp16", torch.float16), ("fp16", "fp16", torch.float16), ("fp32", "fp32", torch.float32)],
 )
-def test_torch_on_a_gpu_runs_the_precision_asked(model, precision, dtype):
-    """--precision fp32 on a GPU was refused (it ran only on the openvino backend)."""
+def test_torch_on_a_gpu_runs_the_precision_asked(model, precision, ran, dtype):
+    """--precision fp16, what a GPU runs by default, was refused (as if only OpenVINO ran it)."""
     backend = create_backend("torch", model, precision=precision)
-    assert backend.device.type == "cuda" and backend.precision == Precision(precision).value.replace("auto", "fp16")
+    assert backend.device.type == "cuda" and backend.precision == ran
     assert next(backend.unet.parameters()).dtype == dtype
     x, text = torch.randn(2, *model.image_shape), torch.randn(2, 4, 64)
     assert backend.denoise(x, 500, text, torch.ones(2, 4, dtype=torch.long)).dtype == dtype
