@@ -53,9 +53,9 @@ def _validate(request: GenerateRequest) -> None:
     if not 1 <= request.num_images <= MAX_IMAGES:
         raise GlyphEngineError(f"-n must be from 1 to {MAX_IMAGES} glyphs per prompt (got {request.num_images}).")
     request.settings.validate()
+    request.source.check()
     if request.source.backend == BackendName.tensorrt:
         require_gpu()  # before loading anything
-    request.source.check()
     if request.out is None and request.out_dir is None:
         raise GlyphEngineError("nothing to write; give --out and/or --out-dir.")
     if request.out is not None:

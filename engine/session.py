@@ -17,6 +17,7 @@ from glyph_engine.export_manifest import default_export_dir
 from glyph_engine.images import png_bytes, to_uint8
 from glyph_engine.model import DEFAULT_CHECKPOINT, Glyffuser
 from glyph_engine.pipeline import Generation, Request, generate, generate_requests
+from glyph_engine.precision import choose
 from glyph_engine.settings import BackendName, GenerationSettings, Precision, ResolvedSettings
 
 
@@ -29,7 +30,7 @@ class ModelSource:
     backend: BackendName = BackendName.auto
     export_dir: Path | None = None  # None: beside the checkpoint
     cuda_graph: bool = False  # TensorRT only
-    precision: Precision = Precision.auto  # the U-Net's on a CPU (openvino backend)
+    precision: Precision = Precision.auto  # the U-Net's; each backend runs what it accepts (precision.RUNS)
     cache_dir: Path | None = None  # compiled models; None: default_cache_dir()
 
     def check(self) -> None:
@@ -44,6 +45,8 @@ class ModelSource:
                 f"checkpoint {self.ckpt} does not exist; pass a glyph-engine checkpoint (.pt) or a glyffuser "
                 "diffusers folder."
             )
+        if self.backend is BackendName.tensorrt:
+            choose(self.backend.value, "cuda", self.precision)  # its precisions are the same on every GPU
 
     # The defaults of the three paths, decided here only.
     @property

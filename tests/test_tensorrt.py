@@ -251,8 +251,8 @@ def test_tensorrt_takes_fp16_and_auto(model, tmp_path, precision):
         create_backend("tensorrt", model, tmp_path, precision=precision)
 
 
-@pytest.mark.gpu  # on a CPU, generate refuses --backend tensorrt for want of a GPU first
 def test_generate_refuses_tensorrt_fp32_in_one_line(ckpt_path, tmp_path):
+    """On any machine: the precision is refused before the GPU is looked for."""
     args = ["generate", "metal", "--ckpt", str(ckpt_path), "--backend", "tensorrt", "--precision", "fp32"]
     result = runner.invoke(app, [*args, "-o", str(tmp_path / "g.png")])
     assert result.exit_code == 2, result.output
