@@ -16,8 +16,7 @@ from typing import Any
 import torch
 from gpu_results import one_line
 
-# bench/'s one import of a backend module: see eager_backend.
-from glyph_engine.backends.pytorch import TorchBackend
+from glyph_engine.backends.base import Backend
 from glyph_engine.benchmark import BenchConfig, CountedBackend, timed, unet_flops_per_image
 from glyph_engine.checkpoint import load_model
 from glyph_engine.model import DEFAULT_CHECKPOINT, GLYFFUSER_UNET_CONFIG, Glyffuser, unet_parameter_count
@@ -89,10 +88,9 @@ def glyph_engine(model: Glyffuser, open_backend: Callable[[], Any], batch: int, 
     return make
 
 
-def eager_backend(model: Glyffuser) -> TorchBackend:
-    """The torch backend on CUDA without CUDA graphs, opened from its class: `create_backend`
-    (and so `Session`) has no way to turn torch's graphs off."""
-    return TorchBackend(model, device="cuda", cuda_graphs=False)
+def eager_backend(model: Glyffuser) -> Backend:
+    """The torch backend on CUDA without CUDA graphs (`--backend torch --no-cuda-graph`)."""
+    return Session.load(ModelSource(backend="torch", cuda_graph=False), model=model).backend
 
 
 def measure(system: System, batch: int, flops: int, peak: Callable[[str], MatmulPeak]) -> dict[str, Any]:

@@ -13,13 +13,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from step_flags import FLAGS
 from torch import Tensor
 
 from glyph_engine import cpp_ext
 from glyph_engine.sampler import dpmpp_step
 from glyph_engine.schedule import StepCoefficients, dpmpp_coefficients
 from glyph_engine.step import fused_dpmpp_step
+
+from step_flags import FLAGS
 
 GUIDANCE = 7.5
 CLAMP = (0.0, 1.0)

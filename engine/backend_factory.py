@@ -29,7 +29,7 @@ def create_backend(
     name: BackendName | str,
     model: Glyffuser,
     export_dir: Path | None = None,
-    use_cuda_graph: bool = False,
+    use_cuda_graph: bool | None = None,
     precision: Precision | str = Precision.auto,
     cache: ArtifactCache | None = None,
     progress: bool = False,
@@ -40,8 +40,9 @@ def create_backend(
     and the TensorRT engines. On a CPU, auto needs no export: the OpenVINO backend compiles
     the model for this CPU on first use into `cache` (None: the default cache folder).
     `precision` is the U-Net's (`glyph_engine.precision`: what each backend runs, and what
-    auto takes on each device); a backend refuses one it does not run. `progress` shows a bar
-    while building.
+    auto takes on each device); a backend refuses one it does not run. `use_cuda_graph`: replay
+    each batch shape from a CUDA graph on a GPU; None: the backend's default (torch: on,
+    TensorRT: off). `progress` shows a bar while building.
     """
     try:
         name = BackendName(name)
@@ -61,7 +62,7 @@ def create_backend(
     if name is BackendName.torch:
         from glyph_engine.backends.pytorch import TorchBackend
 
-        return TorchBackend(model, precision=precision)
+        return TorchBackend(model, precision=precision, cuda_graphs=use_cuda_graph is not False)
     if name is BackendName.onnxruntime:
         try:
             from glyph_engine.backends.onnx_runtime import OnnxRuntimeBackend
@@ -78,7 +79,7 @@ def create_backend(
 
         if export_dir is None:
             raise GlyphEngineError("the tensorrt backend needs an export folder (--export-dir).")
-        return TensorRTBackend(model, export_dir, use_cuda_graph, precision)
+        return TensorRTBackend(model, export_dir, bool(use_cuda_graph), precision)
     raise AssertionError(f"unhandled backend {name}")
 
 

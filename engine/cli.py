@@ -145,7 +145,13 @@ def generate(
     order: OrderOption = _SAMPLER.order,
     spacing: Annotated[Spacing, typer.Option(help="How timesteps are spread.")] = _SAMPLER.spacing,
     karras: Annotated[bool, typer.Option(help="Karras sigmas (more steps at low noise).")] = _SAMPLER.karras_sigmas,
-    cuda_graph: Annotated[bool, typer.Option(help="TensorRT: capture each batch shape in a CUDA graph.")] = False,
+    cuda_graph: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--cuda-graph/--no-cuda-graph",
+            help="On a GPU, replay each batch shape from a CUDA graph [default: on for torch, off for tensorrt].",
+        ),
+    ] = None,
     step_impl: Annotated[
         StepImpl,
         typer.Option(help="Sampler step: fused C++/CUDA op, or eager torch; auto: fused where the op is built."),

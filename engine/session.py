@@ -29,7 +29,7 @@ class ModelSource:
     text_encoder: str | None = None  # diffusers folders only
     backend: BackendName = BackendName.auto
     export_dir: Path | None = None  # None: beside the checkpoint
-    cuda_graph: bool = False  # TensorRT only
+    cuda_graph: bool | None = None  # CUDA graphs; None: the backend's default (torch on CUDA: on, TensorRT: off)
     precision: Precision = Precision.auto  # the U-Net's; each backend runs what it accepts (precision.RUNS)
     cache_dir: Path | None = None  # compiled models; None: default_cache_dir()
 

@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from step_flags import FLAGS
 
 from glyph_engine.step import fused_dpmpp_step
+
+from step_flags import FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_check.py"

@@ -88,3 +88,47 @@ def test_test_helpers_live_in_tests_and_tests_import_no_test_module():
 )
 def test_backends_only_load_and_run(upper):
     assert offenders(files("engine/backends"), upper) == []
+
+
+# What a script outside the package may use: the library as README documents it. The bench
+# scripts are held to it, so they measure what users run, not internals.
+PUBLIC_MODULES = {
+    "glyph_engine",
+    "glyph_engine.cpp_ext",
+    "glyph_engine.session",
+    "glyph_engine.settings",
+    "glyph_engine.samplers",
+    "glyph_engine.sampler",
+    "glyph_engine.schedule",
+    "glyph_engine.step",
+    "glyph_engine.backends.base",
+    "glyph_engine.benchmark",
+    "glyph_engine.peer",
+    "glyph_engine.timing",
+    "glyph_engine.checkpoint",
+    "glyph_engine.model",
+    "glyph_engine.cpu",
+    "glyph_engine.quality",
+    "glyph_engine.images",
+}
+
+
+def glyph_engine_imports(path: Path) -> list[tuple[str, str]]:
+    """(module, name) of every `from glyph_engine... import name` and `import glyph_engine...`."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("glyph_engine"):
+            found += [(node.module, alias.name) for alias in node.names]
+        elif isinstance(node, ast.Import):
+            found += [(alias.name, "") for alias in node.names if alias.name.startswith("glyph_engine")]
+    return found
+
+
+def test_bench_uses_only_the_public_api():
+    private = [
+        f"{p.relative_to(ROOT)}: {module} {name}".strip()
+        for p in files("bench")
+        for module, name in glyph_engine_imports(p)
+        if module not in PUBLIC_MODULES or name.startswith("_")
+    ]
+    assert private == []

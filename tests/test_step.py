@@ -12,6 +12,7 @@ from glyph_engine.cli import app
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.pipeline import generate
 from glyph_engine.sampler import dpmpp_step
+from glyph_engine.samplers import SAMPLERS
 from glyph_engine.settings import GenerationSettings, StepImpl
 
 OP = "glyph_engine::dpmpp_step"
@@ -64,11 +65,22 @@ def test_fused_and_eager_images_agree(model, guidance, clamp):
 def test_auto_picks_fused_only_on_a_device_the_op_is_built_for(monkeypatch):
     monkeypatch.setattr(cpp_ext, "status", lambda: {"cpu": "no C++ compiler", "cuda": None})
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    assert step.select_step("auto", cpu) == (dpmpp_step, StepImpl.torch)
-    assert step.select_step("auto", cuda) == (step.fused_dpmpp_step, StepImpl.fused)
+    two = SAMPLERS["dpmpp-2m"]
+    assert step.select_step("auto", cpu, two) == (dpmpp_step, StepImpl.torch)
+    assert step.select_step("auto", cuda, two) == (step.fused_dpmpp_step, StepImpl.fused)
     with pytest.raises(GlyphEngineError, match="not built for CPU .no C\\+\\+ compiler.*--step-impl torch"):
-        step.select_step("fused", cpu)
-    assert step.select_step("torch", cuda) == (dpmpp_step, StepImpl.torch)
+        step.select_step("fused", cpu, two)
+    assert step.select_step("torch", cuda, two) == (dpmpp_step, StepImpl.torch)
+
+
+def test_a_sampler_the_fused_op_does_not_cover_runs_the_eager_step(monkeypatch):
+    """DPM-Solver++(3M) steps use two previous x0; the op takes one: auto runs the eager step
+    where the op is built, and asking for the op is refused in one line."""
+    monkeypatch.setattr(cpp_ext, "status", lambda: {"cpu": None, "cuda": None})
+    three = SAMPLERS["dpmpp-3m"]
+    assert step.select_step("auto", torch.device("cpu"), three) == (dpmpp_step, StepImpl.torch)
+    with pytest.raises(GlyphEngineError, match="does not run --sampler dpmpp-3m"):
+        step.select_step("fused", torch.device("cuda", 0), three)
 
 
 def test_fused_on_a_device_without_the_op_is_a_one_line_error(ckpt_path, tmp_path, monkeypatch):
