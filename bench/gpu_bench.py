@@ -28,7 +28,7 @@ from glyph_engine.timing import MatmulPeak, matmul_peak
 from factories import T5_SMALL_CONFIG, make_glyffuser_folder, make_text_encoder_folder
 
 PROMPT = "metal"
-BENCH_STEPS = 20
+BENCH_STEPS = GenerationSettings.steps  # generate's default
 FULL_SIZE_GLYPHS = 64
 EMBEDDED_BATCHES = (64, 256, 1024)
 # Random weights carry no trained guidance scale; any scale other than 1 costs the same. The

@@ -15,7 +15,7 @@ from glyph_engine.session import ModelSource, Session
 from glyph_engine.settings import GenerationSettings, StepImpl
 
 OP = "glyph_engine::dpmpp_step"
-GENERATE_STEPS = 20
+GENERATE_STEPS = GenerationSettings.steps  # generate's default
 GENERATE_TOLERANCE = 2e-2  # pixels in [0, 1]; FP16 U-Net: one ulp of its input moves the path a little
 
 

@@ -65,7 +65,7 @@ def trajectory_calls(
     prompts: Sequence[str],
     per_prompt: int,
     seed: int,
-    steps: int = 20,
+    steps: int = GenerationSettings.steps,
     on_step: Callable[[], None] | None = None,
 ) -> list[UNetCall]:
     """Every U-Net call of a real generation (the model's default guidance and interval)."""

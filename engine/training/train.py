@@ -437,15 +437,16 @@ def mean_encoding(text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return text.sum(dim=1) / mask.sum(dim=1, keepdim=True)
 
 
-def write_samples(state: TrainState, workdir: Path, steps: int = 20) -> Path:
+def write_samples(state: TrainState, workdir: Path) -> Path:
     """A grid of 8 glyphs for each of a few prompts, with the model as it is now."""
     from glyph_engine.backends.pytorch import TorchBackend
     from glyph_engine.images import grid, save_png, to_uint8
-    from glyph_engine.pipeline import GenerationSettings, generate
+    from glyph_engine.pipeline import generate
+    from glyph_engine.settings import GenerationSettings
 
     with averaged_weights(state):
         model = to_glyffuser(state, str(workdir))
-        result = generate(model, TorchBackend(model), SAMPLE_PROMPTS, 8, GenerationSettings(steps=steps, seed=0))
+        result = generate(model, TorchBackend(model), SAMPLE_PROMPTS, 8, GenerationSettings(seed=0))
     path = workdir / "samples" / f"step_{state.step:06d}.png"
     path.parent.mkdir(exist_ok=True)
     save_png(grid(to_uint8(result.images), 8), path, {"prompts": SAMPLE_PROMPTS, "step": state.step})
