@@ -31,7 +31,7 @@ from glyph_engine.pipeline import generate, image_seeds
 from glyph_engine.sampler import initial_noise
 from glyph_engine.samplers import DEFAULT_SAMPLER
 from glyph_engine.schedule import SamplerConfig
-from glyph_engine.settings import GenerationSettings
+from glyph_engine.settings import GUIDANCE_OFF, GenerationSettings
 from glyph_engine.timing import matmul_peak, median_seconds
 
 PEER = "peer"  # the glyffuser's own loop
@@ -49,7 +49,7 @@ class BenchConfig:
     # The scale both glyph-engine and the peer run at. 1 (unguided): the published glyffuser
     # loop has no classifier-free guidance; any other scale doubles the peer's batch at every
     # step and glyph-engine's at the steps of the model's guidance interval.
-    guidance: float = 1.0
+    guidance: float = GUIDANCE_OFF
     samplers: tuple[str, ...] = (DEFAULT_SAMPLER,)  # glyph-engine's; the peer is diffusers' 2M
     repeats: int = 3  # timed runs per point (median reported)
     warmup: int = 1
@@ -146,7 +146,7 @@ def run_benchmark(
     points: list[Point] = []
     unet_only: list[dict[str, Any]] = []
     for batch in config.batch_sizes:
-        unet_batch = batch * (2 if config.guidance != 1.0 else 1)
+        unet_batch = batch * (2 if config.guidance != GUIDANCE_OFF else 1)
         unet_seconds = {}
         for name, backend in backends.items():
             report(f"{name}: U-Net alone, batch {unet_batch}")
@@ -300,7 +300,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"Guidance {guidance:g} for the peer and every backend"
         + (
             " (unguided)."
-            if guidance == 1.0
+            if guidance == GUIDANCE_OFF
             else ": the peer doubles its batch at every step, glyph-engine at the steps of the model's guidance "
             "interval."
         ),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,3 +192,15 @@ def _check_size(what: str, key: str, value: Any, low: int, high: int) -> None:
             f"the {what} config's {key} is {str(value)[:60]}, but glyph-engine serves {allowed}; "
             "the model file is damaged or not a glyffuser."
         )
+
+
+def placed(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """`module` on `device` in `dtype`: itself when already there, else a moved copy.
+
+    Never moves the module it was given: one loaded model serves several backends and the
+    peer (the benchmark builds a few side by side), and a cast in place would change them all.
+    """
+    tensors = [*module.parameters(), *module.buffers()]
+    if all(t.device == device and (t.dtype == dtype or not t.is_floating_point()) for t in tensors):
+        return module
+    return copy.deepcopy(module).to(device, dtype)

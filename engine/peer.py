@@ -16,14 +16,14 @@ it is what the peer is the yardstick for.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 
 import torch
 from diffusers import DPMSolverMultistepScheduler
 from torch import Tensor
 
-from glyph_engine.model import Glyffuser
+from glyph_engine.model import Glyffuser, placed
+from glyph_engine.settings import GUIDANCE_OFF
 
 # The published pipeline's tokenizer length, whatever the model's own limit.
 PUBLISHED_MAX_LENGTH = 256
@@ -46,15 +46,15 @@ class Peer:
         self.device = torch.device(device) if device is not None else next(model.unet.parameters()).device
         self.dtype = dtype
         self.precision = _PRECISIONS[dtype]
-        self.unet = _placed(model.unet, self.device, dtype)
-        self.text_encoder = _placed(model.text_encoder, self.device, torch.float32)
+        self.unet = placed(model.unet, self.device, dtype)
+        self.text_encoder = placed(model.text_encoder, self.device, torch.float32)
         schedule = {k: v for k, v in model.scheduler_config.items() if k in SCHEDULE_KEYS}
         self.scheduler = DPMSolverMultistepScheduler(**schedule)  # created once, as the pipeline does
 
     @staticmethod
     def unet_rows(batch: int, steps: int, guidance: float) -> int:
         """U-Net rows one `generate` runs: the batch at every step, doubled when guided."""
-        return batch * steps * (1 if guidance == 1.0 else 2)
+        return batch * steps * (1 if guidance == GUIDANCE_OFF else 2)
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[str], noise: Tensor, steps: int, guidance: float) -> Tensor:
@@ -64,7 +64,7 @@ class Peer:
         )
         mask = tokens.attention_mask.to(self.device)
         text = self.encode(tokens.input_ids.to(self.device), mask)
-        guided = guidance != 1.0
+        guided = guidance != GUIDANCE_OFF
         if guided:
             uncond_text, uncond_mask = self.unconditional(text.shape[1])
             text = torch.cat([uncond_text.expand_as(text), text])
@@ -96,11 +96,3 @@ class Peer:
         tokens = self.model.tokenizer([""], padding="max_length", max_length=length, return_tensors="pt")
         mask = tokens.attention_mask.to(self.device)
         return self.encode(tokens.input_ids.to(self.device), mask), mask
-
-
-def _placed(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """`module` itself when its weights are on `device` in `dtype`, else an eval copy there."""
-    weight = next(module.parameters())
-    if weight.device == device and weight.dtype == dtype:
-        return module
-    return copy.deepcopy(module).to(device, dtype).eval()

@@ -6,9 +6,10 @@ import torch
 
 import glyph_engine.backend_factory as backend_factory
 from glyph_engine.backend_factory import create_backend
-from glyph_engine.backends.pytorch import TorchBackend, _placed
+from glyph_engine.backends.pytorch import TorchBackend
 from glyph_engine.cpu import CpuInfo
 from glyph_engine.errors import GlyphEngineError
+from glyph_engine.model import placed
 from glyph_engine.pipeline import encode_prompts, generate
 from glyph_engine.precision import RUNS, choose, cpu_auto, gpu_auto
 from glyph_engine.settings import BackendName, GenerationSettings, Precision
@@ -140,10 +141,10 @@ def test_denoise_shape_and_dtype(model):
 def test_backend_never_changes_the_model_it_was_given(model):
     """One model serves several backends (the benchmark builds a few): a cast in place
     would leave the peer running on the other backend's dtype. (On a CPU the backend runs
-    FP32 only, so the cast it makes for a GPU is checked on the CPU through `_placed`.)"""
+    FP32 only, so the cast it makes for a GPU is checked on the CPU through `model.placed`.)"""
     before = {name: (p.dtype, p.device) for name, p in model.unet.named_parameters()}
-    placed = _placed(model.unet, torch.device("cpu"), torch.float16)
-    assert next(placed.parameters()).dtype == torch.float16
+    copy = placed(model.unet, torch.device("cpu"), torch.float16)
+    assert next(copy.parameters()).dtype == torch.float16
     assert {name: (p.dtype, p.device) for name, p in model.unet.named_parameters()} == before
     assert TorchBackend(model, device="cpu").unet is model.unet  # nothing to change: no copy
 

@@ -1,6 +1,7 @@
 """The embedded default model: a fresh install draws glyphs with no --ckpt."""
 
 import numpy as np
+import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -21,6 +22,7 @@ def test_embedded_checkpoint_ships_within_budget():
     assert model.center_noise  # see test_centered_noise_draws_no_broken_samples
 
 
+@pytest.mark.slow  # about 25 s (64 glyphs of the embedded model): in `make test-slow`, which CI runs too
 def test_centered_noise_draws_no_broken_samples():
     """The broken samples came from initial noise with a clearly negative mean (all of them
     below -0.048, i.e. 1.5 standard deviations): the model does not correct it and draws

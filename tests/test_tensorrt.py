@@ -126,6 +126,7 @@ def test_static_batch_profile(trt, onnx_export):
     assert profile["sample"] == [[8, 1, 32, 32]] * 3
 
 
+@pytest.mark.slow  # about 17 s (a TensorRT-RTX build; the library path is tested above): in `make test-slow`
 @pytest.mark.tensorrt
 def test_export_cli_builds_engines(ckpt_path, tmp_path):
     out = tmp_path / "export"

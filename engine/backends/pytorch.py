@@ -2,29 +2,15 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import Tensor
 
 from glyph_engine.cuda_graphs import Capturer, CudaCapturer, GraphedUNet, guarded
-from glyph_engine.model import Glyffuser
+from glyph_engine.model import Glyffuser, placed
 from glyph_engine.precision import choose
 from glyph_engine.settings import Precision
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-
-
-def _placed(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """`module` on `device` in `dtype`: itself when already there, else a moved copy.
-
-    Never moves the module it was given: one loaded model serves several backends (the
-    benchmark builds a few side by side), and a cast in place would change them all.
-    """
-    tensors = [*module.parameters(), *module.buffers()]
-    if all(t.device == device and (t.dtype == dtype or not t.is_floating_point()) for t in tensors):
-        return module
-    return copy.deepcopy(module).to(device, dtype)
 
 
 class TorchBackend:
@@ -53,11 +39,11 @@ class TorchBackend:
         # overflows in FP16).
         self.precision = choose(self.name, self.device.type, precision).value
         self.dtype = DTYPES[self.precision]
-        unet = _placed(model.unet, self.device, self.dtype)
+        unet = placed(model.unet, self.device, self.dtype)
         if self.device.type == "cuda" and unet is not model.unet:  # a copy: its layout is ours to change
             unet = unet.to(memory_format=torch.channels_last)
         self.unet = unet
-        self.text_encoder = _placed(model.text_encoder, self.device, torch.float32)
+        self.text_encoder = placed(model.text_encoder, self.device, torch.float32)
         if capturer is None and self.device.type == "cuda" and cuda_graphs:
             capturer = CudaCapturer(self.device)
         self.graphs = GraphedUNet(self._unet, capturer) if capturer is not None else None
