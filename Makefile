@@ -24,7 +24,7 @@ install-test: system-data
 	$(PIP) install --quiet -e '.[dev,tensorrt-rtx]'
 
 # The default run, kept under 10 minutes on 2 cores; the long tests (the full-size 131M model's,
-# int8 calibration, 1000 steps, a Ray chunk lost 4 times, the embedded model's broken samples, the export CLI's TensorRT build) are `make test-slow` (about 5 minutes more), the CPU-kind runs `make test-cpu-kinds`. CI (.ci/run)
+# int8 calibration, 1000 steps, Ray chunks lost, the embedded model's broken samples, TensorRT-RTX builds) are `make test-slow` (about 6 minutes more), the CPU-kind runs `make test-cpu-kinds`. CI (.ci/run)
 # runs all three.
 test: install-test
 	$(PYTHON) -m pytest -m "not slow"

@@ -328,6 +328,7 @@ def processes_marked(marker: str) -> list[psutil.Process]:
     return found
 
 
+@pytest.mark.slow  # about 25 s (Ray workers start twice): in `make test-slow`, which CI runs too
 @pytest.mark.ray
 def test_ray_workers_redo_a_killed_workers_chunk(tmp_path, ckpt_path):
     pytest.importorskip("ray")

@@ -85,6 +85,7 @@ def test_text_encoder_network_keeps_wo_fp32(trt, onnx_export):
     assert counts == {"MATRIX_MULTIPLY:FLOAT": layers, "MATRIX_MULTIPLY:HALF": counts["MATRIX_MULTIPLY:HALF"]}
 
 
+@pytest.mark.slow  # about 30 s (TensorRT-RTX builds twice): in `make test-slow`, which CI runs too
 @pytest.mark.tensorrt
 def test_ahead_of_time_build_and_reuse(trt, onnx_export):
     if not trt.ahead_of_time:
