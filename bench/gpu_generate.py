@@ -12,10 +12,10 @@ from torch.profiler import ProfilerActivity, profile
 from glyph_engine.checkpoint import load_model
 from glyph_engine.model import DEFAULT_CHECKPOINT
 from glyph_engine.session import ModelSource, Session
-from glyph_engine.settings import GenerationSettings, StepImpl
+from glyph_engine.settings import DEFAULT_STEPS, GenerationSettings, StepImpl
 
 OP = "glyph_engine::dpmpp_step"
-GENERATE_STEPS = GenerationSettings.steps  # generate's default
+GENERATE_STEPS = DEFAULT_STEPS  # generate's default for a teacher
 GENERATE_TOLERANCE = 2e-2  # pixels in [0, 1]; FP16 U-Net: one ulp of its input moves the path a little
 
 

@@ -17,13 +17,13 @@ import torch
 from glyph_engine.checkpoint import load_model
 from glyph_engine.model import DEFAULT_CHECKPOINT
 from glyph_engine.peer import Peer
-from glyph_engine.settings import GenerationSettings
+from glyph_engine.settings import DEFAULT_STEPS
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("-n", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=GenerationSettings.steps)
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--prompt", default="metal")
     parser.add_argument("--guidance", type=float, default=None, help="default: the checkpoint's, as generate")
     args = parser.parse_args()

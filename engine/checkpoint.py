@@ -30,8 +30,9 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.files import atomic_path, check_writable_file, sha256_file, zip_damage
-from glyph_engine.model import DEFAULT_TEXT_ENCODER, Glyffuser, image_shape_of, validate_configs
-from glyph_engine.settings import check_guidance, valid_interval
+from glyph_engine.model import DEFAULT_TEXT_ENCODER, Glyffuser, embeds_guidance, image_shape_of, validate_configs
+from glyph_engine.schedule import SamplerConfig
+from glyph_engine.settings import GenerationSettings, check_guidance, valid_interval
 
 if TYPE_CHECKING:  # building these imports diffusers and transformers' models: only on first use
     from diffusers import UNet2DConditionModel
@@ -98,6 +99,10 @@ def load_checkpoint(path: Path) -> Glyffuser:
         interval = payload.get("guidance_interval")  # optional: absent before guidance intervals
         center_noise = bool(payload.get("center_noise", False))  # optional: absent before it
         guidance_interval = None if interval is None else (float(interval[0]), float(interval[1]))
+        # Optional: a distilled student's own sampling defaults.
+        default_steps = _optional(payload.get("default_steps"), int)
+        default_sampler = _optional(payload.get("default_sampler"), str)
+        default_order = _optional(payload.get("default_order"), int)
         metadata = dict(payload.get("metadata", {}))
     except (KeyError, IndexError, TypeError, ValueError) as e:
         raise GlyphEngineError(f"{path} is an incomplete glyph-engine checkpoint (bad or missing field {e}).") from None
@@ -109,6 +114,7 @@ def load_checkpoint(path: Path) -> Glyffuser:
             f"{path} has guidance interval {guidance_interval}; it must be two noise levels 0 <= low < high. "
             "The checkpoint is damaged or was written wrongly: re-create it."
         )
+    _check_sampling_defaults(path, default_steps, default_sampler, default_order)
     validate_configs(unet_config, text_config, scheduler_config)
     tokenizer = tokenizer_from_files(tokenizer_files, str(path))  # small: checked before the big parts
     return Glyffuser(
@@ -126,9 +132,32 @@ def load_checkpoint(path: Path) -> Glyffuser:
         clamp_x0=clamp_x0,
         guidance_interval=guidance_interval,
         center_noise=center_noise,
+        guidance_embedding=embeds_guidance(unet_config),
+        default_steps=default_steps,
+        default_sampler=default_sampler,
+        default_order=default_order,
         max_text_length=max_length,
         metadata=metadata,
     )
+
+
+def _optional(value: Any, kind: type) -> Any:
+    return None if value is None else kind(value)
+
+
+def _check_sampling_defaults(path: Path, steps: int | None, sampler: str | None, order: int | None) -> None:
+    """A student's recorded defaults must be ones `generate` accepts (steps within the schedule
+    are checked when settings are resolved against the model)."""
+    try:
+        GenerationSettings(
+            steps=steps,
+            sampler=SamplerConfig(name=sampler or SamplerConfig.name, order=order),
+        ).validate()
+    except GlyphEngineError as e:
+        raise GlyphEngineError(
+            f"{path} records sampling defaults generate cannot use ({e}) The checkpoint is damaged or was written "
+            "by another version: re-create it."
+        ) from None
 
 
 def _json_object(text: str) -> dict[str, Any]:
@@ -232,6 +261,9 @@ def save_checkpoint(model: Glyffuser, path: str | Path, dtype: torch.dtype | Non
         "clamp_x0": bool(model.clamp_x0),
         "guidance_interval": None if model.guidance_interval is None else [float(v) for v in model.guidance_interval],
         "center_noise": bool(model.center_noise),
+        "default_steps": model.default_steps,
+        "default_sampler": model.default_sampler,
+        "default_order": model.default_order,
         "metadata": dict(model.metadata),
     }
     path = Path(path)
@@ -390,6 +422,7 @@ def load_diffusers_folder(folder: Path, text_encoder: str = DEFAULT_TEXT_ENCODER
         alphas_cumprod=_alphas_cumprod(scheduler_config),
         source=str(folder),
         sha256=source_sha256(folder, text_encoder),
+        guidance_embedding=embeds_guidance(unet.config),
         metadata={"converted_from": str(folder), "text_encoder": text_encoder},
     )
 

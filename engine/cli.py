@@ -15,7 +15,7 @@ from glyph_engine import __version__
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.samplers import SAMPLERS, SamplerName
 from glyph_engine.schedule import SamplerConfig, Spacing
-from glyph_engine.settings import BackendName, GenerationSettings, Precision, StepImpl
+from glyph_engine.settings import DEFAULT_STEPS, BackendName, GenerationSettings, Precision, StepImpl
 
 app = typer.Typer(
     name="glyph-engine",
@@ -110,7 +110,12 @@ SamplerOption = Annotated[
 OrderOption = Annotated[
     Optional[int], typer.Option(help="Lower the solver order (1 is DDIM-like) [default: the sampler's own].")
 ]
-StepsOption = Annotated[int, typer.Option(help="Sampler steps; 20 looks good, 10 is usable.")]
+StepsOption = Annotated[
+    Optional[int],
+    typer.Option(
+        help=f"Sampler steps [default: the checkpoint's; {DEFAULT_STEPS} for a glyffuser, where 10 is usable]."
+    ),
+]
 
 
 @app.command()

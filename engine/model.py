@@ -108,6 +108,14 @@ class Glyffuser:
     # Default for GenerationSettings.guidance_interval: guide only at noise levels in (low, high].
     guidance_interval: tuple[float, float] | None = None
     center_noise: bool = False  # default for GenerationSettings.center_noise
+    # A distilled student (`glyph-engine distill`): its U-Net takes the guidance scale as an
+    # input (config class_embed_type "timestep", fed `guidance_labels`), so each step is one
+    # pass with no unconditional half; read from the U-Net's config.
+    guidance_embedding: bool = False
+    # The student's own sampling defaults; None: GenerationSettings' (20 steps, dpmpp-2m, its order).
+    default_steps: int | None = None
+    default_sampler: str | None = None
+    default_order: int | None = None
     max_text_length: int = MAX_TEXT_LENGTH
     metadata: dict[str, str] = field(default_factory=dict)  # free-form notes from the file
 
@@ -159,6 +167,12 @@ def validate_configs(
     hid_type = unet_config.get("encoder_hid_dim_type")
     if hid_type not in (None, "text_proj"):
         raise GlyphEngineError(f"encoder_hid_dim_type={hid_type!r} is not supported (use 'text_proj' or none).")
+    class_type = unet_config.get("class_embed_type")
+    if class_type not in (None, "timestep"):
+        raise GlyphEngineError(
+            f"class_embed_type={class_type!r} is not supported (none, or 'timestep': a distilled student's "
+            "guidance input)."
+        )
     add_type = unet_config.get("addition_embed_type")
     if add_type not in (None, "text"):
         raise GlyphEngineError(f"addition_embed_type={add_type!r} is not supported (use 'text' or none).")
@@ -204,3 +218,20 @@ def placed(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) ->
     if all(t.device == device and (t.dtype == dtype or not t.is_floating_point()) for t in tensors):
         return module
     return copy.deepcopy(module).to(device, dtype)
+
+
+# Guidance scales are a few units; the U-Net's sinusoidal timestep features are laid out for
+# values up to ~1000, so the scale is stretched before it is embedded (fixed: a student is
+# trained with it).
+GUIDANCE_EMBED_SCALE = 100.0
+
+
+def guidance_labels(guidance: torch.Tensor | float, batch: int, device: torch.device | str) -> torch.Tensor:
+    """The `class_labels` a guidance-embedding U-Net takes: (batch,) float32."""
+    value = torch.as_tensor(guidance, dtype=torch.float32, device=device) * GUIDANCE_EMBED_SCALE
+    return value.expand(batch) if value.dim() == 0 else value
+
+
+def embeds_guidance(unet_config: Mapping[str, Any]) -> bool:
+    """Whether a U-Net with this config takes the guidance scale as its class label."""
+    return unet_config.get("class_embed_type") == "timestep"

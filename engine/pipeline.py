@@ -62,20 +62,24 @@ def unconditional_text(model: Glyffuser, backend: Backend, like: Tensor) -> tupl
     return backend.encode_text(input_ids, mask), mask.to(like.device)
 
 
-def _predictor(backend: Backend, text: Tensor, mask: Tensor, guided_at: set[int]) -> Predictor:
+def _predictor(
+    backend: Backend, text: Tensor, mask: Tensor, guided_at: set[int], guidance_input: float | None = None
+) -> Predictor:
     """The sampler's view of the backend: x, t -> (eps_cond, eps_uncond or None).
 
     At timesteps in `guided_at`, `text` and `mask` hold the unconditional rows first, then
     the conditional, and one U-Net call runs both; elsewhere the conditional rows run alone.
+    `guidance_input`: a distilled student's scale, fed to its U-Net (one pass, already guided).
     """
     rows = mask.shape[0] // 2 if guided_at else mask.shape[0]  # the conditional rows
     cond_text, cond_mask = text[-rows:], mask[-rows:]
+    student = {} if guidance_input is None else {"guidance": guidance_input}
 
     def predict(x: Tensor, t: int) -> tuple[Tensor, Tensor | None]:
         if t in guided_at:
             eps_uncond, eps_cond = backend.denoise(torch.cat([x, x]), t, text, mask).chunk(2)
             return eps_cond, eps_uncond
-        return backend.denoise(x, t, cond_text, cond_mask), None
+        return backend.denoise(x, t, cond_text, cond_mask, **student), None
 
     return predict
 
@@ -176,11 +180,13 @@ def sample_rows(
     noise = initial_noise(seeds, model.image_shape)
     if settings.center_noise:
         noise = noise - noise.mean(dim=tuple(range(1, noise.dim())), keepdim=True)
-    if settings.guided:
+    # A distilled student takes the scale as an input: no unconditional pass at all.
+    two_passes = settings.guided and not model.guidance_embedding
+    if two_passes:
         uncond_text, uncond_mask = unconditional_text(model, backend, text[:1])
 
     coefficients = settings.sampler.coefficients(model.alphas_cumprod, settings.steps, settings.schedule)
-    guided_at = guided_timesteps(coefficients, settings.guidance_interval) if settings.guided else set()
+    guided_at = guided_timesteps(coefficients, settings.guidance_interval) if two_passes else set()
     step, step_impl = select_step(settings.step_impl, backend.device, settings.sampler)
     clamp = model.pixel_range if settings.clamp_x0 else None
     batch = settings.batch_size or total
@@ -193,7 +199,9 @@ def sample_rows(
             # One U-Net call per guided step: [unconditional; conditional].
             cond_text = torch.cat([uncond_text.expand(b, -1, -1), cond_text])
             cond_mask = torch.cat([uncond_mask.expand(b, -1), cond_mask])
-        predict = _predictor(backend, cond_text, cond_mask, guided_at)
+        predict = _predictor(
+            backend, cond_text, cond_mask, guided_at, settings.guidance if model.guidance_embedding else None
+        )
         x = noise[start : start + b].to(backend.device, torch.float32)
         x = sample_dpmpp(
             predict,

@@ -65,10 +65,10 @@ def trajectory_calls(
     prompts: Sequence[str],
     per_prompt: int,
     seed: int,
-    steps: int = GenerationSettings.steps,
+    steps: int | None = None,
     on_step: Callable[[], None] | None = None,
 ) -> list[UNetCall]:
-    """Every U-Net call of a real generation (the model's default guidance and interval)."""
+    """Every U-Net call of a real generation (the model's default steps, guidance and interval)."""
     recorder = _Recorder(backend)
     generate(model, recorder, list(prompts), per_prompt, GenerationSettings(steps=steps, seed=seed), on_step=on_step)
     return recorder.calls

@@ -51,7 +51,7 @@ class StepImpl(str, enum.Enum):
 class GenerationSettings:
     """How to sample: the one definition of `generate`'s sampling options and their defaults."""
 
-    steps: int = 20  # the glyffuser author's choice; 10 is usable, 50 barely better
+    steps: int | None = None  # None: the checkpoint's (a distilled student's few), else DEFAULT_STEPS
     guidance: float | None = None  # None: the checkpoint's default; 1.0 skips the unconditional pass
     seed: int = 0
     batch_size: int | None = None  # images per U-Net call (x2 with guidance); None: all at once
@@ -69,7 +69,7 @@ class GenerationSettings:
 
     def validate(self) -> None:
         """Refuses settings that cannot give a picture, before any model is loaded."""
-        if self.steps < 1:
+        if self.steps is not None and self.steps < 1:
             raise GlyphEngineError(f"--steps must be at least 1 (got {self.steps}).")
         if self.guidance is not None:
             check_guidance(self.guidance, "--guidance")
@@ -93,14 +93,18 @@ class GenerationSettings:
         """These settings checked against `model`, with its defaults filled in: what one
         generation runs with and records. Call once per run; everything downstream reads it."""
         self.validate()
+        steps = self.steps or model.default_steps or DEFAULT_STEPS
         max_steps = len(model.alphas_cumprod)
-        if self.steps > max_steps:
+        if steps > max_steps:
             raise GlyphEngineError(f"--steps must be at most {max_steps}, the model's training timesteps.")
         sampler = get_sampler(self.sampler.name)
+        # A student's own order (DDIM for one trained by progressive distillation) applies to
+        # the sampler it was trained for.
+        own_order = model.default_order if model.default_sampler in (None, sampler.name) else None
         guidance = model.default_guidance if self.guidance is None else self.guidance
         interval = model.guidance_interval if self.guidance_interval is None else self.guidance_interval
         return ResolvedSettings(
-            steps=self.steps,
+            steps=steps,
             guidance=guidance,
             guidance_interval=interval if guidance != GUIDANCE_OFF else None,
             seed=self.seed,
@@ -109,7 +113,7 @@ class GenerationSettings:
             # "leading" spacing is offset as the model's own training scheduler says.
             schedule=replace(
                 self.sampler,
-                order=self.sampler.order or sampler.order,
+                order=self.sampler.order or own_order or sampler.order,
                 steps_offset=int(model.scheduler_config.get("steps_offset", 0)),
             ),
             clamp_x0=model.clamp_x0 if self.clamp_x0 is None else self.clamp_x0,
@@ -124,6 +128,7 @@ def resolved(settings: GenerationSettings | ResolvedSettings, model: Glyffuser) 
     return settings if isinstance(settings, ResolvedSettings) else settings.resolve(model)
 
 
+DEFAULT_STEPS = 20  # the glyffuser author's choice; 10 is usable, 50 barely better
 GUIDANCE_OFF = 1.0  # the guided prediction equals the conditional one: the unconditional pass is skipped
 
 

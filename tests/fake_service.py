@@ -25,6 +25,7 @@ def fake_generation(request: Request) -> Generation:
 
 class FakeService:
     max_steps = 1000
+    default_steps = 20
 
     def __init__(self) -> None:
         self.calls: list[tuple[Request, BatchKey]] = []

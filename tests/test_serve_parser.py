@@ -75,7 +75,7 @@ def check_within_limits(parsed: GenerateBody) -> None:
     assert isinstance(parsed.prompt, str) and 1 <= len(parsed.prompt) <= MAX_PROMPT_CHARS
     assert any(c.isprintable() and not c.isspace() for c in parsed.prompt)
     assert type(parsed.n) is int and 1 <= parsed.n <= MAX_IMAGES
-    assert type(parsed.steps) is int and 1 <= parsed.steps <= MAX_STEPS
+    assert parsed.steps is None or (type(parsed.steps) is int and 1 <= parsed.steps <= MAX_STEPS)  # None: the model's
     assert parsed.guidance is None or (math.isfinite(parsed.guidance) and 0 <= parsed.guidance <= MAX_GUIDANCE)
     assert type(parsed.seed) is int and 0 <= parsed.seed <= MAX_SEED
 

@@ -25,10 +25,12 @@ class Backend(Protocol):
         """T5 encoder last hidden state, (P, L, D) float32, padded positions zeroed."""
         ...
 
-    def denoise(self, x: Tensor, timestep: int, text: Tensor, mask: Tensor) -> Tensor:
+    def denoise(self, x: Tensor, timestep: int, text: Tensor, mask: Tensor, guidance: float | None = None) -> Tensor:
         """Noise prediction eps for images x (B, C, H, W) at one timestep.
 
         `text` is (B, L, D) and `mask` (B, L) with 1 for real tokens; the output has x's
-        shape, in the backend's compute dtype.
+        shape, in the backend's compute dtype. `guidance`: the scale, for a distilled
+        student's U-Net that takes it as an input (`Glyffuser.guidance_embedding`; only the
+        torch backend feeds it so far), None otherwise.
         """
         ...

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from glyph_engine.cuda_graphs import Capturer, CudaCapturer, GraphedUNet, guarded
-from glyph_engine.model import Glyffuser, placed
+from glyph_engine.model import Glyffuser, guidance_labels, placed
 from glyph_engine.precision import choose
 from glyph_engine.settings import Precision
 
@@ -46,7 +46,10 @@ class TorchBackend:
         self.text_encoder = placed(model.text_encoder, self.device, torch.float32)
         if capturer is None and self.device.type == "cuda" and cuda_graphs:
             capturer = CudaCapturer(self.device)
-        self.graphs = GraphedUNet(self._unet, capturer) if capturer is not None else None
+        # A student's guidance input is not among a graph's buffers: it runs eagerly.
+        self.embeds_guidance = model.guidance_embedding
+        graphed = capturer is not None and not self.embeds_guidance
+        self.graphs = GraphedUNet(self._unet, capturer) if graphed else None
 
     @torch.inference_mode()
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -54,14 +57,26 @@ class TorchBackend:
         hidden = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return hidden * attention_mask.unsqueeze(-1).to(hidden.dtype)
 
-    def _unet(self, x: Tensor, timesteps: Tensor, text: Tensor, mask: Tensor) -> Tensor:
-        return self.unet(x, timesteps, encoder_hidden_states=text, encoder_attention_mask=mask, return_dict=False)[0]
+    def _unet(self, x: Tensor, timesteps: Tensor, text: Tensor, mask: Tensor, labels: Tensor | None = None) -> Tensor:
+        return self.unet(
+            x,
+            timesteps,
+            encoder_hidden_states=text,
+            encoder_attention_mask=mask,
+            class_labels=labels,
+            return_dict=False,
+        )[0]
 
     @torch.inference_mode()
-    def denoise(self, x: Tensor, timestep: int, text: Tensor, mask: Tensor) -> Tensor:
+    def denoise(self, x: Tensor, timestep: int, text: Tensor, mask: Tensor, guidance: float | None = None) -> Tensor:
         x = x.to(self.device, self.dtype)
         # A tensor, not a Python int: a captured graph reads the timestep from its buffer.
         timesteps = torch.full((x.shape[0],), timestep, dtype=torch.long, device=self.device)
         text, mask = text.to(self.device, self.dtype), mask.to(self.device)
+        if self.embeds_guidance:
+            if guidance is None:
+                raise ValueError("this U-Net takes the guidance scale as an input; pass guidance")
+            labels = guidance_labels(guidance, x.shape[0], self.device)
+            return guarded(lambda: self._unet(x, timesteps, text, mask, labels), x.shape[0])
         run = self.graphs or self._unet
         return guarded(lambda: run(x, timesteps, text, mask), x.shape[0])

@@ -27,7 +27,7 @@ from glyph_engine.errors import GlyphEngineError
 from glyph_engine.pipeline import Generation
 from glyph_engine.pipeline import Request as GlyphRequest
 from glyph_engine.serve.batcher import BatchKey, GuidanceTooStrong, Overloaded
-from glyph_engine.settings import MAX_GUIDANCE, GenerationSettings
+from glyph_engine.settings import MAX_GUIDANCE
 from glyph_engine.text import check_prompts
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,9 @@ class GenerateBody(BaseModel):
 
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description='An English definition, e.g. "metal".')
     n: int = Field(1, ge=1, le=MAX_IMAGES, description="Number of glyphs.")
-    steps: int = Field(GenerationSettings.steps, ge=1, description="Sampler steps; 20 looks good, 10 is usable.")
+    steps: int | None = Field(
+        None, ge=1, description="Sampler steps; null: the model's (20 for a glyffuser; a distilled student's few)."
+    )
     guidance: float | None = Field(
         None,
         ge=0,
@@ -66,6 +68,7 @@ class Service(Protocol):
     """What the API needs from a model server replica."""
 
     max_steps: int  # the model's training timesteps
+    default_steps: int  # what a request without steps gets
 
     def healthy(self) -> bool: ...
 
@@ -114,7 +117,7 @@ def _parse(body: bytes, max_steps: int) -> GenerateBody | JSONResponse:
         check_prompts([parsed.prompt])
     except GlyphEngineError as e:
         return error(422, f"invalid request: {e}")
-    if parsed.steps > max_steps:
+    if parsed.steps is not None and parsed.steps > max_steps:
         return error(422, f"invalid request: steps must be at most {max_steps}, the model's training timesteps.")
     return parsed
 
@@ -181,7 +184,7 @@ def build_app(service: Service, token: str | None) -> FastAPI:
         parsed = _parse(body, service.max_steps)
         if isinstance(parsed, JSONResponse):
             return parsed
-        key = BatchKey(parsed.steps, parsed.guidance)
+        key = BatchKey(parsed.steps or service.default_steps, parsed.guidance)
         try:
             result = await service.generate(GlyphRequest(parsed.prompt, parsed.n, parsed.seed), key)
         except Overloaded as e:

@@ -97,6 +97,8 @@ class GlyphServer:
         self._config = config
         self._batcher = Batcher(self._run, config.batch, RayMetrics())
         self.max_steps = self._session.max_steps
+        # A request without steps takes the model's (a distilled student's few), as generate does.
+        self.default_steps = config.settings.resolve(self._session.model).steps
 
     def __serve_build_asgi_app__(self):
         return build_app(self, self._config.token)

@@ -1,0 +1,124 @@
+"""A distilled student is a checkpoint like any other: its U-Net takes the guidance scale as an
+input (one pass per step, no unconditional half) and it records its own sampling defaults."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from PIL import Image
+from typer.testing import CliRunner
+
+from glyph_engine.backend_factory import create_backend
+from glyph_engine.backends.pytorch import TorchBackend
+from glyph_engine.checkpoint import load_model, save_checkpoint
+from glyph_engine.cli import app
+from glyph_engine.errors import GlyphEngineError
+from glyph_engine.pipeline import generate
+from glyph_engine.schedule import SamplerConfig
+from glyph_engine.settings import GenerationSettings
+
+STUDENT_STEPS = 4
+
+
+def student_of(teacher, class_embedding_zero: bool = True):
+    """The teacher's U-Net with a guidance input (class_embed_type "timestep"), every teacher
+    weight copied; with the input's last layer zeroed it predicts as the teacher's conditional."""
+    config = {**teacher.unet.config, "class_embed_type": "timestep"}
+    unet = UNet2DConditionModel.from_config(config)
+    missing, unexpected = unet.load_state_dict(teacher.unet.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("class_embedding.") for k in missing)
+    if class_embedding_zero:
+        torch.nn.init.zeros_(unet.class_embedding.linear_2.weight)
+        torch.nn.init.zeros_(unet.class_embedding.linear_2.bias)
+    return dataclasses.replace(
+        teacher,
+        unet_source=unet.eval(),
+        guidance_embedding=True,
+        default_steps=STUDENT_STEPS,
+        default_sampler="dpmpp-2m",
+        default_order=1,
+    )
+
+
+@pytest.fixture
+def student_path(model, tmp_path):
+    path = tmp_path / "student.pt"
+    save_checkpoint(student_of(model), path)
+    return path
+
+
+class Counting:
+    """A backend that records each U-Net call's batch and guidance input."""
+
+    def __init__(self, backend):
+        self.backend, self.calls = backend, []
+        self.name, self.device, self.precision = backend.name, backend.device, backend.precision
+
+    def encode_text(self, input_ids, attention_mask):
+        return self.backend.encode_text(input_ids, attention_mask)
+
+    def denoise(self, x, timestep, text, mask, **kwargs):
+        self.calls.append((x.shape[0], kwargs.get("guidance")))
+        return self.backend.denoise(x, timestep, text, mask, **kwargs)
+
+
+def test_a_student_round_trips_its_guidance_input_and_defaults(student_path):
+    student = load_model(student_path)
+    assert student.guidance_embedding
+    assert (student.default_steps, student.default_sampler, student.default_order) == (STUDENT_STEPS, "dpmpp-2m", 1)
+    resolved = GenerationSettings().resolve(student)
+    assert (resolved.steps, resolved.schedule.order) == (STUDENT_STEPS, 1)
+
+
+def test_a_student_runs_one_pass_per_step_fed_its_guidance(student_path, model):
+    """With its guidance input zeroed the student is the teacher's conditional half: its
+    glyphs are the teacher's unguided ones, from one U-Net pass of the batch per step."""
+    student = load_model(student_path)
+    counting = Counting(TorchBackend(student, device="cpu"))
+    ours = generate(student, counting, ["metal"], 3, GenerationSettings(guidance=4.0, seed=2))
+    assert counting.calls == [(3, 4.0)] * STUDENT_STEPS
+    teacher = generate(
+        model,
+        TorchBackend(model, device="cpu"),
+        ["metal"],
+        3,
+        GenerationSettings(steps=STUDENT_STEPS, guidance=1.0, seed=2, sampler=SamplerConfig(order=1)),
+    )
+    torch.testing.assert_close(ours.images, teacher.images, rtol=0, atol=1e-5)
+
+
+def test_the_guidance_input_changes_the_glyphs(model):
+    torch.manual_seed(0)
+    student = student_of(model, class_embedding_zero=False)
+    backend = TorchBackend(student, device="cpu")
+    low, high = (generate(student, backend, ["metal"], 2, GenerationSettings(guidance=g)).images for g in (1.0, 8.0))
+    assert (low - high).abs().max() > 1e-3
+
+
+def test_generate_records_the_students_defaults(student_path, tmp_path):
+    out = tmp_path / "glyphs"
+    args = ["generate", "metal", "-n", "2", "--ckpt", str(student_path), "-o", str(tmp_path / "g.png")]
+    result = CliRunner().invoke(app, [*args, "--out-dir", str(out)])
+    assert result.exit_code == 0, result.output
+    meta = Image.open(out / "0000.png").text
+    assert (meta["steps"], meta["sampler"], meta["backend"]) == (
+        str(STUDENT_STEPS),
+        "dpmpp-2m order 1, linspace",
+        "torch",
+    )
+    assert np.asarray(Image.open(out / "0000.png")).std() > 0
+
+
+@pytest.mark.parametrize("backend", ["openvino", "onnxruntime"])
+def test_backends_without_the_guidance_input_refuse_a_student_in_one_line(student_path, tmp_path, backend):
+    with pytest.raises(GlyphEngineError, match=f"distilled student.*--backend {backend} does not feed"):
+        create_backend(backend, load_model(student_path), tmp_path)
+
+
+def test_a_checkpoint_with_unusable_sampling_defaults_is_refused(model, tmp_path):
+    path = tmp_path / "bad.pt"
+    save_checkpoint(dataclasses.replace(student_of(model), default_order=5), path)
+    with pytest.raises(GlyphEngineError, match="sampling defaults generate cannot use"):
+        load_model(path)
