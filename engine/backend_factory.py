@@ -57,11 +57,6 @@ def create_backend(
     if name is BackendName.auto:
         name = BackendName(_fastest(model, export_dir))
         logger.info("backend auto: %s", name.value)
-    if model.guidance_embedding and name is not BackendName.torch:
-        raise GlyphEngineError(
-            f"{model.source} is a distilled student: its U-Net takes the guidance scale as an input, which "
-            f"--backend {name.value} does not feed yet; use --backend torch (auto picks it for a student)."
-        )
     if name is BackendName.openvino:
         return _openvino(model, precision, cache or ArtifactCache(default_cache_dir()), progress)
     if name is BackendName.torch:
@@ -107,8 +102,6 @@ def _fastest(model: Glyffuser, export_dir: Path | None) -> str:
     """TensorRT on a GPU when engines for it exist, else PyTorch. On a CPU, OpenVINO (built on
     first use, no export needed) where it is installed; else ONNX Runtime when the export's
     own measurement says it beats PyTorch; PyTorch otherwise."""
-    if model.guidance_embedding:
-        return "torch"  # the only backend that feeds a student's guidance input so far
     if torch.cuda.is_available():
         if export_dir is None or not export_dir.is_dir():
             return "torch"

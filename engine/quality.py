@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from glyph_engine.backends.base import Backend
-from glyph_engine.model import Glyffuser
+from glyph_engine.model import Glyffuser, guidance_labels
 from glyph_engine.pipeline import generate
 from glyph_engine.settings import GenerationSettings
 from glyph_engine.specs import unet_feed
@@ -36,12 +36,12 @@ class UNetCall:
     timestep: int
     text: Tensor
     mask: Tensor
+    guidance: float | None = None  # a distilled student's guidance input
 
     def as_numpy(self) -> dict[str, np.ndarray]:
         """The feed of an exported U-Net, as NNCF and ONNX Runtime take it."""
-        return {
-            name: value.numpy() for name, value in unet_feed(self.sample, self.timestep, self.text, self.mask).items()
-        }
+        feed = unet_feed(self.sample, self.timestep, self.text, self.mask, guidance=self.guidance)
+        return {name: value.numpy() for name, value in feed.items()}
 
 
 class _Recorder:
@@ -54,9 +54,10 @@ class _Recorder:
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         return self.inner.encode_text(input_ids, attention_mask)
 
-    def denoise(self, x: Tensor, timestep: int, text: Tensor, mask: Tensor) -> Tensor:
-        self.calls.append(UNetCall(x.float().cpu(), timestep, text.float().cpu(), mask.cpu()))
-        return self.inner.denoise(x, timestep, text, mask)
+    def denoise(self, x: Tensor, timestep: int, text: Tensor, mask: Tensor, guidance: float | None = None) -> Tensor:
+        self.calls.append(UNetCall(x.float().cpu(), timestep, text.float().cpu(), mask.cpu(), guidance))
+        student = {} if guidance is None else {"guidance": guidance}
+        return self.inner.denoise(x, timestep, text, mask, **student)
 
 
 def trajectory_calls(
@@ -90,9 +91,14 @@ def torch_unet(model: Glyffuser, dtype: torch.dtype = torch.float32) -> Callable
 
     @torch.inference_mode()
     def run(call: UNetCall) -> Tensor:
+        labels = None if call.guidance is None else guidance_labels(call.guidance, len(call.sample), "cpu")
         with torch.autocast("cpu", dtype, enabled=dtype != torch.float32):
             return model.unet(
-                call.sample, call.timestep, encoder_hidden_states=call.text, encoder_attention_mask=call.mask
+                call.sample,
+                call.timestep,
+                encoder_hidden_states=call.text,
+                encoder_attention_mask=call.mask,
+                class_labels=labels,
             ).sample.float()
 
     return run

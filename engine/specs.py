@@ -8,6 +8,7 @@ U-Net (`unet`):
     timestep                (batch,)         float32   training timestep, 0..999
     encoder_hidden_states   (batch, text_length, D) float32  T5 output, padded positions zero
     encoder_attention_mask  (batch, text_length) int64 1 for real tokens
+    guidance                (batch,)         float32   a distilled student's only: the guidance scale
     -> noise_pred           (batch, C, H, W) float32
 
 Text encoder (`text_encoder`):
@@ -80,6 +81,7 @@ UNET_INPUTS = (
     ("encoder_hidden_states", "float32"),
     ("encoder_attention_mask", "int64"),
 )
+GUIDANCE_INPUT = ("guidance", "float32")  # a distilled student's (Glyffuser.guidance_embedding)
 UNET_OUTPUT = "noise_pred"
 TEXT_ENCODER_INPUTS = (("input_ids", "int64"), ("attention_mask", "int64"))
 TEXT_ENCODER_OUTPUT = "text_embeddings"
@@ -96,20 +98,21 @@ def unet_spec(model: Glyffuser, max_images: int, opt_images: int, max_text_lengt
     channels, height, width = model.image_shape
     dim = model.text_encoder.config.d_model
 
+    inputs = unet_inputs(model.guidance_embedding)
+
     def make_inputs(sizes: Sizes, gen: torch.Generator) -> dict[str, torch.Tensor]:
         b, n = sizes["batch"], sizes["text_length"]
         mask = _mask(b, n, gen)
         sample = torch.randn(b, channels, height, width, generator=gen)
         timesteps = torch.randint(0, 1000, (b,), generator=gen)
         text = torch.randn(b, n, dim, generator=gen) * 0.2 * mask[..., None]
-        return _feed(UNET_INPUTS, (sample, timesteps, text, mask), None)
+        guidance = (1 + 9 * torch.rand(b, generator=gen),) if model.guidance_embedding else ()
+        return _feed(inputs, (sample, timesteps, text, mask, *guidance), None)
 
+    dims = (("batch", channels, height, width), ("batch",), ("batch", "text_length", dim), ("batch", "text_length"))
     return ComponentSpec(
         name="unet",
-        inputs=_tensors(
-            UNET_INPUTS,
-            (("batch", channels, height, width), ("batch",), ("batch", "text_length", dim), ("batch", "text_length")),
-        ),
+        inputs=_tensors(inputs, (*dims, ("batch",))[: len(inputs)]),
         outputs=(TensorSpec(UNET_OUTPUT, ("batch", channels, height, width), "float32"),),
         # x2: guidance runs the unconditional and conditional passes in one batch.
         ranges={"batch": (1, 2 * opt_images, 2 * max_images), "text_length": (1, 16, max_text_length)},
@@ -137,13 +140,26 @@ def text_encoder_spec(model: Glyffuser, max_prompts: int, max_text_length: int) 
     )
 
 
+def unet_inputs(guidance_embedding: bool) -> tuple[tuple[str, str], ...]:
+    """(name, dtype) of a U-Net graph's inputs: a distilled student's take the guidance too."""
+    return (*UNET_INPUTS, GUIDANCE_INPUT) if guidance_embedding else UNET_INPUTS
+
+
 def unet_feed(
-    sample: Tensor, timestep: int, text: Tensor, mask: Tensor, device: torch.device | str | None = None
+    sample: Tensor,
+    timestep: int,
+    text: Tensor,
+    mask: Tensor,
+    device: torch.device | str | None = None,
+    guidance: float | None = None,
 ) -> dict[str, Tensor]:
     """One U-Net call as the exported graph takes it: each input by its name, in its dtype, on
-    `device` (None: where it is), with the timestep repeated for every row."""
-    timesteps = torch.full((sample.shape[0],), float(timestep), device=device or sample.device)
-    return _feed(UNET_INPUTS, (sample, timesteps, text, mask), device)
+    `device` (None: where it is), with the timestep (and a student's `guidance`) repeated for
+    every row."""
+    rows = (sample.shape[0],)
+    timesteps = torch.full(rows, float(timestep), device=device or sample.device)
+    scale = () if guidance is None else (torch.full(rows, float(guidance), device=device or sample.device),)
+    return _feed(unet_inputs(guidance is not None), (sample, timesteps, text, mask, *scale), device)
 
 
 def text_encoder_feed(

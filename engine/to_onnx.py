@@ -15,6 +15,7 @@ from typing import BinaryIO
 
 import torch
 
+from glyph_engine.model import guidance_labels
 from glyph_engine.specs import ComponentSpec
 
 DEFAULT_OPSET = 17
@@ -27,12 +28,15 @@ class UNetForExport(torch.nn.Module):
         super().__init__()
         self.unet = unet
 
-    def forward(self, sample, timestep, encoder_hidden_states, encoder_attention_mask):
+    def forward(self, sample, timestep, encoder_hidden_states, encoder_attention_mask, guidance=None):
+        # `guidance`: a distilled student's scale, embedded as its training embedded it.
+        labels = None if guidance is None else guidance_labels(guidance, sample.shape[0], sample.device)
         return self.unet(
             sample,
             timestep,
             encoder_hidden_states=encoder_hidden_states,
             encoder_attention_mask=encoder_attention_mask,
+            class_labels=labels,
             return_dict=False,
         )[0]
 

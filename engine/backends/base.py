@@ -30,7 +30,7 @@ class Backend(Protocol):
 
         `text` is (B, L, D) and `mask` (B, L) with 1 for real tokens; the output has x's
         shape, in the backend's compute dtype. `guidance`: the scale, for a distilled
-        student's U-Net that takes it as an input (`Glyffuser.guidance_embedding`; only the
-        torch backend feeds it so far), None otherwise.
+        student's U-Net that takes it as an input (`Glyffuser.guidance_embedding`, fed as the
+        graph's `guidance` input), None otherwise.
         """
         ...

@@ -140,8 +140,8 @@ class OnnxRuntimeBackend:
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         return self._run("text_encoder", text_encoder_feed(input_ids, attention_mask, self.device))
 
-    def denoise(self, x: Tensor, timestep: int, text: Tensor, mask: Tensor) -> Tensor:
-        return self._run("unet", unet_feed(x, timestep, text, mask, self.device))
+    def denoise(self, x: Tensor, timestep: int, text: Tensor, mask: Tensor, guidance: float | None = None) -> Tensor:
+        return self._run("unet", unet_feed(x, timestep, text, mask, self.device, guidance))
 
 
 def _numpy_dtype(tensor: Tensor) -> type:

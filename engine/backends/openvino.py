@@ -39,8 +39,8 @@ class OpenVINOBackend:
         feed = text_encoder_feed(input_ids, attention_mask, self.device)
         return torch.from_numpy(self._text_encoder.infer({k: v.numpy() for k, v in feed.items()})[0])
 
-    def denoise(self, x: Tensor, timestep: int, text: Tensor, mask: Tensor) -> Tensor:
-        feed = unet_feed(x, timestep, text, mask, self.device)
+    def denoise(self, x: Tensor, timestep: int, text: Tensor, mask: Tensor, guidance: float | None = None) -> Tensor:
+        feed = unet_feed(x, timestep, text, mask, self.device, guidance)
         # infer() copies its outputs: the sampler keeps earlier predictions (second order).
         return torch.from_numpy(self._unet.infer({k: v.numpy() for k, v in feed.items()})[0])
 

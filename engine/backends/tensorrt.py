@@ -308,5 +308,5 @@ class TensorRTBackend:
         inputs = text_encoder_feed(input_ids, attention_mask, self.device)
         return self.engines["text_encoder"].infer(inputs)[TEXT_ENCODER_OUTPUT]
 
-    def denoise(self, x: Tensor, timestep: int, text: Tensor, mask: Tensor) -> Tensor:
-        return self.engines["unet"].infer(unet_feed(x, timestep, text, mask, self.device))[UNET_OUTPUT]
+    def denoise(self, x: Tensor, timestep: int, text: Tensor, mask: Tensor, guidance: float | None = None) -> Tensor:
+        return self.engines["unet"].infer(unet_feed(x, timestep, text, mask, self.device, guidance))[UNET_OUTPUT]
