@@ -1,14 +1,18 @@
-"""`glyph-engine train` and `glyph-engine eval` as plain functions."""
+"""`glyph-engine train`, `distill` and `eval` as plain functions."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.files import atomic_path, refuse_non_regular
 from glyph_engine.session import ModelSource, Session
 from glyph_engine.settings import GenerationSettings
+
+if TYPE_CHECKING:
+    from glyph_engine.training.distill_state import DistillConfig
 
 
 def run_train(
@@ -57,6 +61,64 @@ def run_train(
     return [
         f"step {state.step} ({card['epochs']} epochs, {card['train_hours']} h), loss {card['final_loss']}",
         f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)",
+    ]
+
+
+def run_distill(
+    teacher: Path,
+    out: Path,
+    data: Path,
+    workdir: Path,
+    steps: int | None,
+    minutes: float | None,
+    save_every: int,
+    progress: bool,
+    config: DistillConfig | None = None,
+    text_encoder: str | None = None,
+) -> list[str]:
+    """Distils (or resumes distilling) TEACHER; once every stage is done, writes OUT and its model
+    card (OUT with .card.json). `config` None: the workdir's own settings, else the defaults."""
+    import json
+    import shlex
+
+    from glyph_engine.training.distill import distill, save_student
+    from glyph_engine.training.distill_state import STATE, stages
+
+    if steps is None and minutes is None:
+        raise GlyphEngineError("give --steps and/or --minutes: how long to distil in this run.")
+    for name, value in (("--steps", steps), ("--minutes", minutes), ("--save-every", save_every)):
+        if value is not None and not value > 0:  # NaN minutes too
+            raise GlyphEngineError(f"{name} must be positive (got {value}).")
+    card_path = out.with_suffix(".card.json")
+    for path in (workdir / STATE, out, card_path):  # refused now rather than after the training
+        refuse_non_regular(path)
+    model, state = distill(teacher, data, workdir, config, steps, minutes, save_every, progress, text_encoder)
+    plan = stages(state.config)
+    hours = round(state.seconds / 3600, 2)
+    if state.stage < len(plan):
+        stage = plan[state.stage]
+        return [
+            f"stage {state.stage + 1}/{len(plan)} ({stage.name}): step {state.step}/{stage.steps}, {hours} h so far; "
+            f"run again to go on (the state is in {workdir / STATE})"
+        ]
+    card = {
+        "command": "glyph-engine " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "distill",
+        "teacher": f"{teacher} (sha256 {model.sha256})",
+        "data": str(data.name),
+        "stages": {s.name: s.steps for s in plan},
+        "default_steps": plan[-1].student_steps,
+        "distill_hours": hours,
+        "final_losses": {
+            s.name: round(losses[-1], 4) if losses else None for s, losses in zip(plan, state.losses, strict=True)
+        },
+        "config": state.config.to_json(),
+    }
+    digest = save_student(state, model, plan[-1], out, card)
+    with atomic_path(card_path) as tmp:
+        tmp.write_text(json.dumps({**card, "sha256": digest}, indent=2))
+    return [
+        f"{len(plan)} stages done in {hours} h: a {plan[-1].student_steps}-step student, one U-Net pass per step",
+        f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB) and {card_path}",
     ]
 
 

@@ -1,0 +1,329 @@
+"""Distilling a glyffuser into a few-step, guidance-free student (`glyph-engine distill`).
+
+Stages, run in order and resumable across runs (`distill_state.py`):
+1. guidance distillation (Meng et al., "On Distillation of Guided Diffusion Models", CVPR
+   2023): the student takes the guidance scale as an input (the U-Net's class embedding,
+   fed `model.guidance_labels`) and learns, in one pass, the teacher's guided noise
+   prediction exactly as the engine's sampler combines it: the teacher's guidance interval
+   and unconditional rows included;
+2. progressive distillation (Salimans & Ho, ICLR 2022): each stage halves the step count,
+   one DDIM step of the student matching two of the previous stage's student.
+DDIM is first-order DPM-Solver++, and every stage trains at the timesteps and with the step
+coefficients the engine's `dpmpp-2m` sampler uses at order 1, so the student runs through
+the engine's sampler and its fused step unchanged, at exactly the timesteps it learnt.
+The training images are the glyph dataset's, noised; the text encoder and tokenizer are
+the teacher's, frozen.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import UNet2DConditionModel
+from torch import Tensor
+from tqdm import tqdm
+
+from glyph_engine.backends.pytorch import TorchBackend
+from glyph_engine.checkpoint import load_model, save_checkpoint
+from glyph_engine.cpu import cpu_info
+from glyph_engine.errors import GlyphEngineError
+from glyph_engine.model import Glyffuser, guidance_labels
+from glyph_engine.pipeline import encode_prompts, unconditional_text
+from glyph_engine.settings import Precision
+from glyph_engine.training.dataset import GlyphSet, load_glyph_set
+from glyph_engine.training.distill_state import (
+    STATE,
+    DistillConfig,
+    DistillState,
+    Stage,
+    fresh_optimizer,
+    frozen_copy,
+    load_state,
+    new_state,
+    save_state,
+    stages,
+)
+from glyph_engine.training.distill_targets import (
+    STUDENT_SAMPLER,
+    StepTable,
+    check_nested,
+    guided_table,
+    progressive_target,
+    run_unet,
+    teacher_guided_eps,
+)
+from glyph_engine.training.train import sample_captions
+
+logger = logging.getLogger(__name__)
+
+
+def student_unet(teacher: UNet2DConditionModel, seed: int) -> UNet2DConditionModel:
+    """The teacher's U-Net with a guidance input, predicting exactly what the teacher does.
+
+    diffusers' `class_embed_type="timestep"` embeds the class label with the timestep's own
+    sinusoidal features and adds it to the time embedding; its last layer starts at zero, so
+    the student starts as the teacher's conditional prediction at every guidance scale.
+    """
+    torch.manual_seed(seed)  # the class embedding's first layer, the only new random weights
+    student = UNet2DConditionModel.from_config({**teacher.config, "class_embed_type": "timestep"})
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    if unexpected or any(not name.startswith("class_embedding.") for name in missing):
+        raise GlyphEngineError(f"the teacher's U-Net does not fit its own config ({(missing + unexpected)[:3]}).")
+    with torch.no_grad():
+        student.class_embedding.linear_2.weight.zero_()
+        student.class_embedding.linear_2.bias.zero_()
+    return student.float().train()
+
+
+@dataclass
+class Batch:
+    x0: Tensor  # (B, C, H, W) in the teacher's pixel range
+    noise: Tensor  # like x0; centred per image where the teacher's sampling centres its noise
+    text: Tensor  # (B, L, D), the teacher's encoding of each caption
+    mask: Tensor  # (B, L)
+    guidance: Tensor  # (B,) the scale each row learns
+    uncond: tuple[Tensor, Tensor]  # the teacher's unconditional (1, L, D) text and (1, L) mask
+    rng: np.random.Generator  # this step's, for the stage's own draws (timesteps)
+
+
+class Distiller:
+    """What every training step needs: the teacher, its encoder, the data, the device."""
+
+    def __init__(self, teacher: Glyffuser, glyphs: GlyphSet, config: DistillConfig, device: torch.device):
+        self.teacher, self.config, self.device = teacher, config, device
+        self.encoder = TorchBackend(teacher, device, Precision.fp32, cuda_graphs=False)
+        low, high = teacher.pixel_range
+        self.images = torch.from_numpy(glyphs.images).float().div_(255).mul_(high - low).add_(low).unsqueeze(1)
+        self.captions = [str(c) for c in glyphs.captions]
+        self.guidance_bounds = config.guidance_bounds(teacher.default_guidance)
+        self.clamp = teacher.pixel_range if teacher.clamp_x0 else None
+        self.abar = torch.tensor(teacher.alphas_cumprod, dtype=torch.float32)
+        self.guided = guided_table(teacher)
+        self.teacher_unet = self.encoder.unet.requires_grad_(False).eval()  # the guidance stage's teacher
+        # bf16 where the hardware computes in it (a GPU, a CPU with BF16 units); emulated bf16
+        # is slower than fp32.
+        self.bf16 = device.type == "cuda" or cpu_info().has_bf16
+        self._tables: dict[int, tuple[StepTable, StepTable]] = {}
+
+    def autocast(self) -> AbstractContextManager:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def batch(self, stage: int, step: int) -> Batch:
+        """This step's images, captions, noise and guidance: a function of (seed, stage, step)
+        alone, so a resumed run draws what an uninterrupted one would."""
+        rng = np.random.default_rng([self.config.seed, stage, step])
+        idx = rng.choice(len(self.captions), self.config.batch_size, replace=False)
+        captions = sample_captions([self.captions[i] for i in idx], self.config.clause_sampling, rng)
+        x0 = self.images[idx].to(self.device)
+        noise = torch.from_numpy(rng.standard_normal(x0.shape, dtype=np.float32)).to(self.device)
+        if self.teacher.center_noise:
+            # The student starts from noise centred as the engine centres it (the teacher drew
+            # grey pages from noise darker than average); its first steps should see the same.
+            noise = noise - noise.mean(dim=(1, 2, 3), keepdim=True)
+        low, high = self.guidance_bounds
+        guidance = torch.from_numpy(rng.uniform(low, high, len(idx)).astype(np.float32)).to(self.device)
+        text, mask = encode_prompts(self.teacher, self.encoder, captions)
+        uncond = unconditional_text(self.teacher, self.encoder, text[:1])
+        # Out of inference mode (the encoder runs in it): the student's backward pass saves them.
+        return Batch(x0, noise, text.clone(), mask.clone(), guidance, (uncond[0].clone(), uncond[1].clone()), rng)
+
+    def guidance_loss(self, student: UNet2DConditionModel, b: Batch) -> Tensor:
+        """Stage 1: the student's one pass against the teacher's guided eps, at any timestep."""
+        t = torch.from_numpy(b.rng.integers(0, len(self.abar), len(b.x0))).to(self.device)
+        a = self.abar.to(self.device)[t].view(-1, 1, 1, 1)
+        z = a.sqrt() * b.x0 + (1 - a).sqrt() * b.noise
+        with torch.no_grad(), self.autocast():
+            target = teacher_guided_eps(self.teacher_unet, z, t, b.text, b.mask, b.guidance, self.guided, b.uncond)
+        with self.autocast():
+            eps = run_unet(student, z, t, b.text, b.mask, **self.labels(b))
+        return torch.nn.functional.mse_loss(eps, target)
+
+    def progressive_loss(
+        self, student: UNet2DConditionModel, teacher: UNet2DConditionModel, b: Batch, steps: int
+    ) -> Tensor:
+        """Stage 2: the student's x0 at one of its `steps` timesteps against the two-teacher-step
+        target, weighted by max(SNR, 1) (Salimans & Ho's truncated SNR weighting)."""
+        mine, theirs = self.tables(steps)
+        i = torch.from_numpy(b.rng.integers(0, steps, len(b.x0))).to(self.device)
+        sigma = mine.rows("eps_scale", i, b.x0)
+        z = (b.x0 + sigma * b.noise) / mine.rows("x_scale", i, b.x0)  # alpha x0 + sigma_t eps
+        labels = self.labels(b)
+
+        def teacher_eps(x: Tensor, t: Tensor) -> Tensor:
+            return run_unet(teacher, x, t, b.text, b.mask, **labels)
+
+        with torch.no_grad(), self.autocast():
+            target = progressive_target(teacher_eps, z, i, mine, theirs, self.clamp)
+        with self.autocast():
+            eps = run_unet(student, z, mine.timestep.to(self.device)[i], b.text, b.mask, **labels)
+        x0 = mine.rows("x_scale", i, z) * z - sigma * eps
+        weight = sigma.flatten().pow(-2).clamp(min=1.0)  # SNR = 1 / sigma^2
+        return (weight * (x0 - target).pow(2).mean(dim=(1, 2, 3))).mean()
+
+    def tables(self, student_steps: int) -> tuple[StepTable, StepTable]:
+        """The student's and the teacher's step tables of a stage, checked to nest."""
+        if student_steps not in self._tables:
+            abar = self.teacher.alphas_cumprod
+            mine, theirs = StepTable.of(abar, student_steps), StepTable.of(abar, 2 * student_steps)
+            check_nested(mine, theirs)
+            self._tables[student_steps] = mine, theirs
+        return self._tables[student_steps]
+
+    def labels(self, b: Batch) -> dict[str, Tensor]:
+        return {"class_labels": guidance_labels(b.guidance, len(b.guidance), self.device)}
+
+
+def _train_step(state: DistillState, distiller: Distiller, stage: Stage) -> float:
+    config = state.config
+    for group in state.optimizer.param_groups:
+        group["lr"] = config.learning_rate * min(1.0, (state.step + 1) / config.warmup_steps)
+    b = distiller.batch(state.stage, state.step)
+    if stage.student_steps is None:
+        loss = distiller.guidance_loss(state.student, b)
+    else:
+        loss = distiller.progressive_loss(state.student, state.stage_teacher, b, stage.student_steps)
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = list(state.student.parameters())
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    state.optimizer.step()
+    state.ema.step(params)
+    return loss.item()
+
+
+def distill(
+    teacher_path: Path,
+    dataset: Path,
+    workdir: Path,
+    config: DistillConfig | None = None,
+    max_steps: int | None = None,
+    minutes: float | None = None,
+    save_every: int = 100,
+    progress: bool = False,
+    text_encoder: str | None = None,
+) -> tuple[Glyffuser, DistillState]:
+    """Distils (or resumes distilling) `teacher_path` in `workdir` until every stage is done,
+    `max_steps` steps over all stages, or `minutes` of this run; returns the teacher and the
+    state. A finished stage leaves its student in `workdir` (`student-guidance.pt`,
+    `student-8-steps.pt`, ...): `glyph-engine generate --ckpt` draws it."""
+    if config is not None:
+        config.validate()
+    teacher = load_model(teacher_path, text_encoder)
+    if teacher.guidance_embedding:
+        raise GlyphEngineError(f"{teacher_path} is already a distilled student; distil its teacher instead.")
+    glyphs = load_glyph_set(dataset)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    student = student_unet(teacher.unet, (config or DistillConfig()).seed).to(device)
+    if (workdir / STATE).is_file():
+        state = load_state(workdir, teacher.sha256, student, config)
+        logger.info("resuming at stage %d, step %d", state.stage, state.step)
+    else:
+        state = new_state(config or DistillConfig(), teacher.sha256, student)
+    _check_dataset(glyphs, teacher, state.config, dataset)
+    plan = stages(state.config)
+    distiller = Distiller(teacher, glyphs, state.config, device)
+    for stage in plan[1:]:  # refused now, not after hours of the stages before it
+        distiller.tables(stage.student_steps)
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    started, run_start = time.perf_counter(), state.steps_done()
+    deadline = started + 60 * minutes if minutes else math.inf
+    total = sum(s.steps for s in plan)
+    bar = tqdm(total=total, initial=run_start, unit="step", file=sys.stderr, disable=not progress)
+    window: list[float] = []
+    while state.stage < len(plan):
+        stage = plan[state.stage]
+        if state.step >= stage.steps:
+            window = _log_window(state, window)
+            _end_stage(state, teacher, workdir, plan)
+            continue
+        if (max_steps is not None and state.steps_done() >= max_steps) or time.perf_counter() > deadline:
+            break
+        bar.set_description(f"distilling: {stage.name} ({state.stage + 1}/{len(plan)})")
+        window.append(_train_step(state, distiller, stage))
+        state.step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{np.mean(window[-50:]):.4g}")
+        if state.step % 50 == 0:
+            window = _log_window(state, window)
+        if state.step % save_every == 0:
+            state.seconds += time.perf_counter() - started
+            started = time.perf_counter()
+            save_state(state, workdir)
+    bar.close()
+    _log_window(state, window)  # the steps since the last 50-step mark, so a short run reports a loss
+    state.seconds += time.perf_counter() - started
+    if state.steps_done() > run_start:
+        save_state(state, workdir)
+    return teacher, state
+
+
+def _log_window(state: DistillState, window: list[float]) -> list[float]:
+    if window:
+        state.losses[min(state.stage, len(state.losses) - 1)].append(float(np.mean(window)))
+    return []
+
+
+def _end_stage(state: DistillState, teacher: Glyffuser, workdir: Path, plan: list[Stage]) -> None:
+    """The stage's averaged weights become the student (written out) and the next stage's teacher."""
+    stage = plan[state.stage]
+    state.ema.copy_to(state.student.parameters())
+    out = workdir / f"student-{stage.name.replace(' ', '-')}.pt"
+    save_student(state, teacher, stage, out, {"stage": stage.name})
+    state.stage, state.step = state.stage + 1, 0
+    if state.stage < len(plan):
+        state.losses.append([])
+        if state.stage_teacher is None:
+            state.stage_teacher = frozen_copy(state.student)
+        else:
+            state.stage_teacher.load_state_dict(state.student.state_dict())
+        fresh_optimizer(state)
+    save_state(state, workdir)
+
+
+def student_model(teacher: Glyffuser, unet: UNet2DConditionModel, stage: Stage, metadata: dict[str, Any]) -> Glyffuser:
+    """The student as the pipeline and the checkpoint writer take it: the teacher's text encoder,
+    tokenizer, schedule, pixel range, clamp and noise centring; a guidance input, no guidance
+    interval (the teacher's is inside what it learnt); after a progressive stage, its own steps
+    at order 1 (DDIM)."""
+    few = stage.student_steps is not None
+    return replace(
+        teacher,
+        unet_source=unet,
+        guidance_interval=None,
+        guidance_embedding=True,
+        default_steps=stage.student_steps,
+        default_sampler=STUDENT_SAMPLER.name if few else None,
+        default_order=STUDENT_SAMPLER.order if few else None,
+        sha256="distilling",
+        metadata={k: str(v) for k, v in metadata.items()},
+    )
+
+
+def save_student(state: DistillState, teacher: Glyffuser, stage: Stage, out: Path, card: dict[str, Any]) -> str:
+    """Writes the student's current weights (FP16, as `train` writes) to `out`; returns its sha256."""
+    model = student_model(teacher, state.student, stage, card)
+    return save_checkpoint(model, out, dtype=torch.float16)
+
+
+def _check_dataset(glyphs: GlyphSet, teacher: Glyffuser, config: DistillConfig, dataset: Path) -> None:
+    size = teacher.image_shape[1]
+    if glyphs.images.shape[1:] != teacher.image_shape[1:]:
+        raise GlyphEngineError(
+            f"{dataset} has {glyphs.images.shape[1]}px glyphs; the teacher draws {size}px: "
+            f"build the dataset with --resolution {size}."
+        )
+    if len(glyphs) < config.batch_size:
+        raise GlyphEngineError(
+            f"{dataset} has {len(glyphs)} glyphs, fewer than one batch ({config.batch_size}); "
+            "build a larger one with `glyph-engine dataset`, or lower --batch-size."
+        )

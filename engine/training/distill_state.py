@@ -1,0 +1,236 @@
+"""What `glyph-engine distill` keeps between runs: its settings, its stages and the state file.
+
+The whole state is `workdir/distill_state.pt` (plain tensors and data, loaded with
+weights_only=True). The teacher is not in it: each run loads it from TEACHER again, and
+the state records its sha256 so that a workdir is never resumed against another teacher.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.training_utils import EMAModel
+
+from glyph_engine.errors import GlyphEngineError
+from glyph_engine.files import atomic_path, zip_damage
+from glyph_engine.settings import check_guidance
+
+STATE = "distill_state.pt"
+FORMAT = "glyph-engine-distill-state"
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """How the student is trained; a workdir keeps one (resuming with other values is refused)."""
+
+    batch_size: int = 64  # as `train`: the tens of images/s a 2-core CPU trains at
+    learning_rate: float = 1e-4  # fine-tuning a trained model: a sixth of `train`'s rate
+    warmup_steps: int = 100  # per stage: each stage starts with a fresh optimizer
+    guidance_steps: int = 2000  # optimizer steps of the guidance stage
+    # Guidance scales the student learns, one drawn uniformly per image in every stage, so
+    # --guidance still means something for the student (Meng et al. train on a range).
+    # None: [1, 2 x the teacher's default].
+    guidance_range: tuple[float, float] | None = None
+    # Progressive distillation starts from the guidance stage's student sampled with this many
+    # DDIM steps and halves them each stage, down to final_steps (start = final x 2^k, k >= 1).
+    # Each stage's student is at best its teacher: a larger start is closer to the guided
+    # teacher at 20 DPM-Solver++ steps, and costs one more stage per doubling.
+    start_steps: int = 16
+    final_steps: int = 4
+    stage_steps: int = 1000  # optimizer steps of each halving
+    clause_sampling: float = 0.5  # as `train`: prompts are a word or two, captions several clauses
+    # The weights each stage ends with, and so the next stage's teacher and the student
+    # written out: the raw weights jitter from step to step.
+    ema_decay: float = 0.999
+    seed: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> DistillConfig:
+        values = json.loads(text)
+        if not isinstance(values, dict):
+            raise TypeError("the settings are not an object")
+        if values.get("guidance_range") is not None:
+            values["guidance_range"] = tuple(values["guidance_range"])
+        return cls(**values)
+
+    def validate(self) -> None:
+        """Refuses settings that cannot train, before the teacher is loaded."""
+        for name in ("batch_size", "guidance_steps", "final_steps", "stage_steps", "warmup_steps"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise GlyphEngineError(f"{_option(name)} must be a whole number of at least 1 (got {value}).")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise GlyphEngineError(f"the learning rate must be positive (got {self.learning_rate}).")
+        ratio = self.start_steps / self.final_steps
+        if not (self.start_steps > self.final_steps and ratio.is_integer() and int(ratio) & (int(ratio) - 1) == 0):
+            raise GlyphEngineError(
+                f"--start-steps must be --final-steps times a power of two, at least 2 (got {self.start_steps} "
+                f"and {self.final_steps}): each stage halves the steps."
+            )
+        if self.guidance_range is not None:
+            low, high = self.guidance_range
+            check_guidance(low, "the lower guidance of the range")
+            check_guidance(high, "the upper guidance of the range")
+            if low > high:
+                raise GlyphEngineError(f"the guidance range must be low <= high (got {low} {high}).")
+
+    def guidance_bounds(self, teacher_default: float) -> tuple[float, float]:
+        return self.guidance_range or (1.0, max(1.0, 2.0 * teacher_default))
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # "guidance", "8 steps"
+    steps: int  # optimizer steps
+    student_steps: int | None  # the DDIM steps the student learns to take; None: the guidance stage
+
+
+def stages(config: DistillConfig) -> list[Stage]:
+    """Guidance distillation, then one stage per halving down to the final step count."""
+    plan = [Stage("guidance", config.guidance_steps, None)]
+    n = config.start_steps // 2
+    while n >= config.final_steps:
+        plan.append(Stage(f"{n} steps", config.stage_steps, n))
+        n //= 2
+    return plan
+
+
+@dataclass
+class DistillState:
+    config: DistillConfig
+    teacher_sha256: str  # the TEACHER this workdir distils
+    student: UNet2DConditionModel  # the U-Net being trained (takes the guidance scale)
+    stage_teacher: UNet2DConditionModel | None  # the previous stage's student, frozen; None in the guidance stage
+    optimizer: torch.optim.Optimizer
+    ema: EMAModel
+    stage: int = 0  # index into stages(config); len(stages) once all are done
+    step: int = 0  # optimizer steps taken in this stage
+    seconds: float = 0.0
+    losses: list[list[float]] = field(default_factory=list)  # per stage: mean loss per 50 steps
+
+    def steps_done(self) -> int:
+        """Optimizer steps over all stages, what --steps counts."""
+        return sum(s.steps for s in stages(self.config)[: self.stage]) + self.step
+
+
+def fresh_optimizer(state: DistillState) -> None:
+    """A new optimizer and weight average for the student, as each stage starts."""
+    params = list(state.student.parameters())
+    state.optimizer = torch.optim.AdamW(params, lr=state.config.learning_rate, weight_decay=0.0)
+    state.ema = EMAModel(params, decay=state.config.ema_decay, foreach=True)
+
+
+def new_state(config: DistillConfig, teacher_sha256: str, student: UNet2DConditionModel) -> DistillState:
+    state = DistillState(config, teacher_sha256, student, None, None, None, losses=[[]])  # type: ignore[arg-type]
+    fresh_optimizer(state)
+    return state
+
+
+def save_state(state: DistillState, workdir: Path) -> None:
+    payload = {
+        "format": FORMAT,
+        "config": state.config.to_json(),
+        "teacher_sha256": state.teacher_sha256,
+        "student": state.student.state_dict(),
+        "stage_teacher": None if state.stage_teacher is None else state.stage_teacher.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "ema": state.ema.state_dict(),
+        "stage": state.stage,
+        "step": state.step,
+        "seconds": state.seconds,
+        "losses": [list(stage) for stage in state.losses],
+    }
+    with atomic_path(workdir / STATE) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_state(
+    workdir: Path, teacher_sha256: str, student: UNet2DConditionModel, config: DistillConfig | None
+) -> DistillState:
+    """The saved state, its weights loaded into `student` (built as a new state builds it)."""
+    path = workdir / STATE
+    payload = _read_state(path)
+    try:
+        saved = DistillConfig.from_json(payload["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise _unusable_state(path, f"bad or missing settings: {e}") from None
+    if config is not None and config != saved:
+        differ = ", ".join(
+            f"{_option(f.name)} {getattr(saved, f.name)}"
+            for f in fields(DistillConfig)
+            if getattr(saved, f.name) != getattr(config, f.name)
+        )
+        raise GlyphEngineError(
+            f"{path} was started with other settings ({differ}); give the same ones, or use another --workdir."
+        )
+    if payload.get("teacher_sha256") != teacher_sha256:
+        raise GlyphEngineError(
+            f"{path} distils another teacher (sha256 {str(payload.get('teacher_sha256'))[:12]}); "
+            "give the TEACHER it was started with, or use another --workdir."
+        )
+    try:
+        return _restore(saved, teacher_sha256, student, payload)
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:  # missing parts, wrong shapes
+        raise _unusable_state(path, " ".join(str(e).split())[:200]) from None
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    # CRC-32s first (see zip_damage): a state with damaged weights would otherwise resume.
+    damage = zip_damage(path)
+    if damage is not None:
+        raise _unusable_state(path, damage)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - damaged bytes make the unpickler raise anything
+        raise _unusable_state(path, str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise _unusable_state(path, "not a distillation state")
+    return payload
+
+
+def _unusable_state(path: Path, reason: str) -> GlyphEngineError:
+    return GlyphEngineError(
+        f"{path} is damaged or incomplete ({reason}) and cannot be resumed. Delete it to start this --workdir "
+        "from scratch; the students of finished stages beside it stay usable."
+    )
+
+
+def _restore(
+    config: DistillConfig, teacher_sha256: str, student: UNet2DConditionModel, payload: dict[str, Any]
+) -> DistillState:
+    student.load_state_dict(payload["student"])
+    stage_teacher = None
+    if payload["stage_teacher"] is not None:
+        stage_teacher = frozen_copy(student)
+        stage_teacher.load_state_dict(payload["stage_teacher"])
+    state = new_state(config, teacher_sha256, student)
+    state.stage_teacher = stage_teacher
+    state.optimizer.load_state_dict(payload["optimizer"])  # moved to the parameters' device
+    state.ema.load_state_dict(payload["ema"])
+    state.ema.to(next(student.parameters()).device)
+    state.stage, state.step, state.seconds = int(payload["stage"]), int(payload["step"]), float(payload["seconds"])
+    state.losses = [[float(v) for v in stage] for stage in payload["losses"]]
+    if not 0 <= state.stage <= len(stages(config)) or len(state.losses) != min(state.stage + 1, len(stages(config))):
+        raise ValueError(f"stage {state.stage} does not fit the settings' stages")
+    return state
+
+
+def frozen_copy(unet: UNet2DConditionModel) -> UNet2DConditionModel:
+    """A copy of `unet` in eval mode without gradients: a teacher."""
+    teacher = copy.deepcopy(unet).eval()
+    teacher.requires_grad_(False)
+    return teacher

@@ -1,0 +1,138 @@
+"""What a distilled student learns: the teacher's guided noise prediction as the engine's
+sampler computes it, and the x0 that makes one student step land where two teacher steps do.
+
+Both are written on the engine's own rules and coefficients (`pipeline.guided_timesteps`,
+`schedule` via the sampler registry), so what the student learns is what the engine runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import UNet2DConditionModel
+from torch import Tensor
+
+from glyph_engine.errors import GlyphEngineError
+from glyph_engine.model import Glyffuser
+from glyph_engine.pipeline import guided_timesteps
+from glyph_engine.samplers import get_sampler
+from glyph_engine.schedule import SamplerConfig
+
+# How the student samples: DPM-Solver++ at order 1 (DDIM), the engine's default spacing.
+STUDENT_SAMPLER = SamplerConfig(name="dpmpp-2m", order=1)
+
+
+def guided_table(teacher: Glyffuser) -> Tensor:
+    """(T,) bool: the training timesteps at which the engine guides the teacher by default.
+
+    The engine's own rule (`pipeline.guided_timesteps`), applied to a run of every training
+    timestep, so the student learns guidance exactly where the teacher gets it.
+    """
+    every = get_sampler(STUDENT_SAMPLER.name).coefficients(
+        teacher.alphas_cumprod, len(teacher.alphas_cumprod), STUDENT_SAMPLER
+    )
+    table = torch.zeros(len(teacher.alphas_cumprod), dtype=torch.bool)
+    table[list(guided_timesteps(every, teacher.guidance_interval))] = True
+    return table
+
+
+def run_unet(unet: UNet2DConditionModel, x: Tensor, t: Tensor, text: Tensor, mask: Tensor, **labels: Tensor) -> Tensor:
+    return unet(x, t, encoder_hidden_states=text, encoder_attention_mask=mask, **labels).sample.float()
+
+
+def teacher_guided_eps(
+    unet: UNet2DConditionModel,
+    x: Tensor,
+    t: Tensor,
+    text: Tensor,
+    mask: Tensor,
+    guidance: Tensor,
+    guided: Tensor,
+    uncond: tuple[Tensor, Tensor],
+) -> Tensor:
+    """The teacher's noise prediction as the engine's sampler uses it: eps_u + g (eps_c - eps_u)
+    for rows whose timestep `guided` marks, the conditional prediction alone for the others.
+
+    `guidance` (B,) is each row's scale; `uncond` the unconditional (1, L, D) text and (1, L)
+    mask (`pipeline.unconditional_text`). One U-Net call, as the engine batches it.
+    """
+    rows = guided[t.cpu()].to(x.device)
+    k = int(rows.sum())
+    uncond_text, uncond_mask = uncond
+    eps = run_unet(
+        unet,
+        torch.cat([x[rows], x]),
+        torch.cat([t[rows], t]),
+        torch.cat([uncond_text.expand(k, -1, -1), text]),
+        torch.cat([uncond_mask.expand(k, -1), mask]),
+    )
+    eps_uncond, eps_cond = eps[:k], eps[k:]
+    g = guidance[rows].view(-1, *([1] * (x.dim() - 1)))
+    return eps_cond.index_put((rows,), eps_uncond + g * (eps_cond[rows] - eps_uncond))
+
+
+@dataclass(frozen=True)
+class StepTable:
+    """The engine's order-1 step scalars of an N-step run, as tensors to take per row:
+    ``x0 = x_scale x - eps_scale eps``, ``x_next = a x + b x0`` (`schedule.StepCoefficients`)."""
+
+    timestep: Tensor  # (N,) long
+    x_scale: Tensor  # (N,) float32; eps_scale is the step's sigma
+    eps_scale: Tensor
+    a: Tensor
+    b: Tensor
+
+    @classmethod
+    def of(cls, alphas_cumprod: np.ndarray, steps: int) -> StepTable:
+        coefs = get_sampler(STUDENT_SAMPLER.name).coefficients(alphas_cumprod, steps, STUDENT_SAMPLER)
+        column = lambda name: torch.tensor([getattr(c, name) for c in coefs], dtype=torch.float32)  # noqa: E731
+        timestep = torch.tensor([c.timestep for c in coefs], dtype=torch.long)
+        return cls(timestep, column("x_scale"), column("eps_scale"), column("a"), column("b"))
+
+    def rows(self, name: str, i: Tensor, like: Tensor) -> Tensor:
+        """Field `name` at each row's step `i`, shaped to broadcast over `like` (B, C, H, W)."""
+        return getattr(self, name).to(like.device)[i].view(-1, *([1] * (like.dim() - 1)))
+
+
+def check_nested(student: StepTable, teacher: StepTable) -> None:
+    """Two teacher steps per student step: the teacher's run passes through every timestep of the student's."""
+    n = len(student.timestep)
+    if len(teacher.timestep) != 2 * n or not torch.equal(teacher.timestep[::2], student.timestep):
+        raise GlyphEngineError(
+            f"the engine's {2 * n}-step timesteps do not contain its {n}-step ones, so a {n}-step student "
+            f"cannot learn two {2 * n}-step teacher steps at a time; choose other --start-steps/--final-steps."
+        )
+
+
+def ddim_step(
+    x: Tensor, eps: Tensor, table: StepTable, i: Tensor, clamp: tuple[float, float] | None
+) -> tuple[Tensor, Tensor]:
+    """The engine's order-1 step (`sampler.dpmpp_step`) with each row at its own step `i`."""
+    x0 = table.rows("x_scale", i, x) * x - table.rows("eps_scale", i, x) * eps
+    if clamp is not None:
+        x0 = x0.clamp(*clamp)
+    return table.rows("a", i, x) * x + table.rows("b", i, x) * x0, x0
+
+
+def progressive_target(
+    teacher_eps: Callable[[Tensor, Tensor], Tensor],
+    z: Tensor,
+    i: Tensor,
+    student: StepTable,
+    teacher: StepTable,
+    clamp: tuple[float, float] | None,
+) -> Tensor:
+    """The x0 whose one student step from z (at its step i) lands where two teacher steps do
+    (Salimans & Ho, Algorithm 2, on the engine's coefficients): x_next = a z + b x0, solved for x0.
+
+    With the clamp, the student's x0 is clamped when it samples, so the nearest it can land
+    is the clamped target.
+    """
+    x = z
+    for k in (2 * i, 2 * i + 1):
+        x, _ = ddim_step(x, teacher_eps(x, teacher.timestep.to(z.device)[k]), teacher, k, clamp)
+    target = (x - student.rows("a", i, z) * z) / student.rows("b", i, z)
+    return target if clamp is None else target.clamp(*clamp)

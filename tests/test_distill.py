@@ -1,0 +1,168 @@
+"""Distillation: the student's start, the guidance target, the progressive target, resume."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from glyph_engine.backends.pytorch import TorchBackend
+from glyph_engine.errors import GlyphEngineError
+from glyph_engine.model import guidance_labels
+from glyph_engine.pipeline import encode_prompts, guided_timesteps, unconditional_text
+from glyph_engine.sampler import dpmpp_step
+from glyph_engine.samplers import get_sampler
+from glyph_engine.schedule import SamplerConfig, StepCoefficients
+from glyph_engine.training.dataset import GlyphSet, save_glyph_set
+from glyph_engine.training.distill import Distiller, distill, student_unet
+from glyph_engine.training.distill_state import STATE, DistillConfig, fresh_optimizer, new_state, stages
+from glyph_engine.training.distill_targets import (
+    STUDENT_SAMPLER,
+    StepTable,
+    check_nested,
+    guided_table,
+    progressive_target,
+    run_unet,
+    teacher_guided_eps,
+)
+
+TINY = DistillConfig(batch_size=4, guidance_steps=2, start_steps=2, final_steps=1, stage_steps=1, warmup_steps=1)
+
+
+@pytest.fixture(scope="module")
+def glyph_file(tmp_path_factory):
+    """16 synthetic 32px glyphs (the tiny teacher's size): a bar whose place depends on the caption."""
+    images = np.full((16, 32, 32), 255, np.uint8)
+    for i in range(16):
+        images[i, 4:28, 4 + 6 * (i % 4) : 8 + 6 * (i % 4)] = 0
+    captions = np.array([["metal; gold", "water; river", "wood; tree", "fire; flame"][i % 4] for i in range(16)])
+    path = tmp_path_factory.mktemp("data") / "glyphs.npz"
+    save_glyph_set(GlyphSet(images, captions, np.arange(16, dtype=np.int32) + 0x4E00, np.full(16, 167, np.int16)), path)
+    return path
+
+
+def inputs(model, batch=3, length=5, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, *model.image_shape, generator=gen)
+    text = torch.randn(batch, length, model.unet.config.cross_attention_dim, generator=gen)
+    return x, text, torch.ones(batch, length, dtype=torch.long)
+
+
+def test_the_student_starts_as_the_teachers_conditional_prediction(model):
+    student = student_unet(model.unet, seed=0)
+    assert student.config.class_embed_type == "timestep"
+    assert not student.class_embedding.linear_2.weight.any() and student.class_embedding.linear_1.weight.any()
+    x, text, mask = inputs(model)
+    t = torch.tensor([999, 500, 3])
+    with torch.no_grad():
+        expected = run_unet(model.unet, x, t, text, mask)
+        for g in (1.0, 4.0, 9.5):
+            got = run_unet(student, x, t, text, mask, class_labels=guidance_labels(g, 3, "cpu"))
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_guidance_is_learnt_where_the_engine_guides(model):
+    """The student's target follows the engine's rule for the teacher's guidance interval."""
+    teacher = replace(model, guidance_interval=(0.5, 20.0))
+    table = guided_table(teacher)
+    coefficients = get_sampler("dpmpp-2m").coefficients(teacher.alphas_cumprod, 20, SamplerConfig())
+    assert {c.timestep for c in coefficients if table[c.timestep]} == guided_timesteps(coefficients, (0.5, 20.0))
+    assert table[500] and not table[999] and not table[5]
+    assert guided_table(model).all()  # no interval: every step
+
+
+def test_the_guidance_target_is_the_engines_guided_prediction(model):
+    teacher = replace(model, guidance_interval=(0.5, 20.0))  # guided at t = 500 (sigma 3.4), not at 999 (157)
+    backend = TorchBackend(teacher, "cpu", "fp32")
+    text, mask = encode_prompts(teacher, backend, ["metal", "water; river", "fire"])
+    uncond = unconditional_text(teacher, backend, text[:1])
+    x = inputs(teacher)[0]
+    t, g = torch.tensor([500, 999, 500]), torch.tensor([4.0, 4.0, 2.5])
+    with torch.no_grad():
+        got = teacher_guided_eps(teacher.unet, x, t, text, mask, g, guided_table(teacher), uncond)
+    for row in range(3):
+        step = int(t[row])
+        eps_cond = backend.denoise(x[row : row + 1], step, text[row : row + 1], mask[row : row + 1])
+        eps_uncond = backend.denoise(x[row : row + 1], step, *uncond) if step == 500 else None
+        # The engine's step with x0 = eps (x_scale 0, eps_scale -1) and x_next = x0 reads out its guided eps.
+        readout = StepCoefficients(step, x_scale=0.0, eps_scale=-1.0, a=0.0, b=1.0)
+        expected, _ = dpmpp_step(x[row : row + 1], eps_cond, eps_uncond, (), readout, float(g[row]))
+        torch.testing.assert_close(got[row : row + 1], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_guidance_step_lowers_the_loss_against_the_guided_teacher(model, glyph_file):
+    from glyph_engine.training.dataset import load_glyph_set
+
+    config = replace(TINY, learning_rate=1e-3)
+    distiller = Distiller(model, load_glyph_set(glyph_file), config, torch.device("cpu"))
+    state = new_state(config, model.sha256, student_unet(model.unet, 0))
+    # The same batch every time: a function of (seed, stage, step).
+    before = distiller.guidance_loss(state.student, distiller.batch(0, 0)).item()
+    for _ in range(3):
+        loss = distiller.guidance_loss(state.student, distiller.batch(0, 0))
+        state.optimizer.zero_grad()
+        loss.backward()
+        state.optimizer.step()
+    after = distiller.guidance_loss(state.student, distiller.batch(0, 0)).item()
+    assert before > 0 and after < 0.9 * before
+    fresh_optimizer(state)  # a stage's start: nothing of the old optimizer is kept
+    assert not state.optimizer.state
+
+
+@pytest.mark.parametrize("clamp", [None, (0.0, 1.0)], ids=["no-clamp", "clamp"])
+def test_one_student_step_to_the_target_lands_where_two_teacher_steps_do(model, clamp):
+    """Exact algebra on the engine's own steps (`sampler.dpmpp_step`, order 1), every step of a 4-step student."""
+    abar = model.alphas_cumprod
+    mine, theirs = StepTable.of(abar, 4), StepTable.of(abar, 8)
+    student = get_sampler("dpmpp-2m").coefficients(abar, 4, STUDENT_SAMPLER)
+    teacher = get_sampler("dpmpp-2m").coefficients(abar, 8, STUDENT_SAMPLER)
+    assert [c.timestep for c in student] == mine.timestep.tolist() == theirs.timestep[::2].tolist()
+
+    def teacher_eps(x, t):  # any deterministic prediction, each row at its own timestep
+        return 0.9 * x.flip(-1) + t.view(-1, 1, 1, 1) / 1000
+
+    z = 3 * torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    i = torch.arange(4)
+    target = progressive_target(teacher_eps, z, i, mine, theirs, clamp)
+    for row in range(4):
+        x = z[row : row + 1]
+        for k in (2 * row, 2 * row + 1):
+            eps = teacher_eps(x, torch.tensor([teacher[k].timestep]))
+            x, _ = dpmpp_step(x, eps, None, (), teacher[k], 1.0, clamp)
+        coef, got = student[row], target[row : row + 1]
+        exact = (x - coef.a * z[row : row + 1]) / coef.b  # x_next = a z + b x0, solved for x0
+        torch.testing.assert_close(got, exact if clamp is None else exact.clamp(*clamp), rtol=1e-5, atol=1e-5)
+        # The student's one step, with the eps whose x0 is the target, lands on the teacher's two.
+        eps = (coef.x_scale * z[row : row + 1] - got) / coef.eps_scale
+        one, _ = dpmpp_step(z[row : row + 1], eps, None, (), coef, 1.0, clamp)
+        inside = clamp is None or bool(exact.ge(clamp[0]).all() and exact.le(clamp[1]).all())
+        if inside:
+            torch.testing.assert_close(one, x, rtol=1e-5, atol=1e-4 * max(1.0, coef.x_scale))
+
+
+def test_stages_need_nested_timesteps():
+    assert [s.name for s in stages(DistillConfig())] == ["guidance", "8 steps", "4 steps"]
+    assert [s.student_steps for s in stages(DistillConfig(start_steps=32, final_steps=1))] == [None, 16, 8, 4, 2, 1]
+    abar = np.linspace(0.9999, 0.0001, 1000)
+    check_nested(StepTable.of(abar, 4), StepTable.of(abar, 8))
+    with pytest.raises(GlyphEngineError, match="do not contain its 4-step ones"):
+        check_nested(StepTable.of(abar, 4), StepTable.of(abar, 6))
+    for bad in (DistillConfig(start_steps=12, final_steps=4), DistillConfig(start_steps=4, final_steps=4)):
+        with pytest.raises(GlyphEngineError, match="--start-steps must be --final-steps times a power of two"):
+            bad.validate()
+
+
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(ckpt_path, glyph_file, tmp_path):
+    _, whole = distill(ckpt_path, glyph_file, tmp_path / "whole", TINY, max_steps=3)
+    assert whole.stage == len(stages(TINY)) and [len(s) for s in whole.losses] == [1, 1]
+    # Stopped inside the guidance stage, then resumed across the stage's end.
+    _, part = distill(ckpt_path, glyph_file, tmp_path / "parts", TINY, max_steps=1)
+    assert (part.stage, part.step) == (0, 1) and (tmp_path / "parts" / STATE).is_file()
+    _, part = distill(ckpt_path, glyph_file, tmp_path / "parts", None, max_steps=3)
+    assert part.stage == whole.stage
+    for a, b in zip(whole.student.state_dict().values(), part.student.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for name in ("student-guidance.pt", "student-1-steps.pt"):
+        assert (tmp_path / "parts" / name).is_file()
+    with pytest.raises(GlyphEngineError, match=r"other settings \(--batch-size 4\)"):
+        distill(ckpt_path, glyph_file, tmp_path / "parts", replace(TINY, batch_size=8), max_steps=3)
