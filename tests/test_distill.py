@@ -15,7 +15,8 @@ from glyph_engine.samplers import get_sampler
 from glyph_engine.schedule import SamplerConfig, StepCoefficients
 from glyph_engine.training.dataset import GlyphSet, save_glyph_set
 from glyph_engine.training.distill import Distiller, distill, student_unet
-from glyph_engine.training.distill_state import STATE, DistillConfig, fresh_optimizer, new_state, stages
+from glyph_engine.training.distill_config import DistillConfig, stages
+from glyph_engine.training.distill_state import STATE, fresh_optimizer, new_state
 from glyph_engine.training.distill_targets import (
     STUDENT_SAMPLER,
     StepTable,

@@ -12,7 +12,7 @@ from glyph_engine.session import ModelSource, Session
 from glyph_engine.settings import GenerationSettings
 
 if TYPE_CHECKING:
-    from glyph_engine.training.distill_state import DistillConfig
+    from glyph_engine.training.distill_config import DistillConfig
 
 
 def run_train(
@@ -82,7 +82,8 @@ def run_distill(
     import shlex
 
     from glyph_engine.training.distill import distill, save_student
-    from glyph_engine.training.distill_state import STATE, stages
+    from glyph_engine.training.distill_config import stages
+    from glyph_engine.training.distill_state import STATE
 
     if steps is None and minutes is None:
         raise GlyphEngineError("give --steps and/or --minutes: how long to distil in this run.")

@@ -40,17 +40,15 @@ from glyph_engine.model import Glyffuser, guidance_labels
 from glyph_engine.pipeline import encode_prompts, unconditional_text
 from glyph_engine.settings import Precision
 from glyph_engine.training.dataset import GlyphSet, load_glyph_set
+from glyph_engine.training.distill_config import DistillConfig, Stage, stages
 from glyph_engine.training.distill_state import (
     STATE,
-    DistillConfig,
     DistillState,
-    Stage,
     fresh_optimizer,
     frozen_copy,
     load_state,
     new_state,
     save_state,
-    stages,
 )
 from glyph_engine.training.distill_targets import (
     STUDENT_SAMPLER,
