@@ -8,8 +8,10 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from PIL import Image
+from torch.profiler import ProfilerActivity, profile
 from typer.testing import CliRunner
 
+from glyph_engine import cpp_ext
 from glyph_engine.backend_factory import create_backend
 from glyph_engine.backends.pytorch import TorchBackend
 from glyph_engine.checkpoint import load_model, save_checkpoint
@@ -149,3 +151,17 @@ def test_a_checkpoint_with_unusable_sampling_defaults_is_refused(model, tmp_path
     save_checkpoint(dataclasses.replace(student_of(model), default_order=5), path)
     with pytest.raises(GlyphEngineError, match="sampling defaults generate cannot use"):
         load_model(path)
+
+
+@pytest.mark.skipif(not cpp_ext.available("cpu"), reason=f"fused op not built: {cpp_ext.status()}")
+def test_a_students_default_path_runs_the_fused_step(live_student_path, tmp_path):
+    """`generate --ckpt student.pt` with no sampling options, on the CPU default backend: the
+    student's steps (order 1) each dispatch the fused op once, as a glyffuser's do. (fp32:
+    the OpenVINO build the test above made; the step does not depend on the precision.)"""
+    args = ["generate", "metal", "-n", "2", "--ckpt", str(live_student_path), "--precision", "fp32"]
+    args += ["-o", str(tmp_path / "g.png")]
+    result = {}
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        result["r"] = CliRunner().invoke(app, args)
+    assert result["r"].exit_code == 0, result["r"].output
+    assert sum(e.count for e in prof.key_averages() if e.key == "glyph_engine::dpmpp_step") == STUDENT_STEPS
