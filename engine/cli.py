@@ -6,6 +6,7 @@ import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -16,6 +17,7 @@ from glyph_engine.errors import GlyphEngineError
 from glyph_engine.samplers import SAMPLERS, SamplerName
 from glyph_engine.schedule import SamplerConfig, Spacing
 from glyph_engine.settings import DEFAULT_STEPS, BackendName, GenerationSettings, Precision, StepImpl
+from glyph_engine.training.distill_config import DistillConfig
 
 app = typer.Typer(
     name="glyph-engine",
@@ -416,6 +418,71 @@ def train(
         _quiet_libraries()
         for line in run_train(
             data, workdir, steps, minutes, sample_every, save_every, not quiet and sys.stderr.isatty(), init
+        ):
+            typer.echo(line)
+
+
+_DISTILL = DistillConfig()
+
+
+@app.command()
+def distill(
+    teacher: Annotated[
+        Path, typer.Argument(help="The teacher: a glyph-engine checkpoint or a glyffuser diffusers folder.")
+    ],
+    out: Annotated[
+        Path, typer.Option("-o", "--out", help="The student, written once every stage is done (card: OUT.card.json).")
+    ] = Path("student.pt"),
+    data: Annotated[Path, typer.Option(help="Dataset from `glyph-engine dataset` (the teacher's size).")] = Path(
+        "glyphs.npz"
+    ),
+    workdir: Annotated[Path, typer.Option(help="Resumable state and each finished stage's student.")] = Path("distill"),
+    steps: Annotated[Optional[int], typer.Option(help="Stop at this many steps over all stages.")] = None,
+    minutes: Annotated[Optional[float], typer.Option(help="Stop after this many minutes (resume later).")] = None,
+    save_every: Annotated[int, typer.Option(help="Save the resumable state every N steps.")] = 100,
+    final_steps: Annotated[
+        Optional[int], typer.Option(help=f"Steps the student samples in [default: {_DISTILL.final_steps}].")
+    ] = None,
+    start_steps: Annotated[
+        Optional[int],
+        typer.Option(
+            help="DDIM steps of the guidance-distilled student that the first halving starts from "
+            f"[default: {_DISTILL.start_steps}]."
+        ),
+    ] = None,
+    guidance_steps: Annotated[
+        Optional[int], typer.Option(help=f"Steps of guidance distillation [default: {_DISTILL.guidance_steps}].")
+    ] = None,
+    stage_steps: Annotated[
+        Optional[int], typer.Option(help=f"Steps of each halving [default: {_DISTILL.stage_steps}].")
+    ] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help=f"Images per step [default: {_DISTILL.batch_size}].")] = (
+        None
+    ),
+    text_encoder: TextEncoderOption = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Distil TEACHER into a few-step student with guidance built in (one U-Net pass per step).
+
+    Guidance distillation, then progressive distillation halving the steps; resumes from
+    WORKDIR. Without the settings options, a resumed WORKDIR keeps its own.
+    """
+    with user_errors():
+        from glyph_engine.training.commands import run_distill
+
+        _quiet_libraries()
+        given = {
+            "final_steps": final_steps,
+            "start_steps": start_steps,
+            "guidance_steps": guidance_steps,
+            "stage_steps": stage_steps,
+            "batch_size": batch_size,
+        }
+        changes = {k: v for k, v in given.items() if v is not None}
+        config = replace(_DISTILL, **changes) if changes else None
+        progress = not quiet and sys.stderr.isatty()
+        for line in run_distill(
+            teacher, out, data, workdir, steps, minutes, save_every, progress, config, text_encoder
         ):
             typer.echo(line)
 
