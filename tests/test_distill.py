@@ -1,5 +1,6 @@
 """Distillation: the student's start, the guidance target, the progressive target, resume."""
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -167,3 +168,65 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(ckpt_path, glyph_fil
         assert (tmp_path / "parts" / name).is_file()
     with pytest.raises(GlyphEngineError, match=r"other settings \(--batch-size 4\)"):
         distill(ckpt_path, glyph_file, tmp_path / "parts", replace(TINY, batch_size=8), max_steps=3)
+
+
+def cli_distill(*args):
+    from typer.testing import CliRunner
+
+    from glyph_engine.cli import app
+
+    return CliRunner().invoke(app, ["distill", *map(str, args)])
+
+
+TINY_OPTIONS = ["--batch-size", 4, "--guidance-steps", 1, "--stage-steps", 1, "--start-steps", 2, "--final-steps", 1]
+
+
+def test_the_cli_writes_a_student_that_loads_with_its_sampling_defaults(ckpt_path, glyph_file, tmp_path):
+    from glyph_engine.checkpoint import load_model
+    from glyph_engine.pipeline import generate
+
+    out, workdir = tmp_path / "student.pt", tmp_path / "run"
+    result = cli_distill(ckpt_path, "-o", out, "--data", glyph_file, "--workdir", workdir, "--steps", 1, *TINY_OPTIONS)
+    assert result.exit_code == 0, result.output
+    assert "stage 2/2 (1 steps): step 0/1" in result.output and not out.exists()
+    result = cli_distill(ckpt_path, "-o", out, "--data", glyph_file, "--workdir", workdir, "--minutes", 5)
+    assert result.exit_code == 0, result.output
+    assert "a 1-step student" in result.output
+    student, teacher = load_model(out), load_model(ckpt_path)
+    assert student.guidance_embedding and not teacher.guidance_embedding
+    assert (student.default_steps, student.default_sampler, student.default_order) == (1, "dpmpp-2m", 1)
+    assert student.default_guidance == teacher.default_guidance and student.guidance_interval is None
+    assert (student.clamp_x0, student.center_noise) == (teacher.clamp_x0, teacher.center_noise)
+    card = json.loads(out.with_suffix(".card.json").read_text())
+    assert card["sha256"] == student.sha256 and card["default_steps"] == 1
+    images = generate(student, TorchBackend(student, "cpu", "fp32"), ["metal"], 2).images
+    assert images.shape == (2, *teacher.image_shape) and torch.isfinite(images).all()
+
+
+def flip_middle(path):
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 400] = bytes(b ^ 0xFF for b in data[middle : middle + 400])
+    path.write_bytes(data)
+
+
+def drop_optimizer(path):
+    payload = torch.load(path, weights_only=True)
+    del payload["optimizer"]
+    torch.save(payload, path)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [flip_middle, lambda p: p.write_bytes(p.read_bytes()[:5000]), drop_optimizer],
+    ids=["flipped", "truncated", "incomplete"],
+)
+def test_a_damaged_state_is_refused_in_one_line(ckpt_path, glyph_file, tmp_path, damage):
+    workdir = tmp_path / "run"
+    distill(ckpt_path, glyph_file, workdir, TINY, max_steps=1)
+    damage(workdir / STATE)
+    before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+    result = cli_distill(ckpt_path, "--data", glyph_file, "--workdir", workdir, "--steps", 2, "-o", tmp_path / "s.pt")
+    assert result.exit_code == 2 and result.output.startswith("error: ") and result.output.count("\n") == 1
+    assert f"{workdir / STATE} is damaged or incomplete" in result.output and "Traceback" not in result.output
+    assert {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == before
