@@ -157,6 +157,9 @@ def test_stages_need_nested_timesteps():
 def test_a_resumed_run_ends_where_an_uninterrupted_one_does(ckpt_path, glyph_file, tmp_path):
     _, whole = distill(ckpt_path, glyph_file, tmp_path / "whole", TINY, max_steps=3)
     assert whole.stage == len(stages(TINY)) and [len(s) for s in whole.losses] == [1, 1]
+    # Out of time before the first step: nothing is trained or written.
+    _, none = distill(ckpt_path, glyph_file, tmp_path / "parts", TINY, minutes=1e-9)
+    assert none.steps_done() == 0 and not (tmp_path / "parts" / STATE).exists()
     # Stopped inside the guidance stage, then resumed across the stage's end.
     _, part = distill(ckpt_path, glyph_file, tmp_path / "parts", TINY, max_steps=1)
     assert (part.stage, part.step) == (0, 1) and (tmp_path / "parts" / STATE).is_file()
