@@ -4,6 +4,7 @@ use these types. Light on purpose (no torch), so `glyph-engine --help` starts fa
 from __future__ import annotations
 
 import enum
+import logging
 import math
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
@@ -14,6 +15,8 @@ from glyph_engine.schedule import SamplerConfig
 
 if TYPE_CHECKING:
     from glyph_engine.model import Glyffuser
+
+logger = logging.getLogger(__name__)
 
 
 class BackendName(str, enum.Enum):
@@ -101,6 +104,14 @@ class GenerationSettings:
         # A student's own order (DDIM for one trained by progressive distillation) applies to
         # the sampler it was trained for.
         own_order = model.default_order if model.default_sampler in (None, sampler.name) else None
+        if model.default_steps is not None and _off_its_training(self, model, own_order):
+            logger.warning(
+                "this student was trained for %d %s steps at order %s with linspace spacing; other sampling "
+                "settings run outside what it learnt",
+                model.default_steps,
+                model.default_sampler or sampler.name,
+                model.default_order,
+            )
         guidance = model.default_guidance if self.guidance is None else self.guidance
         interval = model.guidance_interval if self.guidance_interval is None else self.guidance_interval
         return ResolvedSettings(
@@ -120,6 +131,18 @@ class GenerationSettings:
             center_noise=model.center_noise if self.center_noise is None else self.center_noise,
             step_impl=self.step_impl,
         )
+
+
+def _off_its_training(settings: GenerationSettings, model: Glyffuser, own_order: int | None) -> bool:
+    """Whether `settings` sample a distilled student otherwise than it was trained to."""
+    sampler = settings.sampler
+    return (
+        settings.steps not in (None, model.default_steps)
+        or own_order is None
+        or sampler.order not in (None, own_order)
+        or sampler.spacing != "linspace"
+        or sampler.karras_sigmas
+    )
 
 
 def resolved(settings: GenerationSettings | ResolvedSettings, model: Glyffuser) -> ResolvedSettings:

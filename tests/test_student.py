@@ -165,3 +165,20 @@ def test_a_students_default_path_runs_the_fused_step(live_student_path, tmp_path
         result["r"] = CliRunner().invoke(app, args)
     assert result["r"].exit_code == 0, result["r"].output
     assert sum(e.count for e in prof.key_averages() if e.key == "glyph_engine::dpmpp_step") == STUDENT_STEPS
+
+
+@pytest.mark.parametrize(
+    "settings, warned",
+    [
+        (GenerationSettings(), False),
+        (GenerationSettings(steps=STUDENT_STEPS, sampler=SamplerConfig(order=1)), False),
+        (GenerationSettings(steps=8), True),
+        (GenerationSettings(sampler=SamplerConfig(order=2)), True),
+        (GenerationSettings(sampler=SamplerConfig(spacing="trailing")), True),
+        (GenerationSettings(sampler=SamplerConfig(name="dpmpp-3m")), True),
+    ],
+    ids=["defaults", "its-own", "steps", "order", "spacing", "sampler"],
+)
+def test_sampling_a_student_off_its_training_warns(student_path, caplog, settings, warned):
+    settings.resolve(load_model(student_path))
+    assert ("outside what it learnt" in caplog.text) == warned
