@@ -17,8 +17,9 @@ from diffusers import UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 
 from glyph_engine.errors import GlyphEngineError
-from glyph_engine.files import atomic_path, zip_damage
+from glyph_engine.files import atomic_path
 from glyph_engine.training.distill_config import DistillConfig, option_name, stages
+from glyph_engine.training.train import read_state
 
 STATE = "distill_state.pt"
 FORMAT = "glyph-engine-distill-state"
@@ -104,15 +105,8 @@ def load_state(
 
 
 def _read_state(path: Path) -> dict[str, Any]:
-    # CRC-32s first (see zip_damage): a state with damaged weights would otherwise resume.
-    damage = zip_damage(path)
-    if damage is not None:
-        raise _unusable_state(path, damage)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - damaged bytes make the unpickler raise anything
-        raise _unusable_state(path, str(e).splitlines()[0] if str(e) else type(e).__name__) from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+    payload = read_state(path, _unusable_state, "distillation state")  # CRC-32s, weights_only, one line
+    if payload.get("format") != FORMAT:
         raise _unusable_state(path, "not a distillation state")
     return payload
 

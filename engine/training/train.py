@@ -196,7 +196,7 @@ def save_state(state: TrainState, workdir: Path) -> None:
 
 def load_state(workdir: Path, config: TrainConfig | None) -> TrainState:
     path = workdir / STATE
-    payload = _read_state(path)
+    payload = read_state(path, _unusable_state, "training state")
     if "radical_head" not in payload:
         raise GlyphEngineError(
             f"{path} predates the radical loss and cannot be resumed; go on from its checkpoint "
@@ -215,17 +215,19 @@ def load_state(workdir: Path, config: TrainConfig | None) -> TrainState:
         raise _unusable_state(path, " ".join(str(e).split())[:200]) from None
 
 
-def _read_state(path: Path) -> dict[str, Any]:
+def read_state(path: Path, unusable: Callable[[Path, str], GlyphEngineError], kind: str) -> dict[str, Any]:
+    """A resumable state's payload (train's or distill's, `kind` naming it), or
+    `unusable(path, reason)` raised."""
     # CRC-32s first (see zip_damage): a state with damaged weights would otherwise resume.
     damage = zip_damage(path)
     if damage is not None:
-        raise _unusable_state(path, damage)
+        raise unusable(path, damage)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - damaged bytes make the unpickler raise anything
-        raise _unusable_state(path, str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+        raise unusable(path, str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     if not isinstance(payload, dict):
-        raise _unusable_state(path, "not a training state")
+        raise unusable(path, f"not a {kind}")
     return payload
 
 
