@@ -504,11 +504,22 @@ def eval_(
     ),
     precision: PrecisionOption = Precision.auto,
     cache_dir: CacheDirOption = None,
+    against: Annotated[
+        Optional[Path],
+        typer.Option(
+            metavar="TEACHER",
+            help="Gate a distilled student (--ckpt) against its teacher, evaluated at the teacher's defaults; "
+            "exits 1 if the student fails.",
+        ),
+    ] = None,
 ) -> None:
     """Radical hit rate: how often "metal" draws glyphs whose nearest training glyph has 金.
 
     Also the share of broken samples (a grey page or speckle instead of ink on white); with
-    --backend/--precision, the quality of each inference path can be compared.
+    --backend/--precision, the quality of each inference path can be compared. With --against,
+    the quality gate of a student: every lift within 20% of the teacher's or higher, at least
+    as many prompts at 5x, broken share at most 1 point above, nearest-neighbour distance not
+    lower.
     """
     with user_errors():
         from glyph_engine.session import ModelSource
@@ -522,7 +533,11 @@ def eval_(
             sampler=SamplerConfig(name=sampler.value, order=order),
         )
         source = ModelSource(ckpt=ckpt, backend=backend, precision=precision, cache_dir=cache_dir)
-        typer.echo(run_eval(data, source, num_samples, settings))
+        teacher = None if against is None else replace(source, ckpt=against)
+        evaluation = run_eval(data, source, num_samples, settings, teacher)
+        typer.echo(evaluation.report)
+        if not evaluation.passed:
+            raise typer.Exit(1)
 
 
 @app.command()

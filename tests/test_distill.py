@@ -6,14 +6,17 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from glyph_engine.backends.pytorch import TorchBackend
+from glyph_engine.cli import app
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.model import guidance_labels
 from glyph_engine.pipeline import encode_prompts, guided_timesteps, unconditional_text
 from glyph_engine.sampler import dpmpp_step
 from glyph_engine.samplers import get_sampler
 from glyph_engine.schedule import SamplerConfig, StepCoefficients
+from glyph_engine.settings import DEFAULT_STEPS
 from glyph_engine.training.dataset import GlyphSet, save_glyph_set
 from glyph_engine.training.distill import Distiller, distill, student_unet
 from glyph_engine.training.distill_config import DistillConfig, stages
@@ -174,10 +177,6 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(ckpt_path, glyph_fil
 
 
 def cli_distill(*args):
-    from typer.testing import CliRunner
-
-    from glyph_engine.cli import app
-
     return CliRunner().invoke(app, ["distill", *map(str, args)])
 
 
@@ -204,6 +203,15 @@ def test_the_cli_writes_a_student_that_loads_with_its_sampling_defaults(ckpt_pat
     assert card["sha256"] == student.sha256 and card["default_steps"] == 1
     images = generate(student, TorchBackend(student, "cpu", "fp32"), ["metal"], 2).images
     assert images.shape == (2, *teacher.image_shape) and torch.isfinite(images).all()
+
+    # The gate evaluates both, each at its own defaults, and says so in its exit code.
+    gated = CliRunner().invoke(
+        app, ["eval", "--data", str(glyph_file), "--ckpt", str(out), "--against", str(ckpt_path), "-n", "2"]
+    )
+    assert gated.exit_code == (0 if "the student passes the gate" in gated.output else 1), gated.output
+    assert "dpmpp-2m order 1, linspace, 1 steps" in gated.output  # the student's defaults
+    assert f"dpmpp-2m order 2, linspace, {DEFAULT_STEPS} steps" in gated.output  # the teacher's
+    assert gated.output.count("\n- ") == 4 and "Caption gain" in gated.output
 
 
 def flip_middle(path):

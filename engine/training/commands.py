@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,7 +13,9 @@ from glyph_engine.session import ModelSource, Session
 from glyph_engine.settings import GenerationSettings
 
 if TYPE_CHECKING:
+    from glyph_engine.training.dataset import GlyphSet
     from glyph_engine.training.distill_config import DistillConfig
+    from glyph_engine.training.evaluate import RadicalResult
 
 
 def run_train(
@@ -123,21 +126,51 @@ def run_distill(
     ]
 
 
-def run_eval(data: Path, source: ModelSource, num_samples: int, settings: GenerationSettings) -> str:
-    """The radical hit rates and caption gain of `source`'s model on `data`, run as `generate` runs it."""
+@dataclass(frozen=True)
+class Evaluation:
+    report: str  # what `eval` prints
+    passed: bool = True  # False: a student failed its gate against the teacher
+
+
+def run_eval(
+    data: Path,
+    source: ModelSource,
+    num_samples: int,
+    settings: GenerationSettings,
+    teacher: ModelSource | None = None,
+) -> Evaluation:
+    """The radical hit rates and caption gain of `source`'s model on `data`, run as `generate`
+    runs it. With `teacher`: the teacher's too, at its own defaults, and the student's gate
+    (`student_gate`) against it."""
     from glyph_engine.training.dataset import load_glyph_set
-    from glyph_engine.training.evaluate import caption_gain, radical_hit_rates, table
+    from glyph_engine.training.student_gate import gate
 
     if num_samples < 1:
         raise GlyphEngineError(f"-n must be at least 1 (got {num_samples}).")
     settings.validate()
     source.check()
+    if teacher is not None:
+        teacher.check()
     glyphs = load_glyph_set(data)
+    report, results = _evaluate(source, glyphs, num_samples, settings)
+    if teacher is None:
+        return Evaluation(report)
+    teacher_report, teacher_results = _evaluate(teacher, glyphs, num_samples, GenerationSettings(seed=settings.seed))
+    verdict = gate(teacher_results, results)
+    text = f"Student ({source.checkpoint}):\n{report}\n\nTeacher ({teacher.checkpoint}):\n{teacher_report}\n\n{verdict}"
+    return Evaluation(text, verdict.passed)
+
+
+def _evaluate(
+    source: ModelSource, glyphs: GlyphSet, num_samples: int, settings: GenerationSettings
+) -> tuple[str, list[RadicalResult]]:
+    from glyph_engine.training.evaluate import caption_gain, radical_hit_rates, table
+
     model = source.load_model()
     resolved = settings.resolve(model)
-    session = Session.load(source, model=model)
-    backend = session.backend
-    rates = f"Backend: {backend.name} {backend.precision}\n\n" + table(
-        radical_hit_rates(model, backend, glyphs, num_samples, resolved)
-    )
-    return f"{rates}\n\n{caption_gain(model, backend, glyphs)}"
+    backend = Session.load(source, model=model).backend
+    results = radical_hit_rates(model, backend, glyphs, num_samples, resolved)
+    sampling = resolved.sampler.describe(resolved.schedule)
+    described = f"{sampling}, {resolved.steps} steps, guidance {resolved.guidance:g}"
+    report = f"Backend: {backend.name} {backend.precision}; {described}\n\n{table(results)}"
+    return f"{report}\n\n{caption_gain(model, backend, glyphs)}", results

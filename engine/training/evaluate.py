@@ -20,7 +20,7 @@ from glyph_engine.backends.base import Backend
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.model import Glyffuser
 from glyph_engine.pipeline import encode_prompts, generate, unconditional_text
-from glyph_engine.settings import GenerationSettings, ResolvedSettings
+from glyph_engine.settings import GUIDANCE_OFF, GenerationSettings, ResolvedSettings
 from glyph_engine.training.dataset import GlyphSet
 
 # Prompt -> Kangxi radical numbers (the radical and its variant forms share a number:
@@ -45,6 +45,7 @@ class RadicalResult:
     base_rate: float
     mean_nn_distance: float  # RMS pixel difference in [0, 1] to the nearest training glyph
     broken_share: float  # of samples that are a grey page or speckle (`is_broken`)
+    nn_distance_se: float = 0.0  # standard error of mean_nn_distance (its samples' spread / sqrt(n))
 
     @property
     def lift(self) -> float:
@@ -101,6 +102,7 @@ def radical_hit_rates(
                 float((glyphs.radicals == radical).mean()),
                 float(distance.mean()),
                 float(is_broken(images).mean()),
+                float(distance.std(ddof=1) / np.sqrt(len(distance))) if len(distance) > 1 else 0.0,
             )
         )
     return results
@@ -144,7 +146,7 @@ def caption_gain(
 ) -> CaptionGain:
     """Relative increase of the epsilon loss when `count` training glyphs lose their captions
     (the unconditional embedding instead), at noise levels where the glyph is half drawn.
-    About 0 for a model that ignores the prompt."""
+    About 0 for a model that ignores the prompt. A distilled student is asked unguided."""
     rng = np.random.default_rng(seed)
     index = rng.choice(len(glyphs), min(count, len(glyphs)), replace=False)
     x0 = torch.from_numpy(glyphs.images[index]).float().div(255).unsqueeze(1)
@@ -155,10 +157,11 @@ def caption_gain(
     uncond_text, uncond_mask = uncond_text.expand(len(index), -1, -1), uncond_mask.expand(len(index), -1)
     generator = torch.Generator().manual_seed(seed)
     with_caption = without = 0.0
+    guidance = GUIDANCE_OFF if model.guidance_embedding else None
     for t in timesteps:
         a = float(model.alphas_cumprod[t])
         noise = torch.randn(x0.shape, generator=generator).to(backend.device)
         noisy = a**0.5 * x0 + (1 - a) ** 0.5 * noise
-        with_caption += (backend.denoise(noisy, t, text, mask).float() - noise).pow(2).mean().item()
-        without += (backend.denoise(noisy, t, uncond_text, uncond_mask).float() - noise).pow(2).mean().item()
+        with_caption += (backend.denoise(noisy, t, text, mask, guidance).float() - noise).pow(2).mean().item()
+        without += (backend.denoise(noisy, t, uncond_text, uncond_mask, guidance).float() - noise).pow(2).mean().item()
     return CaptionGain(without / with_caption - 1, len(index), timesteps)
