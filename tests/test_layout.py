@@ -110,6 +110,10 @@ PUBLIC_MODULES = {
     "glyph_engine.cpu",
     "glyph_engine.quality",
     "glyph_engine.images",
+    # The radical evaluation and the student's gate, as `eval` runs them.
+    "glyph_engine.training.dataset",
+    "glyph_engine.training.evaluate",
+    "glyph_engine.training.student_gate",
 }
 
 

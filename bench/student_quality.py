@@ -1,0 +1,156 @@
+"""Quality against steps, teacher and distilled students, each row gated against the teacher.
+
+    python bench/student_quality.py --data glyphs.npz --student W/student-8-steps.pt \
+        --student W/student-4-steps.pt [--teacher CKPT] [-n 64] [--out docs/distill-quality]
+
+Rows: the teacher at --teacher-steps with its own sampler (DPM-Solver++(2M)) and at
+--solver-steps with the higher-order DPM-Solver++(3M) (a training-free reduction), and the
+students at --student-steps: at each count the student trained for it, else the most
+distilled one (its row says what it was trained for). Every row is `eval`'s radical
+evaluation (the same prompts and seeds) and the gate of `eval --against` against the
+teacher at its defaults. Writes OUT.md (table), OUT.json (every number, the CPU, the
+backend) and OUT.png (mean lift and broken share against steps, one line per model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from glyph_engine.cpu import cpu_info
+from glyph_engine.model import DEFAULT_CHECKPOINT
+from glyph_engine.schedule import SamplerConfig
+from glyph_engine.session import ModelSource, Session
+from glyph_engine.settings import GenerationSettings
+from glyph_engine.training.dataset import load_glyph_set
+from glyph_engine.training.evaluate import RadicalResult, radical_hit_rates
+from glyph_engine.training.student_gate import STRONG_LIFT, gate, mean_broken, mean_nn
+
+
+@dataclass(frozen=True)
+class Row:
+    line: str  # which curve of the plot: "teacher, dpmpp-2m", "student"
+    ckpt: Path
+    steps: int
+    sampler: str = "dpmpp-2m"
+    trained_steps: int | None = None  # a student's own step count
+
+
+def plan(args: argparse.Namespace) -> list[Row]:
+    rows = [Row("teacher, dpmpp-2m", args.teacher, s) for s in args.teacher_steps]
+    rows += [Row("teacher, dpmpp-3m", args.teacher, s, "dpmpp-3m") for s in args.solver_steps]
+    trained = {ModelSource(ckpt=p).load_model().default_steps: p for p in args.student}
+    if None in trained:
+        sys.exit(f"{trained[None]} records no default steps: it is not a distilled student.")
+    for s in args.student_steps:
+        own = s if s in trained else min(trained)
+        rows.append(Row("student", trained[own], s, trained_steps=own))
+    return rows
+
+
+def evaluate(row: Row, glyphs, n: int, source: ModelSource) -> tuple[list[RadicalResult], str]:
+    source = ModelSource(ckpt=row.ckpt, backend=source.backend, precision=source.precision)
+    session = Session.load(source)
+    settings = GenerationSettings(steps=row.steps, sampler=SamplerConfig(name=row.sampler)).resolve(session.model)
+    results = radical_hit_rates(session.model, session.backend, glyphs, n, settings)
+    return results, f"{session.backend.name} {session.backend.precision}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=Path("glyphs.npz"))
+    parser.add_argument("--teacher", type=Path, default=DEFAULT_CHECKPOINT)
+    parser.add_argument("--student", type=Path, action="append", default=[])
+    parser.add_argument("--teacher-steps", type=lambda s: [int(x) for x in s.split(",")], default=[5, 10, 20])
+    parser.add_argument("--solver-steps", type=lambda s: [int(x) for x in s.split(",") if x], default=[5, 10])
+    parser.add_argument("--student-steps", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8])
+    parser.add_argument("-n", type=int, default=64)
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--out", type=Path, default=Path("bench-results/distill-quality"))
+    args = parser.parse_args()
+    if not args.student:
+        parser.error("give at least one --student")
+
+    glyphs = load_glyph_set(args.data)
+    source = ModelSource(backend=args.backend, precision=args.precision)
+    reference_settings = ModelSource(ckpt=args.teacher).load_model()
+    reference_steps = GenerationSettings().resolve(reference_settings).steps
+    reference, backend = evaluate(Row("teacher, dpmpp-2m", args.teacher, reference_steps), glyphs, args.n, source)
+    records = []
+    for row in plan(args):
+        same = row.ckpt == args.teacher and row.steps == reference_steps and row.sampler == "dpmpp-2m"
+        results = reference if same else evaluate(row, glyphs, args.n, source)[0]
+        verdict = gate(reference, results)
+        records.append(
+            {
+                **{k: str(v) if isinstance(v, Path) else v for k, v in asdict(row).items()},
+                "mean_lift": statistics.mean(r.lift for r in results),
+                "strong_prompts": sum(r.lift >= STRONG_LIFT for r in results),
+                "broken": mean_broken(results),
+                "nn_distance": mean_nn(results)[0],
+                "gate": "reference" if same else ("pass" if verdict.passed else "fail"),
+                "failed_checks": [c.detail for c in verdict.checks if not c.passed],
+                "prompts": [asdict(r) | {"lift": r.lift} for r in results],
+            }
+        )
+        print(f"{row.line} at {row.steps}: {records[-1]['gate']}", file=sys.stderr)
+
+    cpu = cpu_info()
+    report = {"cpu": cpu.model, "cpu_flags": list(cpu.flags), "backend": backend, "n": args.n, "rows": records}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    args.out.with_suffix(".md").write_text(markdown(report))
+    plot(records, args.out.with_suffix(".png"))
+    print(markdown(report))
+
+
+def markdown(report: dict) -> str:
+    prompts = [p["prompt"] for p in report["rows"][0]["prompts"]]
+    head = "| model | steps | " + " | ".join(prompts) + f" | at {STRONG_LIFT:g}x | broken | NN distance | gate |"
+    lines = [
+        f"{report['n']} glyphs per prompt; lift of the radical over its base rate; {report['backend']} on "
+        f"{report['cpu']}.",
+        "",
+        head,
+        "| --- | ---: |" + " ---: |" * (len(prompts) + 3) + " --- |",
+    ]
+    for r in report["rows"]:
+        model = r["line"] + (f" (trained for {r['trained_steps']})" if r["trained_steps"] else "")
+        lifts = " | ".join(f"{p['lift']:.1f}x" for p in r["prompts"])
+        failed = f": {'; '.join(r['failed_checks'])}" if r["failed_checks"] else ""
+        lines.append(
+            f"| {model} | {r['steps']} | {lifts} | {r['strong_prompts']} | {r['broken']:.1%} | "
+            f"{r['nn_distance']:.3f} | {r['gate']}{failed} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (lift, broken) = plt.subplots(1, 2, figsize=(10, 4))
+    for line in dict.fromkeys(r["line"] for r in records):
+        rows = sorted((r for r in records if r["line"] == line), key=lambda r: r["steps"])
+        steps = [r["steps"] for r in rows]
+        lift.plot(steps, [r["mean_lift"] for r in rows], marker="o", label=line)
+        broken.plot(steps, [100 * r["broken"] for r in rows], marker="o", label=line)
+    for ax, label in ((lift, "mean radical lift (x)"), (broken, "broken samples (%)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sampler steps (one U-Net pass each for the student)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    lift.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
