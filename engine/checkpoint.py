@@ -30,7 +30,15 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.files import atomic_path, check_writable_file, sha256_file, zip_damage
-from glyph_engine.model import DEFAULT_TEXT_ENCODER, Glyffuser, embeds_guidance, image_shape_of, validate_configs
+from glyph_engine.model import (
+    DEFAULT_TEXT_ENCODER,
+    Glyffuser,
+    checkpoint_path,
+    embeds_guidance,
+    image_shape_of,
+    missing_checkpoint,
+    validate_configs,
+)
 from glyph_engine.schedule import SamplerConfig
 from glyph_engine.settings import GenerationSettings, check_guidance, valid_interval
 
@@ -45,12 +53,11 @@ FORMAT_VERSION = 1
 
 
 def load_model(source: str | Path, text_encoder: str | None = None) -> Glyffuser:
-    """Loads a glyffuser from a glyph-engine checkpoint file or a diffusers folder."""
-    path = Path(source)
+    """Loads a glyffuser from a glyph-engine checkpoint file, a diffusers folder or the short
+    name of an embedded model (`EMBEDDED_MODELS`)."""
+    path = checkpoint_path(source)
     if not path.exists():
-        raise GlyphEngineError(
-            f"checkpoint {path} does not exist; pass a glyph-engine checkpoint (.pt) or a glyffuser diffusers folder."
-        )
+        raise GlyphEngineError(missing_checkpoint(path))
     if path.is_dir():
         return load_diffusers_folder(path, text_encoder or DEFAULT_TEXT_ENCODER)
     if text_encoder is not None:
@@ -66,7 +73,7 @@ def source_sha256(source: str | Path, text_encoder: str | None = None) -> str:
     A checkpoint file's own sha256; for a diffusers folder, a hash over the U-Net config and
     weights, the scheduler config and the text encoder's name.
     """
-    path = Path(source)
+    path = checkpoint_path(source)
     if not path.is_dir():
         return sha256_file(path)
     digest = hashlib.sha256()

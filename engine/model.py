@@ -47,9 +47,26 @@ GLYFFUSER_SCHEDULER_CONFIG: dict[str, Any] = {
 }
 
 DEFAULT_TEXT_ENCODER = "google-t5/t5-small"
-# The small glyffuser trained on this project's machines, shipped inside the package.
-DEFAULT_CHECKPOINT = Path(__file__).parent / "models" / "glyffuser-small.pt"
+# The models shipped inside the package, by the short name `--ckpt` also takes. glyffuser-small:
+# the small glyffuser trained on this project's machines.
+EMBEDDED_MODELS: dict[str, Path] = {"glyffuser-small": Path(__file__).parent / "models" / "glyffuser-small.pt"}
+DEFAULT_MODEL = "glyffuser-small"
+DEFAULT_CHECKPOINT = EMBEDDED_MODELS[DEFAULT_MODEL]
 MAX_TEXT_LENGTH = 256  # the glyffuser's tokenizer max_length
+
+
+def checkpoint_path(source: str | Path) -> Path:
+    """`source` as a path: an embedded model's short name where no file or folder has that name."""
+    path = Path(source)
+    return EMBEDDED_MODELS.get(str(source), path) if not path.exists() else path
+
+
+def missing_checkpoint(path: Path) -> str:
+    return (
+        f"checkpoint {path} does not exist; pass a glyph-engine checkpoint (.pt), a glyffuser diffusers folder "
+        f"or an embedded model's name ({', '.join(EMBEDDED_MODELS)})."
+    )
+
 
 # Bounds on the config values that size what is built and allocated (image size, layer
 # counts, widths): far beyond any glyffuser (128px, 4 blocks of up to 512 channels, T5-small),

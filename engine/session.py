@@ -15,7 +15,7 @@ from glyph_engine.checkpoint import load_model
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.export_manifest import default_export_dir
 from glyph_engine.images import png_bytes, to_uint8
-from glyph_engine.model import DEFAULT_CHECKPOINT, Glyffuser
+from glyph_engine.model import DEFAULT_CHECKPOINT, Glyffuser, checkpoint_path, missing_checkpoint
 from glyph_engine.pipeline import Generation, Request, generate, generate_requests
 from glyph_engine.precision import choose
 from glyph_engine.settings import BackendName, GenerationSettings, Precision, ResolvedSettings
@@ -40,18 +40,15 @@ class ModelSource:
                 "no model given and no embedded model installed; pass --ckpt with a glyph-engine checkpoint (.pt) "
                 "or a glyffuser diffusers folder."
             )
-        if self.ckpt is not None and not self.ckpt.exists():
-            raise GlyphEngineError(
-                f"checkpoint {self.ckpt} does not exist; pass a glyph-engine checkpoint (.pt) or a glyffuser "
-                "diffusers folder."
-            )
+        if self.ckpt is not None and not self.checkpoint.exists():
+            raise GlyphEngineError(missing_checkpoint(self.ckpt))
         if self.backend is BackendName.tensorrt:
             choose(self.backend.value, "cuda", self.precision)  # its precisions are the same on every GPU
 
     # The defaults of the three paths, decided here only.
     @property
     def checkpoint(self) -> Path:
-        return self.ckpt or DEFAULT_CHECKPOINT
+        return DEFAULT_CHECKPOINT if self.ckpt is None else checkpoint_path(self.ckpt)
 
     @property
     def export_folder(self) -> Path:

@@ -252,6 +252,22 @@ def test_the_embedded_checkpoint_passes_its_checksums():
     assert zip_damage(DEFAULT_CHECKPOINT) is None
 
 
+def test_an_embedded_model_loads_by_its_short_name_unless_a_file_has_that_name(ckpt_path, tmp_path, monkeypatch):
+    from glyph_engine.model import EMBEDDED_MODELS
+    from glyph_engine.session import ModelSource
+
+    monkeypatch.chdir(tmp_path)
+    for name, path in EMBEDDED_MODELS.items():
+        assert ModelSource(ckpt=name).checkpoint == path
+        assert load_model(name).sha256 == load_model(path).sha256
+    name = next(iter(EMBEDDED_MODELS))
+    shutil.copy(ckpt_path, tmp_path / name)  # a file of that name here is what the user means
+    assert ModelSource(ckpt=name).checkpoint.resolve() == tmp_path / name
+    assert load_model(name).sha256 == load_model(ckpt_path).sha256
+    with pytest.raises(GlyphEngineError, match=f"an embedded model's name \\({name}"):
+        ModelSource(ckpt="no-such-model").check()
+
+
 def test_legacy_format_is_refused(ckpt_path, tmp_path):
     """PyTorch's pre-zip format has no checksums, so damage to it could not be caught."""
     path = tmp_path / "legacy.pt"
