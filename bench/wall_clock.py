@@ -1,6 +1,7 @@
 """Whole-process wall time of `glyph-engine generate "metal" -n 64` against the peer, interleaved.
 
-    python bench/wall_clock.py [--runs 3] [--guidance G] [--out bench-results/wall-clock.json]
+    python bench/wall_clock.py [--runs 3] [--guidance G] [--ckpt M] [--peer-ckpt T] \
+        [--out bench-results/wall-clock.json]
 
 Each round runs, one after another: the peer process (`bench/peer_process.py`), `generate`
 with an empty artifact cache (cold: the first run on a fresh machine, compiling included),
@@ -10,7 +11,10 @@ spreads the drift of a shared machine's speed over all three; medians are report
 every run's time is kept. Every process gets the same `--guidance` (default: the embedded
 model's own, what `generate` uses without the option); generate guides only the steps of
 the model's guidance interval, the peer every step. The CPU and its flags, and the
-guidance, are recorded with the results.
+guidance, are recorded with the results. generate runs `--ckpt` (default: the embedded
+default model, a distilled student where one passed its gate) at its own steps; the peer runs
+its teacher (`--peer-ckpt`, default the embedded glyffuser-small) at 20 steps, as the
+glyffuser samples.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from pathlib import Path
 
 from glyph_engine.checkpoint import load_model
 from glyph_engine.cpu import cpu_info
-from glyph_engine.model import DEFAULT_CHECKPOINT
+from glyph_engine.model import DEFAULT_CHECKPOINT, TEACHER_MODEL
 
 HERE = Path(__file__).resolve().parent
 
@@ -44,17 +48,22 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=64)
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--guidance", type=float, default=None, help="default: the embedded model's")
+    parser.add_argument("--ckpt", default=None, help="generate's model [default: the embedded default]")
+    parser.add_argument("--peer-ckpt", default=TEACHER_MODEL, help="the peer's (a teacher's) weights")
     parser.add_argument("--out", type=Path, default=Path("bench-results/wall-clock.json"))
     args = parser.parse_args()
+    model = load_model(args.ckpt or DEFAULT_CHECKPOINT)
+    teacher = load_model(args.peer_ckpt)
     # Decided once here and handed to every process: the peer and generate at the same scale.
-    guidance = load_model(DEFAULT_CHECKPOINT).default_guidance if args.guidance is None else args.guidance
+    guidance = model.default_guidance if args.guidance is None else args.guidance
 
     times: dict[str, list[float]] = {"peer": [], "cold": [], "warm": [], "torch eager": []}
     with tempfile.TemporaryDirectory() as tmp:
         image = str(Path(tmp) / "glyphs.png")
         shared = ["-n", str(args.n), "--guidance", str(guidance)]
-        peer = [sys.executable, str(HERE / "peer_process.py"), *shared]
-        generate = ["glyph-engine", "generate", "metal", *shared, "-o", image, "-q"]
+        peer = [sys.executable, str(HERE / "peer_process.py"), "--ckpt", args.peer_ckpt, *shared]
+        chosen = ["--ckpt", args.ckpt] if args.ckpt else []
+        generate = ["glyph-engine", "generate", "metal", *shared, *chosen, "-o", image, "-q"]
         for run in range(args.runs):
             cache = Path(tmp) / f"cache-{run}"
             env = {**os.environ, "GLYPH_ENGINE_CACHE": str(cache)}
@@ -73,6 +82,8 @@ def main() -> None:
         "cores": cpu.cores,
         "command": " ".join([*generate[:-3], "--precision", args.precision]),
         "guidance": guidance,  # the peer's and generate's; generate guides the steps of the model's interval
+        "model": {"source": model.source, "sha256": model.sha256, "steps": model.default_steps},
+        "peer_model": {"source": teacher.source, "sha256": teacher.sha256},
         "runs_s": times,
         "median_s": medians,
         "peer_over_warm": medians["peer"] / medians["warm"],

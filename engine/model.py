@@ -51,6 +51,7 @@ DEFAULT_TEXT_ENCODER = "google-t5/t5-small"
 # the small glyffuser trained on this project's machines.
 EMBEDDED_MODELS: dict[str, Path] = {"glyffuser-small": Path(__file__).parent / "models" / "glyffuser-small.pt"}
 DEFAULT_MODEL = "glyffuser-small"
+TEACHER_MODEL = "glyffuser-small"  # what every embedded student was distilled from: the peer's weights
 DEFAULT_CHECKPOINT = EMBEDDED_MODELS[DEFAULT_MODEL]
 MAX_TEXT_LENGTH = 256  # the glyffuser's tokenizer max_length
 

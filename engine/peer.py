@@ -22,6 +22,7 @@ import torch
 from diffusers import DPMSolverMultistepScheduler
 from torch import Tensor
 
+from glyph_engine.errors import GlyphEngineError
 from glyph_engine.model import Glyffuser, placed
 from glyph_engine.settings import GUIDANCE_OFF
 
@@ -42,6 +43,11 @@ class Peer:
     def __init__(self, model: Glyffuser, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
         """`device` None: where the model's U-Net is. There, in the model's dtype, the peer runs
         the model's own modules (never moved or cast); elsewhere, copies."""
+        if model.guidance_embedding:
+            raise GlyphEngineError(
+                f"{model.source} is a distilled student, which the glyffuser's loop cannot run; give the peer its "
+                "teacher's weights (the embedded glyffuser-small for the embedded students)."
+            )
         self.model = model
         self.device = torch.device(device) if device is not None else next(model.unet.parameters()).device
         self.dtype = dtype

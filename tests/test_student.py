@@ -182,3 +182,10 @@ def test_a_students_default_path_runs_the_fused_step(live_student_path, tmp_path
 def test_sampling_a_student_off_its_training_warns(student_path, caplog, settings, warned):
     settings.resolve(load_model(student_path))
     assert ("outside what it learnt" in caplog.text) == warned
+
+
+def test_the_peer_refuses_a_student_in_one_line(student_path):
+    from glyph_engine.peer import Peer
+
+    with pytest.raises(GlyphEngineError, match="distilled student.*teacher's weights"):
+        Peer(load_model(student_path))
