@@ -4,8 +4,9 @@
         --student W/student-4-steps.pt [--teacher CKPT] [-n 64] [--out docs/distill-quality]
 
 Rows: the teacher at --teacher-steps with its own sampler (DPM-Solver++(2M)) and at
---solver-steps with the higher-order DPM-Solver++(3M) (a training-free reduction), and the
-students at --student-steps: at each count the student trained for it, else the most
+--solver-steps with the higher-order DPM-Solver++(3M) (a training-free reduction), the
+guidance stage's student (one pass per step, no step distillation) at --teacher-steps, and
+the students at --student-steps: at each count the student trained for it, else the most
 distilled one (its row says what it was trained for). Every row is `eval`'s radical
 evaluation (the same prompts and seeds) and the gate of `eval --against` against the
 teacher at its defaults. Writes OUT.md (table), OUT.json (every number, the CPU, the
@@ -43,10 +44,12 @@ class Row:
 def plan(args: argparse.Namespace) -> list[Row]:
     rows = [Row("teacher, dpmpp-2m", args.teacher, s) for s in args.teacher_steps]
     rows += [Row("teacher, dpmpp-3m", args.teacher, s, "dpmpp-3m") for s in args.solver_steps]
+    if args.guidance_student:
+        rows += [Row("guidance-distilled, dpmpp-2m", args.guidance_student, s) for s in args.teacher_steps]
     trained = {ModelSource(ckpt=p).load_model().default_steps: p for p in args.student}
     if None in trained:
-        sys.exit(f"{trained[None]} records no default steps: it is not a distilled student.")
-    for s in args.student_steps:
+        sys.exit(f"{trained[None]} records no default steps: give a guidance stage's student as --guidance-student.")
+    for s in args.student_steps if trained else []:
         own = s if s in trained else min(trained)
         rows.append(Row("student", trained[own], s, trained_steps=own))
     return rows
@@ -65,6 +68,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("glyphs.npz"))
     parser.add_argument("--teacher", type=Path, default=DEFAULT_CHECKPOINT)
     parser.add_argument("--student", type=Path, action="append", default=[])
+    parser.add_argument("--guidance-student", type=Path, help="student-guidance.pt: rows at --teacher-steps")
     parser.add_argument("--teacher-steps", type=lambda s: [int(x) for x in s.split(",")], default=[5, 10, 20])
     parser.add_argument("--solver-steps", type=lambda s: [int(x) for x in s.split(",") if x], default=[5, 10])
     parser.add_argument("--student-steps", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8])
@@ -73,8 +77,8 @@ def main() -> None:
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--out", type=Path, default=Path("bench-results/distill-quality"))
     args = parser.parse_args()
-    if not args.student:
-        parser.error("give at least one --student")
+    if not args.student and not args.guidance_student:
+        parser.error("give at least one --student or --guidance-student")
 
     glyphs = load_glyph_set(args.data)
     source = ModelSource(backend=args.backend, precision=args.precision)
