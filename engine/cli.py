@@ -542,7 +542,13 @@ def eval_(
 
 @app.command()
 def bench(
-    ckpt: CkptOption = None,
+    ckpt: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Comma-separated checkpoints (.pt) or glyffuser diffusers folders measured side by side, e.g. "
+            "teacher.pt,student.pt; the peer runs the first teacher [default: the embedded model]."
+        ),
+    ] = None,
     text_encoder: TextEncoderOption = None,
     export_dir: ExportDirOption = None,
     backends: Annotated[
@@ -554,15 +560,23 @@ def bench(
         Optional[str],
         typer.Option(help=f"Comma-separated samplers to compare ({', '.join(SAMPLERS)}) [default: {_SAMPLER.name}]."),
     ] = None,
+    guidance: Annotated[
+        Optional[float],
+        typer.Option(
+            help="Guidance scale of the peer and every model; a student takes it as its input "
+            "[default: 1, unguided, as the published loop]."
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the results.")] = Path("bench-results"),
     repeats: Annotated[int, typer.Option(help="Timed runs per point (the median is kept).")] = 3,
     precision: PrecisionOption = Precision.auto,
     cache_dir: CacheDirOption = None,
 ) -> None:
-    """Measure images/s against steps for each backend and the glyffuser's own loop.
+    """Measure images/s against steps for each model and backend and the glyffuser's own loop.
 
     Writes results.json, results.csv, results.md and throughput.png (log-log, one line per
-    backend) with a description of the machine.
+    model and backend: a teacher's and a student's curves side by side) with a description
+    of the machine.
     """
     with user_errors():
         from glyph_engine.commands import run_bench
@@ -570,10 +584,8 @@ def bench(
 
         _quiet_libraries()
         report = lambda m: typer.echo(m, err=True)  # noqa: E731
-        source = ModelSource(
-            ckpt=ckpt, text_encoder=text_encoder, export_dir=export_dir, precision=precision, cache_dir=cache_dir
-        )
-        for line in run_bench(source, backends, batch, steps, sampler, out, repeats, report):
+        source = ModelSource(text_encoder=text_encoder, export_dir=export_dir, precision=precision, cache_dir=cache_dir)
+        for line in run_bench(source, ckpt, backends, batch, steps, sampler, guidance, out, repeats, report):
             typer.echo(line)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from glyph_engine import __version__
+from glyph_engine.backends.base import Backend
 from glyph_engine.backends.tensorrt import load_tensorrt, require_gpu
 from glyph_engine.cache import default_cache_dir
 from glyph_engine.cpu import cpu_info
@@ -199,48 +200,92 @@ def _int_list(text: str, option: str) -> tuple[int, ...]:
 
 def run_bench(
     source: ModelSource,
+    ckpts: str | None,
     backends: str | None,
     batch: str,
     steps: str,
     samplers: str | None,
+    guidance: float | None,
     out: Path,
     repeats: int,
     report: Callable[[str], None],
 ) -> list[str]:
     """Measures and writes results.json, .csv, .md and throughput.png into `out`.
 
-    The model and each backend load as `generate` loads them (`source`, with its backend
-    replaced by each benchmarked one), so ONNX Runtime and TensorRT read the same export.
+    `ckpts`: comma-separated checkpoints measured side by side (None: `source`'s model), the
+    peer on the first teacher among them. Each model and each backend load as `generate`
+    loads them (`source`, with its checkpoint and backend replaced by each benchmarked one),
+    so ONNX Runtime and TensorRT read the same export.
     """
-    from glyph_engine.benchmark import BenchConfig, result_paths, run_benchmark, write_results
+    from glyph_engine.benchmark import BenchConfig, BenchModel, peer_model, result_paths, run_benchmark, write_results
+    from glyph_engine.settings import check_guidance
 
     config = BenchConfig(
         batch_sizes=_int_list(batch, "--batch"),
         steps=_int_list(steps, "--steps"),
+        guidance=BenchConfig.guidance if guidance is None else guidance,
         samplers=_names(samplers, "--sampler") if samplers else BenchConfig.samplers,
         repeats=max(1, repeats),
     )
+    check_guidance(config.guidance, "--guidance")  # before models load, as the other options
     if max(config.batch_sizes) > MAX_IMAGES:  # generate's -n limit: a larger batch is a typo, not a plan
         raise GlyphEngineError(f"--batch must be from 1 to {MAX_IMAGES} images (got {max(config.batch_sizes)}).")
     if out.exists() and not out.is_dir():
         raise GlyphEngineError(f"--out {out} is a file; give a folder for the results.")
     result_paths(out)
-    source.check()
-    model = source.load_model()
-    for sampler in config.samplers:  # generate's --steps and --sampler rules, stated there
-        GenerationSettings(steps=max(config.steps), sampler=SamplerConfig(name=sampler)).resolve(model)
-    names = _names(backends, "--backends") if backends else [b.value for b in BackendName if b.value != "auto"]
+    sources = _bench_sources(source, ckpts)
+    for each in sources.values():
+        each.check()
+    models = {label: each.load_model() for label, each in sources.items()}
+    peer_model(models)  # a teacher for the peer, one image size: refused before minutes of backend builds
+    for model in models.values():
+        for sampler in config.samplers:  # generate's --steps, --guidance and --sampler rules, stated there
+            sampling = SamplerConfig(name=sampler)
+            GenerationSettings(steps=max(config.steps), guidance=config.guidance, sampler=sampling).resolve(model)
+    names = _names(backends, "--backends") if backends else tuple(b.value for b in BackendName if b.value != "auto")
+    benched = [
+        BenchModel(label, model, _bench_backends(sources[label], model, names, bool(backends), label, report))
+        for label, model in models.items()
+    ]
+    results = run_benchmark(benched, config, report)
+    paths = write_results(results, out)
+    return [f"wrote {p}" for p in paths]
+
+
+def _bench_sources(source: ModelSource, ckpts: str | None) -> dict[str, ModelSource]:
+    """Each benchmarked model's source by its label: `source` alone, or one per --ckpt."""
+    from glyph_engine.benchmark import model_labels
+
+    sources = [source] if ckpts is None else [replace(source, ckpt=Path(c)) for c in _names(ckpts, "--ckpt")]
+    if len(sources) > 1 and source.export_dir is not None:
+        raise GlyphEngineError(
+            "--export-dir holds one model's export; with several --ckpt leave it out, and each model's "
+            "backends read the export beside its checkpoint (NAME-export/)."
+        )
+    # Labelled by the file each loads: an embedded model's name and its file say the same.
+    labels = model_labels([each.checkpoint for each in sources])
+    return dict(zip(labels, sources, strict=True))
+
+
+def _bench_backends(
+    source: ModelSource,
+    model: Glyffuser,
+    names: tuple[str, ...],
+    asked: bool,
+    label: str,
+    report: Callable[[str], None],
+) -> dict[str, Backend]:
+    """The backends `names` that start for `model`; one that does not is skipped and reported,
+    unless it was `asked` for by name: then it is a reason to stop."""
     chosen = {}
     for name in names:
         try:
             chosen[name] = Session.load(replace(source, backend=name), model=model).backend
         except GlyphEngineError as e:
-            if backends:  # asked for by name: a reason to stop
+            if asked:
                 raise
-            report(f"{name}: skipped ({e})")
-    results = run_benchmark(model, chosen, config, report)
-    paths = write_results(results, out)
-    return [f"wrote {p}" for p in paths]
+            report(f"{label} {name}: skipped ({e})")
+    return chosen
 
 
 def _names(text: str, option: str) -> tuple[str, ...]:
