@@ -63,7 +63,10 @@ def _setup(
 # Options several commands share, each defined once.
 CkptOption = Annotated[
     Optional[Path],
-    typer.Option(help="glyph-engine checkpoint (.pt) or glyffuser diffusers folder [default: the embedded model]."),
+    typer.Option(
+        help="glyph-engine checkpoint (.pt), glyffuser diffusers folder or embedded model's name (`glyph-engine "
+        "info` lists them) [default: the embedded default model]."
+    ),
 ]
 TextEncoderOption = Annotated[
     Optional[str], typer.Option(help="T5 hub id or folder, for diffusers folders [default: google-t5/t5-small].")

@@ -22,7 +22,7 @@ from glyph_engine.cpu import cpu_info
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.files import check_writable_file
 from glyph_engine.images import check_folder_targets, grid, save_folder, save_png, to_uint8
-from glyph_engine.model import DEFAULT_CHECKPOINT, Glyffuser, unet_parameter_count
+from glyph_engine.model import DEFAULT_MODEL, EMBEDDED_MODELS, Glyffuser, unet_parameter_count
 from glyph_engine.pipeline import Generation
 from glyph_engine.schedule import SamplerConfig
 from glyph_engine.session import ModelSource, Session
@@ -135,8 +135,15 @@ def environment() -> list[tuple[str, str]]:
         ("artifact cache", str(default_cache_dir())),
         ("tensorrt", f"{trt.import_name} {trt.version}" if trt else "not installed"),
         *status_rows(),
-        ("embedded model", str(DEFAULT_CHECKPOINT) if DEFAULT_CHECKPOINT.is_file() else "not installed"),
+        *(
+            (f"embedded model {name}" + (" (default)" if name == DEFAULT_MODEL else ""), _installed(path))
+            for name, path in EMBEDDED_MODELS.items()
+        ),
     ]
+
+
+def _installed(path: Path) -> str:
+    return str(path) if path.is_file() else "not installed"
 
 
 def _forced_note() -> str:

@@ -194,6 +194,10 @@ def test_info(ckpt_path):
     assert "UNet2DConditionModel, 2.3M parameters" in result.output
     assert "32x32, 1 channel(s)" in result.output
     assert "[0, 1]" in result.output and "d_model 64" in result.output
+    from glyph_engine.model import DEFAULT_MODEL, EMBEDDED_MODELS
+
+    for name in EMBEDDED_MODELS:  # by the names --ckpt takes
+        assert f"embedded model {name}{' (default)' if name == DEFAULT_MODEL else ''} " in result.output
 
 
 def test_convert_round_trip(glyffuser_folder, t5_folder, tmp_path):
