@@ -146,7 +146,7 @@ def test_one_student_step_to_the_target_lands_where_two_teacher_steps_do(model, 
 
 
 def test_stages_need_nested_timesteps():
-    assert [s.name for s in stages(DistillConfig())] == ["guidance", "8 steps", "4 steps"]
+    assert [s.name for s in stages(DistillConfig())] == ["guidance", "16 steps", "8 steps", "4 steps"]
     assert [s.student_steps for s in stages(DistillConfig(start_steps=32, final_steps=1))] == [None, 16, 8, 4, 2, 1]
     abar = np.linspace(0.9999, 0.0001, 1000)
     check_nested(StepTable.of(abar, 4), StepTable.of(abar, 8))
