@@ -15,7 +15,14 @@ from glyph_engine.checkpoint import load_model
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.export_manifest import default_export_dir
 from glyph_engine.images import png_bytes, to_uint8
-from glyph_engine.model import DEFAULT_CHECKPOINT, Glyffuser, checkpoint_path, missing_checkpoint
+from glyph_engine.model import (
+    DEFAULT_CHECKPOINT,
+    DEFAULT_MODEL,
+    EMBEDDED_MODELS,
+    Glyffuser,
+    checkpoint_path,
+    missing_checkpoint,
+)
 from glyph_engine.pipeline import Generation, Request, generate, generate_requests
 from glyph_engine.precision import choose
 from glyph_engine.settings import BackendName, GenerationSettings, Precision, ResolvedSettings
@@ -49,6 +56,15 @@ class ModelSource:
     @property
     def checkpoint(self) -> Path:
         return DEFAULT_CHECKPOINT if self.ckpt is None else checkpoint_path(self.ckpt)
+
+    @property
+    def name(self) -> str:
+        """What users call the model: an embedded model's name, else the file's stem or the folder's name."""
+        if self.ckpt is None:
+            return DEFAULT_MODEL
+        if str(self.ckpt) in EMBEDDED_MODELS and not self.ckpt.exists():
+            return str(self.ckpt)
+        return self.ckpt.name if self.ckpt.is_dir() else self.ckpt.stem
 
     @property
     def export_folder(self) -> Path:

@@ -26,6 +26,8 @@ def fake_generation(request: Request) -> Generation:
 class FakeService:
     max_steps = 1000
     default_steps = 20
+    model_id = "fake-glyffuser"
+    size = "8x8"
 
     def __init__(self) -> None:
         self.calls: list[tuple[Request, BatchKey]] = []

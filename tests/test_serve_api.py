@@ -505,7 +505,8 @@ def test_a_replica_samples_with_serves_settings_and_the_requests_steps_and_guida
     from types import SimpleNamespace
 
     from glyph_engine.schedule import SamplerConfig
-    from glyph_engine.serve.deployment import GlyphServer, ReplicaConfig
+    from glyph_engine.serve.deployment import GlyphServer
+    from glyph_engine.serve.service import ReplicaConfig
     from glyph_engine.session import ModelSource
     from glyph_engine.settings import GenerationSettings
 
@@ -528,7 +529,8 @@ def test_a_replica_samples_with_serves_settings_and_the_requests_steps_and_guida
 def test_an_overflow_blames_the_clients_guidance_only_above_the_models(guidance, raised):
     from types import SimpleNamespace
 
-    from glyph_engine.serve.deployment import GlyphServer, ReplicaConfig
+    from glyph_engine.serve.deployment import GlyphServer
+    from glyph_engine.serve.service import ReplicaConfig
     from glyph_engine.session import ModelSource
 
     # The replica's run on a faked session: no model to load.

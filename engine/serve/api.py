@@ -1,8 +1,9 @@
 """The HTTP API of `glyph-engine serve`: request schema, limits, auth and error replies.
 
-No Ray here: `build_app` turns any `Service` into a FastAPI app, so the API is the same on
-Ray Serve and in tests, and `ProxyGuard` wraps Ray Serve's HTTP proxy in front of it. Every
-error reply is JSON `{"error": "..."}` with a sentence that says what to fix.
+No Ray here: `build_app` turns any `Service` into a FastAPI app (with the OpenAI images
+routes of `openai_api.py`), so the API is the same on Ray Serve and in tests, and
+`ProxyGuard` wraps Ray Serve's HTTP proxy in front of it. Every error reply is JSON
+`{"error": "..."}` (OpenAI's shape under /v1/) with a sentence that says what to fix.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from glyph_engine.errors import GlyphEngineError
 from glyph_engine.pipeline import Generation
 from glyph_engine.pipeline import Request as GlyphRequest
 from glyph_engine.serve.batcher import BatchKey, GuidanceTooStrong, Overloaded
+from glyph_engine.serve.openai_api import PREFIX as OPENAI_PREFIX
+from glyph_engine.serve.openai_api import add_openai_routes, openai_error
 from glyph_engine.settings import MAX_GUIDANCE
 from glyph_engine.text import check_prompts
 
@@ -69,6 +72,8 @@ class Service(Protocol):
 
     max_steps: int  # the model's training timesteps
     default_steps: int  # what a request without steps gets
+    model_id: str  # the model's name, as /v1/models lists it
+    size: str  # the glyphs' "WxH"
 
     def healthy(self) -> bool: ...
 
@@ -136,19 +141,23 @@ def build_app(service: Service, token: str | None) -> FastAPI:
         if token is not None and request.url.path not in open_paths:
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-                return error(
-                    401,
-                    "missing or wrong token; send the header 'Authorization: Bearer TOKEN' with serve's --token.",
-                    {"WWW-Authenticate": "Bearer"},
-                )
+                message = "missing or wrong token; send the header 'Authorization: Bearer TOKEN' with serve's --token."
+                headers = {"WWW-Authenticate": "Bearer"}
+                if request.url.path.startswith(OPENAI_PREFIX):  # an OpenAI client's API key
+                    return openai_error(401, message, code="invalid_api_key", headers=headers)
+                return error(401, message, headers)
         return await call_next(request)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        if request.url.path.startswith(OPENAI_PREFIX):
+            return openai_error(e.status_code, str(e.detail), headers=getattr(e, "headers", None))
         return error(e.status_code, str(e.detail), getattr(e, "headers", None))
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+    async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        if request.url.path.startswith(OPENAI_PREFIX):
+            return openai_error(400, _validation_message(e))
         return error(422, _validation_message(e))
 
     @app.get("/healthz", summary="200 once the model is loaded and the batcher runs")
@@ -198,6 +207,7 @@ def build_app(service: Service, token: str | None) -> FastAPI:
         images = [base64.b64encode(png).decode("ascii") for png in service.encode_png(result)]
         return JSONResponse({"images": images, "seeds": result.seeds})
 
+    add_openai_routes(app, service, MAX_IMAGES, _read_body)
     return app
 
 

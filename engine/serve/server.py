@@ -115,7 +115,8 @@ def run_serve(options: ServeOptions, report: Callable[[str], None]) -> None:
         from ray import serve
     except ImportError:
         raise GlyphEngineError("serving needs Ray Serve: pip install 'glyph-engine[serve]'.") from None
-    from glyph_engine.serve.deployment import GlyphServer, ReplicaConfig
+    from glyph_engine.serve.deployment import GlyphServer
+    from glyph_engine.serve.service import ReplicaConfig
 
     stop = threading.Event()
     local = options.address is None
