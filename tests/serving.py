@@ -1,4 +1,5 @@
-"""Helpers for tests that start `glyph-engine serve` or Ray jobs as real processes."""
+"""Helpers for tests that start `glyph-engine serve` or Ray jobs as real processes, or the
+HTTP API on a real server in this process."""
 
 from __future__ import annotations
 
@@ -8,11 +9,37 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
 import requests
+
+
+@contextmanager
+def in_process(service, token: str | None) -> Iterator[str]:
+    """The API app of `service` on a real uvicorn server on loopback, at an unused port; yields
+    its base URL."""
+    import uvicorn
+
+    from glyph_engine.serve.api import build_app
+
+    server = uvicorn.Server(uvicorn.Config(build_app(service, token), host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the test server did not start"
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
 
 
 def free_port() -> int:

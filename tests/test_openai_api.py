@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import base64
 import io
-import threading
 import time
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
 
 openai = pytest.importorskip("openai")
-uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("uvicorn")
 
 from PIL import Image  # noqa: E402
+from serving import in_process  # noqa: E402
 
 from glyph_engine.pipeline import Request  # noqa: E402
-from glyph_engine.serve.api import build_app  # noqa: E402
 from glyph_engine.serve.batcher import BatchConfig, BatchKey  # noqa: E402
 
 from fake_service import FakeService  # noqa: E402
@@ -25,29 +23,11 @@ from fake_service import FakeService  # noqa: E402
 TOKEN = "openai-test-token"
 
 
-@contextmanager
-def serving(service, token=TOKEN):
-    """The API app on a real uvicorn server on loopback, at an unused port; yields its base URL."""
-    server = uvicorn.Server(uvicorn.Config(build_app(service, token), host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the test server did not start"
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
 @pytest.fixture(scope="module")
 def fake():
     service = FakeService()
-    with serving(service) as url:
-        yield service, openai.OpenAI(base_url=url, api_key=TOKEN, max_retries=0)
+    with in_process(service, TOKEN) as url:
+        yield service, openai.OpenAI(base_url=url + "/v1", api_key=TOKEN, max_retries=0)
 
 
 def pixels(b64: str) -> np.ndarray:
@@ -137,8 +117,8 @@ def test_the_openai_client_draws_what_the_python_api_draws(which, glyffuser_fold
     else:
         options = {"ckpt": glyffuser_folder, "backend": "torch", "precision": "auto", "text_encoder": str(t5_folder)}
     service = ModelService(ReplicaConfig(ModelSource(**options), BatchConfig(), token=None), NoMetrics())
-    with serving(service, token=None) as url:
-        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+    with in_process(service, None) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         name = "glyffuser-small" if which == "embedded" else glyffuser_folder.name
         assert client.models.list().data[0].id == name
         reply = client.images.generate(model=name, prompt="water", n=2, extra_body={"steps": 3, "seed": 9})

@@ -14,11 +14,12 @@ import hmac
 import json
 import logging
 from collections import Counter
+from pathlib import Path
 from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
@@ -40,6 +41,8 @@ MAX_PROMPT_CHARS = 1000  # T5 truncates at its max length anyway; this bounds th
 MAX_BODY_BYTES = 16 * 1024
 MAX_SEED = 2**63 - 1
 TOO_LARGE = f"the request body is over {MAX_BODY_BYTES} bytes; send one prompt per request."
+# GET /: a page to type a prompt and see the glyphs (page.html: no external assets, no build step).
+_PAGE = (Path(__file__).parent / "page.html").read_text(encoding="utf-8")
 
 
 class GenerateBody(BaseModel):
@@ -134,7 +137,9 @@ def build_app(service: Service, token: str | None) -> FastAPI:
         version=__version__,
         description="Text-to-glyph diffusion: POST a prompt, get PNG glyphs. Concurrent requests share U-Net calls.",
     )
-    open_paths = {"/healthz", "/docs", "/openapi.json", "/docs/oauth2-redirect"}
+    # The page asks for the token itself; it holds no data.
+    open_paths = {"/", "/healthz", "/docs", "/openapi.json", "/docs/oauth2-redirect"}
+    page = _PAGE.replace("__TOKEN_REQUIRED__", "true" if token is not None else "false")
 
     @app.middleware("http")
     async def authorize(request: Request, call_next):
@@ -159,6 +164,10 @@ def build_app(service: Service, token: str | None) -> FastAPI:
         if request.url.path.startswith(OPENAI_PREFIX):
             return openai_error(400, _validation_message(e))
         return error(422, _validation_message(e))
+
+    @app.get("/", include_in_schema=False)
+    async def home() -> HTMLResponse:
+        return HTMLResponse(page)
 
     @app.get("/healthz", summary="200 once the model is loaded and the batcher runs")
     async def healthz() -> JSONResponse:

@@ -152,7 +152,7 @@ def run_serve(options: ServeOptions, report: Callable[[str], None]) -> None:
         except Exception as e:  # noqa: BLE001 - Ray wraps the replica's error; its message is what the user needs
             raise GlyphEngineError(f"the model server did not start: {first_line(e)}") from None
         url = f"http://{options.host}:{options.port}"
-        report(f"serving on {url} (POST /generate, GET /healthz, docs at {url}/docs)")
+        report(f"serving on {url}: a page at {url}/, POST /generate, OpenAI images API at /v1, docs at /docs")
         if local:
             report(f"metrics (Prometheus): http://127.0.0.1:{options.metrics_port}/metrics")
         report("stop with Ctrl-C or SIGTERM")
