@@ -29,9 +29,13 @@ def png_text(path: Path) -> dict[str, str]:
         return dict(image.text)
 
 
-def test_a_call_draws_what_generate_writes(pipe, ckpt_path, tmp_path):
+@pytest.mark.parametrize("which", ["checkpoint", "diffusers-folder"])
+def test_a_call_draws_what_generate_writes(which, pipe, ckpt_path, glyffuser_folder, t5_folder, tmp_path):
     grid_path, folder = tmp_path / "grid.png", tmp_path / "each"
     options = ["-n", 3, "--steps", 3, "--seed", 5, "--guidance", 6, "--backend", "torch", "--ckpt", ckpt_path]
+    if which == "diffusers-folder":
+        pipe = glyph_engine.load(glyffuser_folder, text_encoder=str(t5_folder), backend="torch")
+        options[-1:] = [glyffuser_folder, "--text-encoder", t5_folder]
     result = CliRunner().invoke(
         app, ["generate", "metal", "water; river", *map(str, options), "-o", str(grid_path), "--out-dir", str(folder)]
     )

@@ -48,15 +48,19 @@ class NoMetrics:
     def rejected(self) -> None: ...
 
 
-@pytest.fixture(scope="module")
-def served(ckpt_path):
+@pytest.fixture(scope="module", params=["embedded", "diffusers-folder"])
+def served(request, glyffuser_folder, t5_folder):
+    """The page's server on the embedded model and on a glyffuser folder; yields (URL, load options)."""
     from glyph_engine.serve.service import ModelService, ReplicaConfig
     from glyph_engine.session import ModelSource
 
-    source = ModelSource(ckpt=ckpt_path, backend="torch")
-    service = ModelService(ReplicaConfig(source, BatchConfig(), token=TOKEN), NoMetrics())
+    if request.param == "embedded":
+        options = {"ckpt": None, "backend": "auto", "precision": "fp32"}
+    else:
+        options = {"ckpt": glyffuser_folder, "backend": "torch", "precision": "auto", "text_encoder": str(t5_folder)}
+    service = ModelService(ReplicaConfig(ModelSource(**options), BatchConfig(), token=TOKEN), NoMetrics())
     with in_process(service, TOKEN) as url:
-        yield url
+        yield url, options
 
 
 def fill(driver, **fields):
@@ -66,12 +70,15 @@ def fill(driver, **fields):
         box.send_keys(str(value))
 
 
-def test_the_page_draws_glyphs_and_shows_the_servers_errors(browser, served, ckpt_path, tmp_path):
+def test_the_page_draws_glyphs_and_shows_the_servers_errors(browser, served, tmp_path):
     import glyph_engine
 
-    browser.get(served + "/")
+    url, options = served
+    pipe = glyph_engine.load(**options)
+    ran = f"{pipe.backend} {pipe.precision}"
+    browser.get(url + "/")
     assert browser.find_element(By.NAME, "token").is_displayed()  # this server needs one
-    WebDriverWait(browser, 30).until(lambda d: "torch fp32" in d.find_element(By.ID, "about").text)
+    WebDriverWait(browser, 30).until(lambda d: ran in d.find_element(By.ID, "about").text)
 
     fill(browser, prompt="water; river", n=3, steps=3, seed=7, token=TOKEN)
     browser.find_element(By.ID, "draw").click()
@@ -83,9 +90,9 @@ def test_the_page_draws_glyphs_and_shows_the_servers_errors(browser, served, ckp
     )
     assert all(i.is_displayed() and i.size["width"] > 0 for i in images)
     header = browser.find_element(By.CSS_SELECTOR, ".result h2").text
-    assert "water; river" in header and "3 glyphs, seed 7, torch fp32" in header and header.endswith(" s")
+    assert "water; river" in header and f"3 glyphs, seed 7, {ran}" in header and header.endswith(" s")
     # The glyphs are the server's for these settings, and each link saves its PNG.
-    expected = glyph_engine.load(ckpt_path, backend="torch")("water; river", n=3, steps=3, seed=7).array
+    expected = pipe("water; river", n=3, steps=3, seed=7).array
     links = browser.find_elements(By.CSS_SELECTOR, ".grid a")
     for link, pixels in zip(links, expected, strict=True):
         assert link.get_attribute("download").endswith(".png")
