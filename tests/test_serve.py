@@ -206,6 +206,17 @@ def test_token_is_required(server):
     assert server.post({"prompt": "metal", "steps": 2}).status_code == 200
 
 
+def test_the_page_and_the_openai_routes_are_served_on_ray(server):
+    page = requests.get(f"{server.url}/", timeout=30)
+    assert page.status_code == 200 and 'data-token-required="true"' in page.text
+    models = requests.get(f"{server.url}/v1/models", headers=server.headers, timeout=30).json()
+    body = {"model": models["data"][0]["id"], "prompt": "metal", "n": 2, "steps": 2}
+    reply = requests.post(f"{server.url}/v1/images/generations", json=body, headers=server.headers, timeout=60)
+    assert reply.status_code == 200 and [decode(d["b64_json"]).shape for d in reply.json()["data"]] == [(32, 32)] * 2
+    refused = requests.post(f"{server.url}/v1/images/generations", json=body, timeout=30)
+    assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+
+
 def test_killed_replica_fails_requests_fast_then_recovers(server):
     replica = find_process(server.process.pid, "ServeReplica")
 
