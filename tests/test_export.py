@@ -270,6 +270,7 @@ def test_second_export_does_no_work(exported, ckpt_path):
     assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.iterdir()} == before
 
 
+@pytest.mark.slow  # about 12 s (three exports): in `make test-slow`, which CI runs too
 def test_changed_options_or_checkpoint_rebuild(ckpt_path, tmp_path, model):
     out = tmp_path / "export"
     first, _ = export(ckpt_path, out, ExportOptions(precisions=("fp32",)))

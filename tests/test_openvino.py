@@ -193,6 +193,7 @@ def test_a_masked_bf16_cpu_runs_fp32(ckpt_path, tmp_path, monkeypatch, kind, exp
     ]
 
 
+@pytest.mark.slow  # about 11 s (two OpenVINO builds): in `make test-slow`, which CI runs too
 def test_cache_dir_flag_wins_over_the_environment(ckpt_path, tmp_path):
     folder = tmp_path / "flag-cache"
     args = ["generate", "metal", "-n", "1", "--steps", "2", "--ckpt", str(ckpt_path), "-o", str(tmp_path / "g.png")]
@@ -225,6 +226,7 @@ def test_quality_gate_unet_error_on_real_trajectories(embedded, artifact_cache, 
     assert len(errors) == 20 and low <= max(errors) <= limit, np.round(errors, 5)
 
 
+@pytest.mark.slow  # about 13 s (OpenVINO builds): in `make test-slow`, which CI runs too
 def test_unwritable_cache_generates_with_one_warning(ckpt_path, tmp_path, caplog):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")  # a cache inside a file can never be created

@@ -21,6 +21,7 @@ from serving import free_port, is_loopback, listening  # noqa: E402
 pytestmark = pytest.mark.ray
 
 
+@pytest.mark.slow  # about 20 s (a local Ray starts): in `make test-slow`, which CI runs too
 def test_bulk_on_a_local_ray_listens_on_loopback_only(ckpt_path, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("metal\nwater\n")
