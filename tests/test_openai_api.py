@@ -16,7 +16,7 @@ from PIL import Image  # noqa: E402
 from serving import in_process  # noqa: E402
 
 from glyph_engine.pipeline import Request  # noqa: E402
-from glyph_engine.serve.batcher import BatchConfig, BatchKey  # noqa: E402
+from glyph_engine.serve.batcher import BatchConfig, BatchKey, GuidanceTooStrong  # noqa: E402
 
 from fake_service import FakeService  # noqa: E402
 
@@ -82,7 +82,7 @@ def test_unsupported_values_are_4xx_in_openais_shape(fake, options, error, param
     assert words in raised.value.message
 
 
-def test_a_wrong_key_is_401_and_an_overload_503_with_retry_after(fake):
+def test_a_wrong_key_is_401_an_overload_503_and_too_strong_guidance_400(fake):
     service, client = fake
     with pytest.raises(openai.AuthenticationError) as raised:
         client.with_options(api_key="wrong").images.generate(prompt="metal")
@@ -94,6 +94,13 @@ def test_a_wrong_key_is_401_and_an_overload_503_with_retry_after(fake):
     finally:
         service.overloaded = False
     assert raised.value.status_code == 503 and raised.value.response.headers["retry-after"] == "7"
+    service.fails = GuidanceTooStrong(50.0, 4.0)
+    try:
+        with pytest.raises(openai.BadRequestError) as raised:
+            client.images.generate(prompt="metal", extra_body={"guidance": 50})
+    finally:
+        service.fails = None
+    assert raised.value.body["param"] == "guidance" and "50" in raised.value.message
 
 
 class NoMetrics:

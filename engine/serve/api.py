@@ -28,7 +28,8 @@ from glyph_engine import __version__
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.pipeline import Generation
 from glyph_engine.pipeline import Request as GlyphRequest
-from glyph_engine.serve.batcher import BatchKey, GuidanceTooStrong, Overloaded
+from glyph_engine.serve.batcher import BatchKey
+from glyph_engine.serve.draw import Refusal, draw
 from glyph_engine.serve.openai_api import PREFIX as OPENAI_PREFIX
 from glyph_engine.serve.openai_api import add_openai_routes, openai_error
 from glyph_engine.settings import MAX_GUIDANCE
@@ -202,17 +203,10 @@ def build_app(service: Service, token: str | None) -> FastAPI:
         parsed = _parse(body, service.max_steps)
         if isinstance(parsed, JSONResponse):
             return parsed
-        key = BatchKey(parsed.steps or service.default_steps, parsed.guidance)
-        try:
-            result = await service.generate(GlyphRequest(parsed.prompt, parsed.n, parsed.seed), key)
-        except Overloaded as e:
-            return error(503, f"{e}.", {"Retry-After": str(e.retry_after)})
-        except GuidanceTooStrong as e:
-            return error(422, f"invalid request: {e}.")
-        except GlyphEngineError as e:
-            return error(500, str(e))
-        except Exception as e:  # noqa: BLE001 - the batcher logged it; this run's clients get JSON, not a traceback
-            return error(500, f"sampling failed ({type(e).__name__}: {e}); the server log has the details.")
+        result = await draw(service, parsed.prompt, parsed.n, parsed.seed, parsed.steps, parsed.guidance)
+        if isinstance(result, Refusal):
+            message = f"invalid request: {result.message}" if result.status == 422 else result.message
+            return error(result.status, message, result.headers)
         images = [base64.b64encode(png).decode("ascii") for png in service.encode_png(result)]
         return JSONResponse({"images": images, "seeds": result.seeds})
 

@@ -20,8 +20,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from glyph_engine.errors import GlyphEngineError
-from glyph_engine.pipeline import Request as GlyphRequest
-from glyph_engine.serve.batcher import BatchKey, GuidanceTooStrong, Overloaded
+from glyph_engine.serve.draw import Refusal, draw
 from glyph_engine.settings import MAX_GUIDANCE
 from glyph_engine.text import check_prompts
 
@@ -94,17 +93,12 @@ def add_openai_routes(
         parsed = _parse(body, service, max_images)
         if isinstance(parsed, JSONResponse):
             return parsed
-        key = BatchKey(parsed.steps or service.default_steps, parsed.guidance)
-        try:
-            result = await service.generate(GlyphRequest(parsed.prompt, parsed.n, parsed.seed), key)
-        except Overloaded as e:
-            return openai_error(503, f"{e}.", code="overloaded", headers={"Retry-After": str(e.retry_after)})
-        except GuidanceTooStrong as e:
-            return openai_error(400, f"{e}.", param="guidance")
-        except GlyphEngineError as e:
-            return openai_error(500, str(e))
-        except Exception as e:  # noqa: BLE001 - the batcher logged it; the client gets JSON, not a traceback
-            return openai_error(500, f"sampling failed ({type(e).__name__}: {e}); the server log has the details.")
+        result = await draw(service, parsed.prompt, parsed.n, parsed.seed, parsed.steps, parsed.guidance)
+        if isinstance(result, Refusal):
+            # OpenAI says 400 for a bad value, whichever field: here the guidance was too strong.
+            status, param = (400, "guidance") if result.status == 422 else (result.status, None)
+            code = "overloaded" if result.status == 503 else None
+            return openai_error(status, result.message, param, code, result.headers)
         data = [{"b64_json": base64.b64encode(png).decode("ascii")} for png in service.encode_png(result)]
         return JSONResponse({"created": int(time.time()), "data": data})
 
