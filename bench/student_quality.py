@@ -146,8 +146,10 @@ def plot(records: list[dict], path: Path) -> None:
         steps = [r["steps"] for r in rows]
         lift.plot(steps, [r["mean_lift"] for r in rows], marker="o", label=line)
         broken.plot(steps, [100 * r["broken"] for r in rows], marker="o", label=line)
+    steps = sorted({r["steps"] for r in records})
     for ax, label in ((lift, "mean radical lift (x)"), (broken, "broken samples (%)")):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(steps, [str(s) for s in steps])
         ax.set_xlabel("sampler steps (one U-Net pass each for the student)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
