@@ -23,6 +23,18 @@ def fake_generation(request: Request) -> Generation:
     )
 
 
+class NoMetrics:
+    """A batcher's metrics, dropped: for real services served in-process."""
+
+    def sampling(self, images: int) -> None: ...
+
+    def batch_ran(self, images: int, seconds: float) -> None: ...
+
+    def queue_changed(self, images: int) -> None: ...
+
+    def rejected(self) -> None: ...
+
+
 class FakeService:
     max_steps = 1000
     default_steps = 20

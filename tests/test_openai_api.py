@@ -18,7 +18,7 @@ from serving import in_process  # noqa: E402
 from glyph_engine.pipeline import Request  # noqa: E402
 from glyph_engine.serve.batcher import BatchConfig, BatchKey, GuidanceTooStrong  # noqa: E402
 
-from fake_service import FakeService  # noqa: E402
+from fake_service import FakeService, NoMetrics  # noqa: E402
 
 TOKEN = "openai-test-token"
 
@@ -101,16 +101,6 @@ def test_a_wrong_key_is_401_an_overload_503_and_too_strong_guidance_400(fake):
     finally:
         service.fails = None
     assert raised.value.body["param"] == "guidance" and "50" in raised.value.message
-
-
-class NoMetrics:
-    def sampling(self, images: int) -> None: ...
-
-    def batch_ran(self, images: int, seconds: float) -> None: ...
-
-    def queue_changed(self, images: int) -> None: ...
-
-    def rejected(self) -> None: ...
 
 
 @pytest.mark.parametrize("which", ["embedded", "diffusers-folder"])

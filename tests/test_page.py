@@ -20,6 +20,8 @@ from serving import in_process  # noqa: E402
 
 from glyph_engine.serve.batcher import BatchConfig  # noqa: E402
 
+from fake_service import NoMetrics  # noqa: E402
+
 TOKEN = "page-test-token"
 CHROMEDRIVER = shutil.which("chromedriver")
 CHROMIUM = shutil.which("chromium")
@@ -36,16 +38,6 @@ def browser():
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
     yield driver
     driver.quit()
-
-
-class NoMetrics:
-    def sampling(self, images: int) -> None: ...
-
-    def batch_ran(self, images: int, seconds: float) -> None: ...
-
-    def queue_changed(self, images: int) -> None: ...
-
-    def rejected(self) -> None: ...
 
 
 @pytest.fixture(scope="module", params=["embedded", "diffusers-folder"])
