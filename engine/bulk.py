@@ -40,7 +40,7 @@ from glyph_engine.pipeline import Request
 from glyph_engine.ray_cluster import first_line, ray_init
 from glyph_engine.session import ModelSource, Session
 from glyph_engine.settings import GenerationSettings, ResolvedSettings
-from glyph_engine.text import check_prompts, tokenize
+from glyph_engine.text import PromptTokenizer, check_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -232,12 +232,12 @@ def _out_dir_errors(out_dir: Path) -> Iterator[None]:
         ) from None
 
 
-def _chunks(model_tokenizer, todo: Sequence[Glyph], max_length: int, size: int) -> Iterator[list[Glyph]]:
+def _chunks(tokenizer: PromptTokenizer, todo: Sequence[Glyph], size: int) -> Iterator[list[Glyph]]:
     """Glyphs to draw, in chunks of `size`, prompts of one token length together (they share U-Net calls)."""
     prompts = list(dict.fromkeys(g.prompt for g in todo))
     if not prompts:
         return
-    lengths = dict(zip(prompts, tokenize(model_tokenizer, prompts, max_length)[1].sum(1).tolist(), strict=True))
+    lengths = dict(zip(prompts, tokenizer(prompts)[1].sum(1).tolist(), strict=True))
     ordered = sorted(todo, key=lambda g: (lengths[g.prompt], g.index))
     for start in range(0, len(ordered), size):
         yield ordered[start : start + size]
@@ -296,7 +296,7 @@ def run_bulk(job: BulkJob) -> list[str]:
             with atomic_path(manifest, follow_symlinks=False) as tmp:
                 tmp.write_text(json.dumps({"job": header}) + "\n")
     todo = [g for g in glyphs if g.index not in done]
-    chunks = list(_chunks(model.tokenizer, todo, model.max_text_length, job.chunk_images))
+    chunks = list(_chunks(model.prompt_tokenizer, todo, job.chunk_images))
     with _out_dir_errors(job.out_dir):
         log = _open_for_append(manifest)
     with (

@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.files import atomic_path, check_writable_file, sha256_file, zip_damage
@@ -41,10 +40,11 @@ from glyph_engine.model import (
 )
 from glyph_engine.schedule import SamplerConfig
 from glyph_engine.settings import GenerationSettings, check_guidance, valid_interval
+from glyph_engine.text import PromptTokenizer
 
-if TYPE_CHECKING:  # building these imports diffusers and transformers' models: only on first use
+if TYPE_CHECKING:  # importing diffusers and transformers costs seconds: only on first use
     from diffusers import UNet2DConditionModel
-    from transformers import T5EncoderModel
+    from transformers import PreTrainedTokenizerBase, T5EncoderModel
 
 logger = logging.getLogger(__name__)
 
@@ -123,12 +123,15 @@ def load_checkpoint(path: Path) -> Glyffuser:
         )
     _check_sampling_defaults(path, default_steps, default_sampler, default_order)
     validate_configs(unet_config, text_config, scheduler_config)
-    tokenizer = tokenizer_from_files(tokenizer_files, str(path))  # small: checked before the big parts
+    # Small: checked before the big parts. The Hugging Face tokenizer (transformers) is built
+    # only where something needs it; the engine tokenizes with `tokenizers` alone.
+    prompt_tokenizer = prompt_tokenizer_from_files(tokenizer_files, str(path), max_length)
     return Glyffuser(
         unet_source=lambda: _build_unet(unet_config, unet_state, path),
         text_encoder_source=lambda: _build_text_encoder(text_config, text_state, path),
         image_shape=image_shape_of(unet_config),
-        tokenizer=tokenizer,
+        tokenizer_source=lambda: tokenizer_from_files(tokenizer_files, str(path)),
+        prompt_tokenizer_source=prompt_tokenizer,
         scheduler_config=scheduler_config,
         alphas_cumprod=_alphas_cumprod(scheduler_config),
         source=str(path),
@@ -290,29 +293,51 @@ def tokenizer_files(tokenizer: PreTrainedTokenizerBase) -> dict[str, bytes]:
         return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
 
 
-def tokenizer_from_files(files: Any, where: str) -> PreTrainedTokenizerBase:
-    """The tokenizer `tokenizer_files` stored (in the checkpoint or training state `where`)."""
+def _check_tokenizer_files(files: Any, where: str) -> dict[str, bytes]:
     if not isinstance(files, dict) or not files:
         raise GlyphEngineError(
             f"the tokenizer in {where} has no files; the file is damaged or was written wrongly: re-create it."
         )
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, data in files.items():
-            plain = isinstance(name, str) and name not in ("", "..") and Path(name).name == name
-            if not plain or not isinstance(data, bytes):
-                raise GlyphEngineError(
-                    f"tokenizer file name {name!r} in {where} is not a plain file name with bytes; "
-                    "the file is damaged or was written wrongly: re-create it."
-                )
-            (Path(tmp) / name).write_bytes(data)
-        try:
-            return AutoTokenizer.from_pretrained(tmp)
-        except Exception as e:  # noqa: BLE001 - transformers and sentencepiece raise many types on bad files
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    for name, data in files.items():
+        plain = isinstance(name, str) and name not in ("", "..") and Path(name).name == name
+        if not plain or not isinstance(data, bytes):
             raise GlyphEngineError(
-                f"the tokenizer in {where} cannot be loaded ({reason}); the file is damaged or was written "
-                "wrongly: re-create it."
-            ) from None
+                f"tokenizer file name {name!r} in {where} is not a plain file name with bytes; "
+                "the file is damaged or was written wrongly: re-create it."
+            )
+    return files
+
+
+@contextmanager
+def _unloadable_tokenizer(where: str) -> Iterator[None]:
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - transformers, tokenizers and sentencepiece raise many types on bad files
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise GlyphEngineError(
+            f"the tokenizer in {where} cannot be loaded ({reason}); the file is damaged or was written "
+            "wrongly: re-create it."
+        ) from None
+
+
+def tokenizer_from_files(files: Any, where: str) -> PreTrainedTokenizerBase:
+    """The Hugging Face tokenizer `tokenizer_files` stored (in the checkpoint or training state `where`)."""
+    from transformers import AutoTokenizer
+
+    files = _check_tokenizer_files(files, where)
+    with tempfile.TemporaryDirectory() as tmp, _unloadable_tokenizer(where):
+        for name, data in files.items():
+            (Path(tmp) / name).write_bytes(data)
+        return AutoTokenizer.from_pretrained(tmp)
+
+
+def prompt_tokenizer_from_files(files: Any, where: str, max_length: int) -> PromptTokenizer:
+    """The engine's tokenizer from the stored files: `tokenizers` alone where they hold a
+    tokenizer.json (every fast tokenizer saves one), else through the Hugging Face tokenizer."""
+    files = _check_tokenizer_files(files, where)
+    with _unloadable_tokenizer(where):
+        fast = PromptTokenizer.from_files(files, max_length)
+    return fast or PromptTokenizer.of(tokenizer_from_files(files, where), max_length)
 
 
 def _build_unet(config: dict[str, Any], state: dict[str, torch.Tensor], path: Path) -> UNet2DConditionModel:
@@ -424,7 +449,7 @@ def load_diffusers_folder(folder: Path, text_encoder: str = DEFAULT_TEXT_ENCODER
         unet_source=unet.float().eval(),
         text_encoder_source=encoder,
         image_shape=image_shape_of(unet.config),
-        tokenizer=tokenizer,
+        tokenizer_source=tokenizer,
         scheduler_config={k: v for k, v in scheduler_config.items() if not k.startswith("_")},
         alphas_cumprod=_alphas_cumprod(scheduler_config),
         source=str(folder),
@@ -443,7 +468,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def load_text_encoder(name_or_path: str) -> tuple[T5EncoderModel, PreTrainedTokenizerBase]:
     """The T5 encoder and its tokenizer, from a Hugging Face hub id or a local folder."""
-    from transformers import T5EncoderModel
+    from transformers import AutoTokenizer, T5EncoderModel
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)

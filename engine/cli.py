@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,14 +42,17 @@ def user_errors() -> Iterator[None]:
 
 
 def _quiet_libraries() -> None:
-    # Loading prints progress bars and advice from transformers/diffusers; ours suffice.
-    import diffusers
-    import transformers
+    """Loading prints progress bars and advice from transformers/diffusers; ours suffice.
 
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    diffusers.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
+    Through their environment variables, read when they are imported: importing them here
+    would cost seconds of a warm start that never needs them. A user's own setting wins.
+    """
+    for name, value in (
+        ("TRANSFORMERS_VERBOSITY", "error"),
+        ("DIFFUSERS_VERBOSITY", "error"),
+        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+    ):
+        os.environ.setdefault(name, value)
 
 
 @app.callback()

@@ -178,7 +178,7 @@ def describe(model: Glyffuser) -> list[tuple[str, str]]:
             "text encoder",
             f"T5 encoder, {t5.num_layers} layers, d_model {t5.d_model}, {text_params / 1e6:.1f}M parameters",
         ),
-        ("tokenizer", f"vocab {len(model.tokenizer)}, max length {model.max_text_length}"),
+        ("tokenizer", f"vocab {model.prompt_tokenizer.vocab_size}, max length {model.max_text_length}"),
         (
             "noise schedule",
             f"{schedule.get('num_train_timesteps', 1000)} steps, {schedule.get('beta_schedule', 'linear')} betas "

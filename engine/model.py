@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ if TYPE_CHECKING:  # importing diffusers and transformers' models takes seconds;
     from transformers import PreTrainedTokenizerBase, T5EncoderModel
 
 from glyph_engine.errors import GlyphEngineError
+from glyph_engine.text import PromptTokenizer
 
 # How the unconditional (guidance-free) text embedding is made:
 # "zeros": an all-zero embedding, as the glyffuser's author trains condition dropout;
@@ -105,16 +107,17 @@ MAX_BLOCKS = 8  # entries in a per-block list (block_out_channels, layers_per_bl
 class Glyffuser:
     """Everything needed to turn prompts into glyphs, whatever the file it came from.
 
-    The U-Net and the text encoder may be given as functions that build them: `unet` and
-    `text_encoder` build them on first use. A run whose compiled artifacts are cached never
-    touches the PyTorch modules, and so never pays for importing diffusers and building them
-    (seconds on a small CPU, most of a warm start).
+    The U-Net, the text encoder and the Hugging Face tokenizer may be given as functions that
+    build them: `unet`, `text_encoder` and `tokenizer` build them on first use. A run whose
+    compiled artifacts are cached never touches them, and so never pays for importing
+    diffusers and transformers (seconds on a small CPU, most of a warm start): it tokenizes
+    with `prompt_tokenizer`.
     """
 
     unet_source: UNet2DConditionModel | Callable[[], UNet2DConditionModel]
     text_encoder_source: T5EncoderModel | Callable[[], T5EncoderModel]
     image_shape: tuple[int, int, int]  # (C, H, W) the U-Net draws
-    tokenizer: PreTrainedTokenizerBase
+    tokenizer_source: PreTrainedTokenizerBase | Callable[[], PreTrainedTokenizerBase]
     scheduler_config: dict[str, Any]  # the training noise schedule (DDPMScheduler config)
     alphas_cumprod: np.ndarray  # of that schedule, as diffusers computes it
     source: str  # where it was loaded from, for messages
@@ -136,6 +139,8 @@ class Glyffuser:
     default_order: int | None = None
     max_text_length: int = MAX_TEXT_LENGTH
     metadata: dict[str, str] = field(default_factory=dict)  # free-form notes from the file
+    # The engine's tokenizer (`tokenizers` alone); None: made from `tokenizer` on first use.
+    prompt_tokenizer_source: PromptTokenizer | None = None
 
     @property
     def unet(self) -> UNet2DConditionModel:
@@ -148,6 +153,19 @@ class Glyffuser:
         if not isinstance(self.text_encoder_source, torch.nn.Module):
             self.text_encoder_source = self.text_encoder_source()
         return self.text_encoder_source
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The Hugging Face tokenizer: training, the peer and checkpoint writing use it."""
+        if inspect.isfunction(self.tokenizer_source):  # a tokenizer is callable too: only a function builds one
+            self.tokenizer_source = self.tokenizer_source()
+        return self.tokenizer_source
+
+    @property
+    def prompt_tokenizer(self) -> PromptTokenizer:
+        if self.prompt_tokenizer_source is None:
+            self.prompt_tokenizer_source = PromptTokenizer.of(self.tokenizer, self.max_text_length)
+        return self.prompt_tokenizer_source
 
 
 def image_shape_of(unet_config: Mapping[str, Any]) -> tuple[int, int, int]:

@@ -18,7 +18,6 @@ from glyph_engine.sampler import Predictor, initial_noise, sample_dpmpp
 from glyph_engine.schedule import StepCoefficients
 from glyph_engine.settings import GenerationSettings, ResolvedSettings, StepImpl, resolved
 from glyph_engine.step import select_step
-from glyph_engine.text import tokenize
 
 
 @dataclass(frozen=True)
@@ -45,7 +44,7 @@ def encode_prompts(model: Glyffuser, backend: Backend, prompts: Sequence[str]) -
     All prompts of a call share one padded length, so a prompt's images do not depend on
     how the call is split into batches (the U-Net's pooled text embedding sees padding).
     """
-    input_ids, mask = tokenize(model.tokenizer, prompts, model.max_text_length)
+    input_ids, mask = model.prompt_tokenizer(prompts)
     return backend.encode_text(input_ids, mask), mask.to(backend.device)
 
 
@@ -55,9 +54,9 @@ def unconditional_text(model: Glyffuser, backend: Backend, like: Tensor) -> tupl
     if model.unconditional == "zeros":
         # All keys equal: the mask has no effect, so attend to every position.
         return torch.zeros_like(like), torch.ones(1, length, dtype=torch.long, device=like.device)
-    input_ids, mask = tokenize(model.tokenizer, [""], model.max_text_length)
+    input_ids, mask = model.prompt_tokenizer([""])
     pad = length - input_ids.shape[1]
-    input_ids = torch.nn.functional.pad(input_ids, (0, pad), value=model.tokenizer.pad_token_id)
+    input_ids = torch.nn.functional.pad(input_ids, (0, pad), value=model.prompt_tokenizer.pad_id)
     mask = torch.nn.functional.pad(mask, (0, pad), value=0)
     return backend.encode_text(input_ids, mask), mask.to(like.device)
 
@@ -140,7 +139,7 @@ def generate_requests(
     `settings.seed` is ignored: each request has its own, and its Generation records it.
     """
     settings = resolved(settings, model)
-    lengths = [int(n) for n in tokenize(model.tokenizer, [r.prompt for r in requests], model.max_text_length)[1].sum(1)]
+    lengths = [int(n) for n in model.prompt_tokenizer([r.prompt for r in requests])[1].sum(1)]
     results: list[Generation | None] = [None] * len(requests)
     for length in dict.fromkeys(lengths):
         members = [i for i, n in enumerate(lengths) if n == length]

@@ -312,6 +312,7 @@ def set_tokenizer(**changes):
         (set_tokenizer(files=None), "tokenizer in .* has no files"),
         (set_tokenizer(files={"spiece.model": b"not a sentencepiece model"}), "tokenizer in .* cannot be loaded"),
         (set_tokenizer(files={"..": b"x"}), "not a plain file name"),
+        (set_tokenizer(files={"tokenizer.json": b"{not json"}), "tokenizer in .* cannot be loaded"),
         (lambda p: p["unet"].update(config="[1, 2]"), "incomplete"),
         (lambda p: p["unet"].update(state_dict=[1, 2]), "do not match its config"),
         (set_field("metadata", 5), "incomplete"),

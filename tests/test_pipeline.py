@@ -189,10 +189,9 @@ def test_centered_noise_has_zero_mean_per_image(model):
 
 def test_requests_share_calls_and_draw_what_each_draws_alone(model):
     from glyph_engine.pipeline import Request, generate_requests
-    from glyph_engine.text import tokenize
 
     requests = [Request("metal", 2, seed=5), Request("water", 1, seed=9), Request("a kind of fish", 1, seed=5)]
-    lengths = tokenize(model.tokenizer, [r.prompt for r in requests], model.max_text_length)[1].sum(1).tolist()
+    lengths = model.prompt_tokenizer([r.prompt for r in requests])[1].sum(1).tolist()
     assert lengths[0] == lengths[1] != lengths[2]  # two length groups
     backend = CountingBackend(model)
     settings = GenerationSettings(steps=3, guidance=3.0)

@@ -275,7 +275,7 @@ def to_glyffuser(state: TrainState, source: str) -> Glyffuser:
         unet_source=state.unet,
         text_encoder_source=state.text_encoder,
         image_shape=image_shape_of(state.unet.config),
-        tokenizer=state.tokenizer,
+        tokenizer_source=state.tokenizer,
         scheduler_config=dict(GLYFFUSER_SCHEDULER_CONFIG),
         alphas_cumprod=schedule.alphas_cumprod.numpy().astype(np.float64),
         source=source,

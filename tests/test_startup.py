@@ -1,0 +1,98 @@
+"""A warm start does only what drawing needs: no diffusers, no transformers, and a tokenizer
+that is transformers' own, driven through the `tokenizers` library alone."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import sentencepiece as spm
+import torch
+
+from glyph_engine.checkpoint import load_model, prompt_tokenizer_from_files, tokenizer_from_files
+from glyph_engine.model import DEFAULT_CHECKPOINT
+from glyph_engine.text import PromptTokenizer
+
+from factories import DEFINITIONS
+
+PROMPTS = [
+    "metal",
+    "a kind of fish; water",
+    "",
+    "Ünïcödé — 金 and emoji 🐟",
+    "  spaces   around  ",
+    " ".join(["river"] * 300),  # beyond max_length: truncated
+    "<pad> </s> <extra_id_3> as text",
+]
+
+
+def hugging_face_tokens(tokenizer, prompts, max_length):
+    tokens = tokenizer(list(prompts), padding="longest", max_length=max_length, truncation=True, return_tensors="pt")
+    return tokens["input_ids"], tokens["attention_mask"]
+
+
+@pytest.mark.parametrize("source", ["checkpoint", "diffusers-folder", "embedded"])
+@pytest.mark.parametrize("max_length", [256, 8])
+def test_prompt_tokenizer_equals_the_hugging_face_tokenizer(source, max_length, ckpt_path, glyffuser_folder, t5_folder):
+    path = {"checkpoint": ckpt_path, "diffusers-folder": glyffuser_folder, "embedded": DEFAULT_CHECKPOINT}[source]
+    model = load_model(path, str(t5_folder) if source == "diffusers-folder" else None)
+    model.max_text_length = max_length
+    model.prompt_tokenizer_source = None  # rebuilt at this length, from the checkpoint's own if it has one
+    if source != "diffusers-folder":
+        payload = torch.load(path, weights_only=True)
+        model.prompt_tokenizer_source = PromptTokenizer.from_files(payload["tokenizer"]["files"], max_length)
+        assert model.prompt_tokenizer_source is not None  # the fast path, not built from transformers
+    for prompts in (PROMPTS, PROMPTS[:2], PROMPTS[5:6]):
+        ids, mask = model.prompt_tokenizer(prompts)
+        want_ids, want_mask = hugging_face_tokens(model.tokenizer, prompts, max_length)
+        assert torch.equal(ids, want_ids) and torch.equal(mask, want_mask), prompts
+    assert model.prompt_tokenizer.pad_id == model.tokenizer.pad_token_id
+    assert model.prompt_tokenizer.vocab_size == len(model.tokenizer)
+
+
+def test_a_checkpoint_loads_without_transformers_until_asked(ckpt_path):
+    model = load_model(ckpt_path)
+    assert callable(model.tokenizer_source) and model.prompt_tokenizer_source is not None
+    ids, _ = model.prompt_tokenizer(["metal"])
+    assert ids.shape[0] == 1
+    assert model.tokenizer("metal")["input_ids"] == ids[0].tolist()  # built on first use
+
+
+def test_stored_files_without_tokenizer_json_go_through_transformers():
+    """A slow tokenizer's files (a sentencepiece model, no tokenizer.json): the engine's
+    tokenizer is made from the Hugging Face one transformers builds from them."""
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(DEFINITIONS * 10), model_writer=model, vocab_size=120, hard_vocab_limit=False,
+        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2,
+    )  # fmt: skip
+    files = {"spiece.model": model.getvalue(), "tokenizer_config.json": b'{"tokenizer_class": "T5Tokenizer"}'}
+    assert PromptTokenizer.from_files(files, 16) is None
+    engine = prompt_tokenizer_from_files(files, "test", 16)
+    want = hugging_face_tokens(tokenizer_from_files(files, "test"), PROMPTS, 16)
+    assert all(torch.equal(a, b) for a, b in zip(engine(PROMPTS), want, strict=True))
+
+
+def imported_modules(stderr: str) -> set[str]:
+    """Module names from `python -X importtime`'s report."""
+    return {m.group(1) for m in re.finditer(r"^import time:\s+\d+ \|\s+\d+ \|\s*(\S+)$", stderr, re.MULTILINE)}
+
+
+def test_a_warm_generate_imports_neither_diffusers_nor_transformers(tmp_path):
+    """Run as a user runs it: a fresh process, after one run has filled the compiled cache."""
+    command = [sys.executable, "-X", "importtime", "-m", "glyph_engine", "generate", "metal", "-n", "1", "--steps", "1"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    for run in ("cold", "warm"):
+        result = subprocess.run(
+            [*command, "-o", str(tmp_path / f"{run}.png")], capture_output=True, text=True, env=env, timeout=600
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+    modules = imported_modules(result.stderr)
+    assert {"glyph_engine.pipeline", "torch", "tokenizers"} <= modules  # the report was read
+    top_level = {m.split(".")[0] for m in modules}
+    assert not top_level & {"diffusers", "transformers"}, sorted(m for m in modules if m.startswith(("diff", "trans")))
+    assert (tmp_path / "warm.png").is_file()
