@@ -34,6 +34,7 @@ from glyph_engine.sampler import initial_noise
 from glyph_engine.samplers import DEFAULT_SAMPLER
 from glyph_engine.schedule import SamplerConfig
 from glyph_engine.settings import GUIDANCE_OFF, GenerationSettings
+from glyph_engine.startup import startup_markdown
 from glyph_engine.timing import matmul_peak, median_seconds
 
 PEER = "peer"  # the glyffuser's own loop
@@ -428,6 +429,8 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {p['steps']} | {p['images_per_s']:.2f} | {p['ratio_to_peer']:.2f}x | {p['unet_flops_per_s'] / 1e9:.1f} "
             f"| {percent(p['utilization'])} | {p['outside_unet_ms_per_step']:.1f} |"
         )
+    if results.get("startup") is not None:
+        lines += ["", startup_markdown(results["startup"])]
     return "\n".join(lines) + "\n"
 
 

@@ -578,12 +578,19 @@ def bench(
     repeats: Annotated[int, typer.Option(help="Timed runs per point (the median is kept).")] = 3,
     precision: PrecisionOption = Precision.auto,
     cache_dir: CacheDirOption = None,
+    fixed_cost: Annotated[
+        bool,
+        typer.Option(
+            help="Also time whole `generate -n 1 --steps 1` processes (warm and cold cache) against importing "
+            "torch, OpenVINO and numpy: the fixed cost per run, apart from the cost per image."
+        ),
+    ] = True,
 ) -> None:
     """Measure images/s against steps for each model and backend and the glyffuser's own loop.
 
     Writes results.json, results.csv, results.md and throughput.png (log-log, one line per
     model and backend: a teacher's and a student's curves side by side) with a description
-    of the machine.
+    of the machine, and the fixed cost of a process (imports, loading, compiling).
     """
     with user_errors():
         from glyph_engine.commands import run_bench
@@ -592,7 +599,9 @@ def bench(
         _quiet_libraries()
         report = lambda m: typer.echo(m, err=True)  # noqa: E731
         source = ModelSource(text_encoder=text_encoder, export_dir=export_dir, precision=precision, cache_dir=cache_dir)
-        for line in run_bench(source, ckpt, backends, batch, steps, sampler, guidance, out, repeats, report):
+        for line in run_bench(
+            source, ckpt, backends, batch, steps, sampler, guidance, out, repeats, report, fixed_cost
+        ):
             typer.echo(line)
 
 

@@ -216,13 +216,15 @@ def run_bench(
     out: Path,
     repeats: int,
     report: Callable[[str], None],
+    fixed_cost: bool = True,
 ) -> list[str]:
     """Measures and writes results.json, .csv, .md and throughput.png into `out`.
 
     `ckpts`: comma-separated checkpoints measured side by side (None: `source`'s model), the
     peer on the first teacher among them. Each model and each backend load as `generate`
     loads them (`source`, with its checkpoint and backend replaced by each benchmarked one),
-    so ONNX Runtime and TensorRT read the same export.
+    so ONNX Runtime and TensorRT read the same export. `fixed_cost`: also time whole `generate`
+    processes (imports, loading, compiling; `glyph_engine.startup`) on the first model.
     """
     from glyph_engine.benchmark import BenchConfig, BenchModel, peer_model, result_paths, run_benchmark, write_results
     from glyph_engine.settings import check_guidance
@@ -255,8 +257,25 @@ def run_bench(
         for label, model in models.items()
     ]
     results = run_benchmark(benched, config, report)
+    if fixed_cost:
+        from glyph_engine.startup import measure_startup
+
+        results["startup"] = measure_startup(_generate_options(next(iter(sources.values()))), config.repeats, report)
     paths = write_results(results, out)
     return [f"wrote {p}" for p in paths]
+
+
+def _generate_options(source: ModelSource) -> list[str]:
+    """`generate`'s options that load `source` as bench loaded it (its default backend)."""
+    options = ["--precision", source.precision.value]
+    for flag, value in (
+        ("--ckpt", source.ckpt),
+        ("--text-encoder", source.text_encoder),
+        ("--export-dir", source.export_dir),
+    ):
+        if value is not None:
+            options += [flag, str(value)]
+    return options
 
 
 def _bench_sources(source: ModelSource, ckpts: str | None) -> dict[str, ModelSource]:

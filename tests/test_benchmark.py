@@ -99,6 +99,14 @@ def test_bench_cli_writes_all_outputs(ckpt_path, tmp_path):
     image = np.asarray(Image.open(out / "throughput.png").convert("L"))
     assert image.shape[0] > 200 and image.std() > 10  # a drawn figure, not a blank
 
+    # The fixed cost, apart: whole generate processes on the benched model, against the imports.
+    startup = results["startup"]
+    assert {k: len(v) for k, v in startup["runs_s"].items()} == {"imports": 1, "warm": 1, "cold": 1}
+    assert all(v[0] > 0 for v in startup["runs_s"].values())
+    assert f"--ckpt {ckpt_path}" in startup["command"] and "-n 1 --steps 1" in startup["command"]
+    assert startup["warm_over_imports"] == pytest.approx(startup["median_s"]["warm"] / startup["median_s"]["imports"])
+    assert "## Fixed cost per process" in table and "| cold |" in table
+
 
 def test_bench_measures_a_teacher_and_its_student_side_by_side(
     ckpt_path, student_path, tmp_path, no_clock, monkeypatch
@@ -116,6 +124,7 @@ def test_bench_measures_a_teacher_and_its_student_side_by_side(
     monkeypatch.setattr(TorchBackend, "denoise", recorded)
     out = tmp_path / "results"
     args = ["bench", "--ckpt", f"{ckpt_path},{student_path}", "--backends", "torch", "--guidance", "4"]
+    args += ["--no-fixed-cost"]
     result = CliRunner().invoke(app, [*args, "--steps", "1,2", "--batch", "1,2", "--repeats", "1", "-o", str(out)])
     assert result.exit_code == 0, result.output
 
@@ -332,6 +341,7 @@ def test_bench_runs_a_diffusers_folder_offline_with_its_export(glyffuser_folder,
     out = tmp_path / "results"
     args = ["bench", "--ckpt", str(glyffuser_folder), "--text-encoder", str(t5_folder), "--export-dir", str(export_dir)]
     args += ["--backends", "torch,onnxruntime", "--steps", "1", "--batch", "2", "--repeats", "1", "-o", str(out)]
+    args += ["--no-fixed-cost"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())

@@ -96,3 +96,11 @@ def test_a_warm_generate_imports_neither_diffusers_nor_transformers(tmp_path):
     top_level = {m.split(".")[0] for m in modules}
     assert not top_level & {"diffusers", "transformers"}, sorted(m for m in modules if m.startswith(("diff", "trans")))
     assert (tmp_path / "warm.png").is_file()
+
+
+def test_the_fixed_cost_measurement_says_which_run_failed(tmp_path):
+    from glyph_engine.errors import GlyphEngineError
+    from glyph_engine.startup import measure_startup
+
+    with pytest.raises(GlyphEngineError, match="start-up measurement's .* failed: error: checkpoint .* does not exist"):
+        measure_startup(["--ckpt", str(tmp_path / "missing.pt")], repeats=1)
