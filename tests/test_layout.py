@@ -103,6 +103,7 @@ PUBLIC_MODULES = {
     "glyph_engine.step",
     "glyph_engine.backends.base",
     "glyph_engine.benchmark",
+    "glyph_engine.startup",
     "glyph_engine.peer",
     "glyph_engine.timing",
     "glyph_engine.checkpoint",
