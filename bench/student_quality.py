@@ -1,7 +1,8 @@
 """Quality against steps, teacher and distilled students, each row gated against the teacher.
 
     python bench/student_quality.py --data glyphs.npz --student W/student-8-steps.pt \
-        --student W/student-4-steps.pt [--teacher CKPT] [-n 64] [--out docs/distill-quality]
+        --student W/student-4-steps.pt [--teacher CKPT] [-n 64] [--out docs/distill-quality] \
+        [--keep docs/distill-quality.json]
 
 Rows: the teacher at --teacher-steps with its own sampler (DPM-Solver++(2M)) and at
 --solver-steps with the higher-order DPM-Solver++(3M) (a training-free reduction), the
@@ -11,6 +12,8 @@ distilled one (its row says what it was trained for). Every row is `eval`'s radi
 evaluation (the same prompts and seeds) and the gate of `eval --against` against the
 teacher at its defaults. Writes OUT.md (table), OUT.json (every number, the CPU, the
 backend) and OUT.png (mean lift and broken share against steps, one line per model).
+--keep PREVIOUS.json reuses the rows an earlier run measured (same model file, steps,
+sampler, -n and backend; the teacher's reference row included) instead of sampling them again.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import argparse
 import json
 import statistics
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from glyph_engine.cpu import cpu_info
@@ -63,6 +66,30 @@ def evaluate(row: Row, glyphs, n: int, source: ModelSource) -> tuple[list[Radica
     return results, f"{session.backend.name} {session.backend.precision}"
 
 
+def row_key(row: Row) -> tuple[str, str, int, str]:
+    return (row.line, str(row.ckpt), row.steps, row.sampler)
+
+
+def backend_of(source: ModelSource) -> str:
+    """What `evaluate` records as the backend: its name and precision as `source` resolves them."""
+    backend = Session.load(source).backend
+    return f"{backend.name} {backend.precision}"
+
+
+def kept_rows(path: Path, n: int, backend: str) -> dict[tuple[str, str, int, str], list[RadicalResult]]:
+    """An earlier run's results by row, if it sampled as this run does."""
+    report = json.loads(path.read_text())
+    if report["n"] != n or report["backend"] != backend:
+        sys.exit(f"{path} was measured with -n {report['n']} on {report['backend']}, not -n {n} on {backend}.")
+    fields = set(RadicalResult.__dataclass_fields__)
+    return {
+        (r["line"], r["ckpt"], r["steps"], r["sampler"]): [
+            RadicalResult(**{k: v for k, v in p.items() if k in fields}) for p in r["prompts"]
+        ]
+        for r in report["rows"]
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=Path("glyphs.npz"))
@@ -76,6 +103,7 @@ def main() -> None:
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--out", type=Path, default=Path("bench-results/distill-quality"))
+    parser.add_argument("--keep", type=Path, help="an earlier run's OUT.json: its rows are reused, not resampled")
     args = parser.parse_args()
     if not args.student and not args.guidance_student:
         parser.error("give at least one --student or --guidance-student")
@@ -84,11 +112,21 @@ def main() -> None:
     source = ModelSource(backend=args.backend, precision=args.precision)
     reference_settings = ModelSource(ckpt=args.teacher).load_model()
     reference_steps = GenerationSettings().resolve(reference_settings).steps
-    reference, backend = evaluate(Row("teacher, dpmpp-2m", args.teacher, reference_steps), glyphs, args.n, source)
+    reference_row = Row("teacher, dpmpp-2m", args.teacher, reference_steps)
+    kept = kept_rows(args.keep, args.n, backend_of(replace(source, ckpt=args.teacher))) if args.keep else {}
+    if row_key(reference_row) in kept:
+        reference, backend = kept[row_key(reference_row)], backend_of(replace(source, ckpt=args.teacher))
+    else:
+        reference, backend = evaluate(reference_row, glyphs, args.n, source)
     records = []
     for row in plan(args):
         same = row.ckpt == args.teacher and row.steps == reference_steps and row.sampler == "dpmpp-2m"
-        results = reference if same else evaluate(row, glyphs, args.n, source)[0]
+        if same:
+            results = reference
+        elif row_key(row) in kept:
+            results = kept[row_key(row)]
+        else:
+            results = evaluate(row, glyphs, args.n, source)[0]
         verdict = gate(reference, results)
         records.append(
             {
