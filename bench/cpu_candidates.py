@@ -28,12 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from glyph_engine.benchmark import unet_flops_per_image
 from glyph_engine.checkpoint import load_model
 from glyph_engine.cpu import cpu_info
 from glyph_engine.model import DEFAULT_CHECKPOINT
 from glyph_engine.quality import CALIBRATION_PROMPTS, GATE_PROMPTS, UNetCall, relative_errors, trajectory_calls
 from glyph_engine.session import ModelSource, Session
-from glyph_engine.benchmark import unet_flops_per_image
 from glyph_engine.timing import matmul_peak, median_seconds
 
 Run = Callable[[dict[str, np.ndarray]], np.ndarray]
