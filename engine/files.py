@@ -197,6 +197,32 @@ def _remove_if_unowned(folder: Path) -> bool:
     return True
 
 
+@contextmanager
+def working_in(folder: Path, command: str) -> Iterator[None]:
+    """Holds `folder` (created if missing) for one run of `command` (`glyph-engine distill`,
+    `train`): a second run on the same work folder would silently overwrite the first one's
+    state. An flock on the folder itself (no lock file is left), dropped by the kernel when the
+    process ends, however it ends."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:
+        raise GlyphEngineError(
+            f"cannot use {folder} as the work folder ({e.strerror or e}); give another --workdir."
+        ) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise GlyphEngineError(
+                f"another `glyph-engine {command}` is running in {folder}; wait for it to end (or stop it), "
+                "or give another --workdir."
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
 def check_writable_file(path: str | os.PathLike) -> Path:
     """Fails early, before minutes of work, if `path` cannot be written (as `atomic_path` would)."""
     path = Path(path)

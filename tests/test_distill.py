@@ -244,3 +244,23 @@ def test_a_damaged_state_is_refused_in_one_line(ckpt_path, glyph_file, tmp_path,
     assert result.exit_code == 2 and result.output.startswith("error: ") and result.output.count("\n") == 1
     assert f"{workdir / STATE} is damaged or incomplete" in result.output and "Traceback" not in result.output
     assert {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("command", ["distill", "train"])
+def test_a_second_run_on_a_busy_workdir_is_refused_in_one_line(ckpt_path, glyph_file, tmp_path, command):
+    """Two runs on one workdir would overwrite each other's state: the second stops at once."""
+    from glyph_engine.files import working_in
+
+    workdir = tmp_path / "run"
+    args = ["--data", glyph_file, "--workdir", workdir, "--steps", 1] if command == "distill" else []
+    with working_in(workdir, command):  # the first run, still going
+        if command == "distill":
+            result = cli_distill(ckpt_path, *args, "-o", tmp_path / "s.pt")
+        else:
+            train = ["train", "--data", str(glyph_file), "--workdir", str(workdir), "--steps", "1"]
+            result = CliRunner().invoke(app, train)
+        assert result.exit_code == 2 and result.output.startswith("error: ") and result.output.count("\n") == 1
+        assert f"another `glyph-engine {command}` is running in {workdir}" in result.output
+        assert list(workdir.iterdir()) == []  # nothing written
+    with working_in(workdir, command):  # free again once the first ends
+        pass

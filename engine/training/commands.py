@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from glyph_engine.errors import GlyphEngineError
-from glyph_engine.files import atomic_path, refuse_non_regular
+from glyph_engine.files import atomic_path, refuse_non_regular, working_in
 from glyph_engine.session import ModelSource, Session
 from glyph_engine.settings import GenerationSettings
 
@@ -46,7 +46,8 @@ def run_train(
             raise GlyphEngineError(f"{name} must be positive (got {value}).")
     for name in (STATE, "glyffuser.pt", "MODEL_CARD.json"):  # refused now rather than after the training
         refuse_non_regular(workdir / name)
-    state = train(data, workdir, None, steps, minutes, save_every, sample_every, progress, init=init)
+    with working_in(workdir, "train"):
+        state = train(data, workdir, None, steps, minutes, save_every, sample_every, progress, init=init)
     glyph_count = state.dataset_size
     card = {
         "command": "glyph-engine " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "train",
@@ -96,7 +97,8 @@ def run_distill(
     card_path = out.with_suffix(".card.json")
     for path in (workdir / STATE, out, card_path):  # refused now rather than after the training
         refuse_non_regular(path)
-    model, state = distill(teacher, data, workdir, config, steps, minutes, save_every, progress, text_encoder)
+    with working_in(workdir, "distill"):
+        model, state = distill(teacher, data, workdir, config, steps, minutes, save_every, progress, text_encoder)
     plan = stages(state.config)
     hours = round(state.seconds / 3600, 2)
     if state.stage < len(plan):
