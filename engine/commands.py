@@ -16,7 +16,6 @@ from tqdm import tqdm
 
 from glyph_engine import __version__
 from glyph_engine.backends.base import Backend
-from glyph_engine.backends.tensorrt import load_tensorrt, require_gpu
 from glyph_engine.cache import default_cache_dir
 from glyph_engine.cpu import cpu_info
 from glyph_engine.errors import GlyphEngineError
@@ -56,6 +55,8 @@ def _validate(request: GenerateRequest) -> None:
     request.settings.validate()
     request.source.check()
     if request.source.backend == BackendName.tensorrt:
+        from glyph_engine.backends.tensorrt import require_gpu  # only here: a CPU's warm start never needs it
+
         require_gpu()  # before loading anything
     if request.out is None and request.out_dir is None:
         raise GlyphEngineError("nothing to write; give --out and/or --out-dir.")
@@ -122,6 +123,8 @@ def environment() -> list[tuple[str, str]]:
         ov = openvino.__version__.split("-")[0]
     except ImportError:
         ov = "not installed (pip install openvino)"
+    from glyph_engine.backends.tensorrt import load_tensorrt
+
     trt = load_tensorrt()
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
     cpu = cpu_info()
