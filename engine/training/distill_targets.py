@@ -128,14 +128,11 @@ def progressive_target(
     """The x0 whose one student step from z (at its step i) lands where two teacher steps do
     (Salimans & Ho, Algorithm 2, on the engine's coefficients): x_next = a z + b x0, solved for x0.
 
-    `clamp` applies to the teacher's steps, as the engine samples it; the target itself is not
-    clamped. At the first steps b is ~0.005, so the target is the teacher's landing point
-    magnified 200 times: noisy (std ~2 on the embedded model), and the student regresses to its
-    mean. Clamped, that mean is pulled towards the middle of the range (0.59 instead of 0.95 at
-    the first step, measured), and a student trained on it drew every glyph on a grey page.
-    Unclamped, the mean is right, and the student's clamp when it samples keeps its x0 in range.
+    With the clamp, the student's x0 is clamped when it samples, so the nearest it can land
+    is the clamped target.
     """
     x = z
     for k in (2 * i, 2 * i + 1):
         x, _ = ddim_step(x, teacher_eps(x, teacher.timestep.to(z.device)[k]), teacher, k, clamp)
-    return (x - student.rows("a", i, z) * z) / student.rows("b", i, z)
+    target = (x - student.rows("a", i, z) * z) / student.rows("b", i, z)
+    return target if clamp is None else target.clamp(*clamp)
