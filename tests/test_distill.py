@@ -95,6 +95,18 @@ def test_the_guidance_target_is_the_engines_guided_prediction(model):
         torch.testing.assert_close(got[row : row + 1], expected, rtol=1e-4, atol=1e-5)
 
 
+def test_training_noise_is_plain_even_for_a_teacher_that_samples_from_centred_noise(model, glyph_file):
+    """Centred noise would make every noised image's mean alpha_t x exactly, a brightness cue
+    generation (mean 0) never gives: a student trained on it drew grey pages."""
+    from glyph_engine.training.dataset import load_glyph_set
+
+    model.center_noise = True
+    distiller = Distiller(model, load_glyph_set(glyph_file), replace(TINY, batch_size=16), torch.device("cpu"))
+    means = distiller.batch(0, 0).noise.mean(dim=(1, 2, 3))
+    # Plain N(0, 1) over 32x32 pixels: the means spread by 1/32; centred they would all be 0.
+    assert means.abs().max() > 0.01 and 0.5 / 32 < means.std() < 2 / 32
+
+
 def test_a_guidance_step_lowers_the_loss_against_the_guided_teacher(model, glyph_file):
     from glyph_engine.training.dataset import load_glyph_set
 
