@@ -3,6 +3,7 @@ zip checksums."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import glob
@@ -202,7 +203,9 @@ def working_in(folder: Path, command: str) -> Iterator[None]:
     """Holds `folder` (created if missing) for one run of `command` (`glyph-engine distill`,
     `train`): a second run on the same work folder would silently overwrite the first one's
     state. An flock on the folder itself (no lock file is left), dropped by the kernel when the
-    process ends, however it ends."""
+    process ends, however it ends. A folder made here and still empty when the run fails
+    (refused before it wrote anything) is removed again."""
+    made = not os.path.lexists(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
@@ -219,6 +222,11 @@ def working_in(folder: Path, command: str) -> Iterator[None]:
                 "or give another --workdir."
             ) from None
         yield
+    except BaseException:
+        if made:
+            with contextlib.suppress(OSError):  # not empty: the run wrote something worth keeping
+                folder.rmdir()
+        raise
     finally:
         os.close(fd)
 

@@ -65,9 +65,8 @@ def no_clock(monkeypatch):
 
 def test_bench_cli_writes_all_outputs(ckpt_path, tmp_path):
     out = tmp_path / "results"
-    result = CliRunner().invoke(
-        app, ["bench", "--ckpt", str(ckpt_path), "--steps", "1,2", "--batch", "4", "-o", str(out), "--repeats", "1"]
-    )
+    args = ["bench", "--ckpt", str(ckpt_path), "--steps", "1,2", "--batch", "4", "-o", str(out), "--repeats", "1"]
+    result = CliRunner().invoke(app, [*args, "--no-fixed-cost"])
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
     points = results["points"]
@@ -99,12 +98,22 @@ def test_bench_cli_writes_all_outputs(ckpt_path, tmp_path):
     image = np.asarray(Image.open(out / "throughput.png").convert("L"))
     assert image.shape[0] > 200 and image.std() > 10  # a drawn figure, not a blank
 
-    # The fixed cost, apart: whole generate processes on the benched model, against the imports.
-    startup = results["startup"]
+    assert "startup" not in results and "Fixed cost" not in table
+
+
+@pytest.mark.slow  # whole generate processes, one of them compiling: half a minute
+def test_bench_reports_the_fixed_cost_of_a_process_apart(ckpt_path, tmp_path):
+    """By default: warm and cold `generate` processes of the benched model against the bare imports."""
+    out = tmp_path / "results"
+    args = ["bench", "--ckpt", str(ckpt_path), "--backends", "torch", "--steps", "1", "--batch", "1"]
+    result = CliRunner().invoke(app, [*args, "--repeats", "1", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    startup = json.loads((out / "results.json").read_text())["startup"]
     assert {k: len(v) for k, v in startup["runs_s"].items()} == {"imports": 1, "warm": 1, "cold": 1}
     assert all(v[0] > 0 for v in startup["runs_s"].values())
     assert f"--ckpt {ckpt_path}" in startup["command"] and "-n 1 --steps 1" in startup["command"]
     assert startup["warm_over_imports"] == pytest.approx(startup["median_s"]["warm"] / startup["median_s"]["imports"])
+    table = (out / "results.md").read_text()
     assert "## Fixed cost per process" in table and "| cold |" in table
 
 
