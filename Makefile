@@ -31,7 +31,7 @@ install-test: system-data
 # int8 calibration, 1000 steps, Ray chunks lost, the embedded model's broken samples, TensorRT-RTX builds) are `make test-slow` (about 6 minutes more), the CPU-kind runs `make test-cpu-kinds`. CI (.ci/run)
 # runs all three.
 test: install-test
-	$(PYTHON) -m pytest -m "not slow"
+	$(PYTHON) -m pytest -m "not slow" --durations=25
 
 test-slow: install-test
 	$(PYTHON) -m pytest -m slow
