@@ -70,6 +70,7 @@ def test_first_run_builds_later_runs_read(model, tmp_path, build_count):
     torch.testing.assert_close(images[0], images[1], atol=0, rtol=0)
 
 
+@pytest.mark.slow  # about 12 s (two OpenVINO builds); the cache's damage handling is unit-tested in test_cache
 def test_damaged_entry_is_rebuilt(model, tmp_path, build_count, caplog):
     cache = ArtifactCache(tmp_path)
     create_backend("openvino", model, precision="fp32", cache=cache)
