@@ -19,7 +19,7 @@ import math
 import pickle
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -125,12 +125,12 @@ def load_checkpoint(path: Path) -> Glyffuser:
     validate_configs(unet_config, text_config, scheduler_config)
     # Small: checked before the big parts. The Hugging Face tokenizer (transformers) is built
     # only where something needs it; the engine tokenizes with `tokenizers` alone.
-    prompt_tokenizer = prompt_tokenizer_from_files(tokenizer_files, str(path), max_length)
+    tokenizer, prompt_tokenizer = tokenizer_sources(tokenizer_files, str(path), max_length)
     return Glyffuser(
         unet_source=lambda: _build_unet(unet_config, unet_state, path),
         text_encoder_source=lambda: _build_text_encoder(text_config, text_state, path),
         image_shape=image_shape_of(unet_config),
-        tokenizer_source=lambda: tokenizer_from_files(tokenizer_files, str(path)),
+        tokenizer_source=tokenizer,
         prompt_tokenizer_source=prompt_tokenizer,
         scheduler_config=scheduler_config,
         alphas_cumprod=_alphas_cumprod(scheduler_config),
@@ -322,22 +322,32 @@ def _unloadable_tokenizer(where: str) -> Iterator[None]:
 
 def tokenizer_from_files(files: Any, where: str) -> PreTrainedTokenizerBase:
     """The Hugging Face tokenizer `tokenizer_files` stored (in the checkpoint or training state `where`)."""
+    return _hugging_face_tokenizer(_check_tokenizer_files(files, where), where)
+
+
+def tokenizer_sources(
+    files: Any, where: str, max_length: int
+) -> tuple[PreTrainedTokenizerBase | Callable[[], PreTrainedTokenizerBase], PromptTokenizer | None]:
+    """The Hugging Face tokenizer (or a function that builds it) and the engine's tokenizer
+    for `Glyffuser.tokenizer_source` / `prompt_tokenizer_source`. Files with a tokenizer.json
+    (every fast tokenizer saves one) give the engine's tokenizer from `tokenizers` alone and
+    leave transformers for first use; a slow tokenizer's files need transformers now, built
+    once, and the engine's tokenizer is made from it on first use."""
+    files = _check_tokenizer_files(files, where)
+    with _unloadable_tokenizer(where):
+        fast = PromptTokenizer.from_files(files, max_length)
+    if fast is None:
+        return _hugging_face_tokenizer(files, where), None
+    return (lambda: _hugging_face_tokenizer(files, where)), fast
+
+
+def _hugging_face_tokenizer(files: dict[str, bytes], where: str) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
-    files = _check_tokenizer_files(files, where)
     with tempfile.TemporaryDirectory() as tmp, _unloadable_tokenizer(where):
         for name, data in files.items():
             (Path(tmp) / name).write_bytes(data)
         return AutoTokenizer.from_pretrained(tmp)
-
-
-def prompt_tokenizer_from_files(files: Any, where: str, max_length: int) -> PromptTokenizer:
-    """The engine's tokenizer from the stored files: `tokenizers` alone where they hold a
-    tokenizer.json (every fast tokenizer saves one), else through the Hugging Face tokenizer."""
-    files = _check_tokenizer_files(files, where)
-    with _unloadable_tokenizer(where):
-        fast = PromptTokenizer.from_files(files, max_length)
-    return fast or PromptTokenizer.of(tokenizer_from_files(files, where), max_length)
 
 
 def _build_unet(config: dict[str, Any], state: dict[str, torch.Tensor], path: Path) -> UNet2DConditionModel:

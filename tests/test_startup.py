@@ -13,7 +13,7 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from glyph_engine.checkpoint import load_model, prompt_tokenizer_from_files, tokenizer_from_files
+from glyph_engine.checkpoint import load_model, tokenizer_from_files
 from glyph_engine.model import DEFAULT_CHECKPOINT
 from glyph_engine.text import PromptTokenizer
 
@@ -62,9 +62,9 @@ def test_a_checkpoint_loads_without_transformers_until_asked(ckpt_path):
     assert model.tokenizer("metal")["input_ids"] == ids[0].tolist()  # built on first use
 
 
-def test_stored_files_without_tokenizer_json_go_through_transformers():
+def test_stored_files_without_tokenizer_json_go_through_transformers_once(monkeypatch, tmp_path, ckpt_path):
     """A slow tokenizer's files (a sentencepiece model, no tokenizer.json): the engine's
-    tokenizer is made from the Hugging Face one transformers builds from them."""
+    tokenizer is made from the Hugging Face one transformers builds from them, built once."""
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(DEFINITIONS * 10), model_writer=model, vocab_size=120, hard_vocab_limit=False,
@@ -72,9 +72,23 @@ def test_stored_files_without_tokenizer_json_go_through_transformers():
     )  # fmt: skip
     files = {"spiece.model": model.getvalue(), "tokenizer_config.json": b'{"tokenizer_class": "T5Tokenizer"}'}
     assert PromptTokenizer.from_files(files, 16) is None
-    engine = prompt_tokenizer_from_files(files, "test", 16)
     want = hugging_face_tokens(tokenizer_from_files(files, "test"), PROMPTS, 16)
-    assert all(torch.equal(a, b) for a, b in zip(engine(PROMPTS), want, strict=True))
+
+    import transformers
+
+    # Through the loader, as a checkpoint with such files is used: the engine's tokenizer
+    # and the Hugging Face one are the same build.
+    payload = torch.load(ckpt_path, weights_only=True)
+    payload["tokenizer"]["files"] = files
+    payload["tokenizer"]["max_length"] = 16
+    torch.save(payload, tmp_path / "slow-tokenizer.pt")
+    builds = []
+    real = transformers.AutoTokenizer.from_pretrained
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: builds.append(a) or real(*a, **k))
+    loaded = load_model(tmp_path / "slow-tokenizer.pt")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.prompt_tokenizer(PROMPTS), want, strict=True))
+    assert loaded.tokenizer("metal")["input_ids"] == tokenizer_from_files(files, "test")("metal")["input_ids"]
+    assert len(builds) == 2  # one for the model (both tokenizers), one for the line above
 
 
 def imported_modules(stderr: str) -> set[str]:
