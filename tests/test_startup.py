@@ -84,7 +84,8 @@ def test_stored_files_without_tokenizer_json_go_through_transformers_once(monkey
     torch.save(payload, tmp_path / "slow-tokenizer.pt")
     builds = []
     real = transformers.AutoTokenizer.from_pretrained
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: builds.append(a) or real(*a, **k))
+    counted = lambda *a, **k: builds.append(a) or real(*a, **k)  # noqa: E731
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", counted)
     loaded = load_model(tmp_path / "slow-tokenizer.pt")
     assert all(torch.equal(a, b) for a, b in zip(loaded.prompt_tokenizer(PROMPTS), want, strict=True))
     assert loaded.tokenizer("metal")["input_ids"] == tokenizer_from_files(files, "test")("metal")["input_ids"]
