@@ -23,23 +23,16 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from glyph_engine.checkpoint import load_model
 from glyph_engine.cpu import cpu_info
 from glyph_engine.model import DEFAULT_CHECKPOINT, TEACHER_MODEL
+from glyph_engine.startup import time_process
 
 HERE = Path(__file__).resolve().parent
-
-
-def timed(command: list[str], env: dict[str, str]) -> float:
-    start = time.perf_counter()
-    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -67,11 +60,11 @@ def main() -> None:
         for run in range(args.runs):
             cache = Path(tmp) / f"cache-{run}"
             env = {**os.environ, "GLYPH_ENGINE_CACHE": str(cache)}
-            times["peer"].append(timed(peer, env))
-            times["cold"].append(timed([*generate, "--precision", args.precision], env))
-            times["warm"].append(timed([*generate, "--precision", args.precision], env))
+            times["peer"].append(time_process(peer, env))
+            times["cold"].append(time_process([*generate, "--precision", args.precision], env))
+            times["warm"].append(time_process([*generate, "--precision", args.precision], env))
             # The previous default: eager PyTorch FP32 in the same process shape.
-            times["torch eager"].append(timed([*generate, "--backend", "torch"], env))
+            times["torch eager"].append(time_process([*generate, "--backend", "torch"], env))
             print({k: round(v[-1], 2) for k, v in times.items()}, file=sys.stderr)
 
     medians = {k: statistics.median(v) for k, v in times.items()}

@@ -33,13 +33,14 @@ def generate_command(options: Sequence[str]) -> list[str]:
     return [sys.executable, "-m", "glyph_engine", "generate", "metal", "-n", "1", "--steps", "1", "-q", *options]
 
 
-def _timed(command: list[str], env: dict[str, str]) -> float:
+def time_process(command: list[str], env: dict[str, str]) -> float:
+    """Seconds a process takes, start to exit; one that fails is named with its last line."""
     start = time.perf_counter()
     done = subprocess.run(command, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no message"])[-1]
-        raise GlyphEngineError(f"the start-up measurement's `{' '.join(command[2:6])} ...` failed: {last}")
+        raise GlyphEngineError(f"the timed run `{' '.join([Path(command[0]).name, *command[1:5]])} ...` failed: {last}")
     return seconds
 
 
@@ -56,12 +57,12 @@ def measure_startup(
     with tempfile.TemporaryDirectory(prefix="glyph-engine-startup-") as tmp:
         image = ["-o", str(Path(tmp) / "glyph.png")]
         warm_env = {**os.environ, ENV_VAR: str(Path(tmp) / "warm-cache")}
-        _timed([*generate_command(options), *image], warm_env)  # fills the warm cache; not counted
+        time_process([*generate_command(options), *image], warm_env)  # fills the warm cache; not counted
         for round_ in range(repeats):
             cold_env = {**os.environ, ENV_VAR: str(Path(tmp) / f"cold-cache-{round_}")}
-            runs["imports"].append(_timed([sys.executable, "-c", BASELINE_IMPORTS], warm_env))
-            runs["warm"].append(_timed([*generate_command(options), *image], warm_env))
-            runs["cold"].append(_timed([*generate_command(options), *image], cold_env))
+            runs["imports"].append(time_process([sys.executable, "-c", BASELINE_IMPORTS], warm_env))
+            runs["warm"].append(time_process([*generate_command(options), *image], warm_env))
+            runs["cold"].append(time_process([*generate_command(options), *image], cold_env))
             last = ", ".join(f"{name} {times[-1]:.2f} s" for name, times in runs.items())
             report(f"start-up round {round_ + 1}/{repeats}: {last}")
     median = {name: statistics.median(times) for name, times in runs.items()}

@@ -117,5 +117,8 @@ def test_the_fixed_cost_measurement_says_which_run_failed(tmp_path):
     from glyph_engine.errors import GlyphEngineError
     from glyph_engine.startup import measure_startup
 
-    with pytest.raises(GlyphEngineError, match="start-up measurement's .* failed: error: checkpoint .* does not exist"):
+    with pytest.raises(
+        GlyphEngineError,
+        match="timed run `python.* -m glyph_engine generate .* failed: error: checkpoint .* does not exist",
+    ):
         measure_startup(["--ckpt", str(tmp_path / "missing.pt")], repeats=1)
