@@ -2,7 +2,7 @@
 
     python bench/student_quality.py --data glyphs.npz --student W/student-8-steps.pt \
         --student W/student-4-steps.pt [--teacher CKPT] [-n 64] [--out docs/distill-quality] \
-        [--keep docs/distill-quality.json]
+        [--keep docs/distill-quality.json] [--student-guidance 4,8]
 
 Rows: the teacher at --teacher-steps with its own sampler (DPM-Solver++(2M)) and at
 --solver-steps with the higher-order DPM-Solver++(3M) (a training-free reduction), the
@@ -12,8 +12,10 @@ distilled one (its row says what it was trained for). Every row is `eval`'s radi
 evaluation (the same prompts and seeds) and the gate of `eval --against` against the
 teacher at its defaults. Writes OUT.md (table), OUT.json (every number, the CPU, the
 backend) and OUT.png (mean lift and broken share against steps, one line per model).
---keep PREVIOUS.json reuses the rows an earlier run measured (same model file, steps,
-sampler, -n and backend; the teacher's reference row included) instead of sampling them again.
+--student-guidance gives the students' rows at each of these guidance inputs (a student's
+default is its teacher's; higher inputs may draw cleaner). --keep PREVIOUS.json reuses the
+rows an earlier run measured (same model file, steps, sampler, guidance, -n and backend;
+the teacher's reference row included) instead of sampling them again.
 """
 
 from __future__ import annotations
@@ -42,26 +44,38 @@ class Row:
     steps: int
     sampler: str = "dpmpp-2m"
     trained_steps: int | None = None  # a student's own step count
+    guidance: float | None = None  # a student's guidance input; None: its checkpoint's default
 
 
 def plan(args: argparse.Namespace) -> list[Row]:
     rows = [Row("teacher, dpmpp-2m", args.teacher, s) for s in args.teacher_steps]
     rows += [Row("teacher, dpmpp-3m", args.teacher, s, "dpmpp-3m") for s in args.solver_steps]
+    scales = args.student_guidance or [None]
     if args.guidance_student:
-        rows += [Row("guidance-distilled, dpmpp-2m", args.guidance_student, s) for s in args.teacher_steps]
+        rows += [
+            Row(_line("guidance-distilled, dpmpp-2m", w), args.guidance_student, s, guidance=w)
+            for w in scales
+            for s in args.teacher_steps
+        ]
     trained = {ModelSource(ckpt=p).load_model().default_steps: p for p in args.student}
     if None in trained:
         sys.exit(f"{trained[None]} records no default steps: give a guidance stage's student as --guidance-student.")
-    for s in args.student_steps if trained else []:
-        own = s if s in trained else min(trained)
-        rows.append(Row("student", trained[own], s, trained_steps=own))
+    for w in scales:
+        for s in args.student_steps if trained else []:
+            own = s if s in trained else min(trained)
+            rows.append(Row(_line("student", w), trained[own], s, trained_steps=own, guidance=w))
     return rows
+
+
+def _line(name: str, guidance: float | None) -> str:
+    return name if guidance is None else f"{name}, guidance {guidance:g}"
 
 
 def evaluate(row: Row, glyphs, n: int, source: ModelSource) -> tuple[list[RadicalResult], str]:
     source = ModelSource(ckpt=row.ckpt, backend=source.backend, precision=source.precision)
     session = Session.load(source)
-    settings = GenerationSettings(steps=row.steps, sampler=SamplerConfig(name=row.sampler)).resolve(session.model)
+    settings = GenerationSettings(steps=row.steps, sampler=SamplerConfig(name=row.sampler), guidance=row.guidance)
+    settings = settings.resolve(session.model)
     results = radical_hit_rates(session.model, session.backend, glyphs, n, settings)
     return results, f"{session.backend.name} {session.backend.precision}"
 
@@ -99,6 +113,11 @@ def main() -> None:
     parser.add_argument("--teacher-steps", type=lambda s: [int(x) for x in s.split(",")], default=[5, 10, 20])
     parser.add_argument("--solver-steps", type=lambda s: [int(x) for x in s.split(",") if x], default=[5, 10])
     parser.add_argument("--student-steps", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8])
+    parser.add_argument(
+        "--student-guidance",
+        type=lambda s: [float(x) for x in s.split(",")],
+        help="the students' guidance inputs, one set of rows each [default: each checkpoint's own]",
+    )
     parser.add_argument("-n", type=int, default=64)
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--precision", default="auto")
