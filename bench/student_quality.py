@@ -33,7 +33,7 @@ from glyph_engine.schedule import SamplerConfig
 from glyph_engine.session import ModelSource, Session
 from glyph_engine.settings import GenerationSettings
 from glyph_engine.training.dataset import load_glyph_set
-from glyph_engine.training.evaluate import RadicalResult, radical_hit_rates
+from glyph_engine.training.evaluate import HELD_OUT_PROMPTS, RADICAL_PROMPTS, RadicalResult, radical_hit_rates
 from glyph_engine.training.student_gate import STRONG_LIFT, gate, mean_broken, mean_nn
 
 
@@ -71,13 +71,15 @@ def _line(name: str, guidance: float | None) -> str:
     return name if guidance is None else f"{name}, guidance {guidance:g}"
 
 
-def evaluate(row: Row, glyphs, n: int, source: ModelSource) -> tuple[list[RadicalResult], str]:
+PROMPT_SETS = {"gate": RADICAL_PROMPTS, "held-out": HELD_OUT_PROMPTS}
+
+
+def evaluate(row: Row, glyphs, n: int, source: ModelSource, prompts: str) -> list[RadicalResult]:
     source = ModelSource(ckpt=row.ckpt, backend=source.backend, precision=source.precision)
     session = Session.load(source)
     settings = GenerationSettings(steps=row.steps, sampler=SamplerConfig(name=row.sampler), guidance=row.guidance)
     settings = settings.resolve(session.model)
-    results = radical_hit_rates(session.model, session.backend, glyphs, n, settings)
-    return results, f"{session.backend.name} {session.backend.precision}"
+    return radical_hit_rates(session.model, session.backend, glyphs, n, settings, PROMPT_SETS[prompts])
 
 
 def row_key(row: Row) -> tuple[str, str, int, str]:
@@ -90,11 +92,12 @@ def backend_of(source: ModelSource) -> str:
     return f"{backend.name} {backend.precision}"
 
 
-def kept_rows(path: Path, n: int, backend: str) -> dict[tuple[str, str, int, str], list[RadicalResult]]:
+def kept_rows(path: Path, n: int, backend: str, prompts: str) -> dict[tuple[str, str, int, str], list[RadicalResult]]:
     """An earlier run's results by row, if it sampled as this run does."""
     report = json.loads(path.read_text())
-    if report["n"] != n or report["backend"] != backend:
-        sys.exit(f"{path} was measured with -n {report['n']} on {report['backend']}, not -n {n} on {backend}.")
+    was = (report["n"], report["backend"], report.get("prompt_set", "gate"))
+    if was != (n, backend, prompts):
+        sys.exit(f"{path} was measured with -n, backend, prompts {was}, not {(n, backend, prompts)}.")
     fields = set(RadicalResult.__dataclass_fields__)
     return {
         (r["line"], r["ckpt"], r["steps"], r["sampler"]): [
@@ -119,6 +122,10 @@ def main() -> None:
         help="the students' guidance inputs, one set of rows each [default: each checkpoint's own]",
     )
     parser.add_argument("-n", type=int, default=64)
+    parser.add_argument(
+        "--prompt-set", choices=list(PROMPT_SETS), default="gate",
+        help="gate: eval's eight prompts; held-out: other words for the same radicals (to choose settings on)",
+    )  # fmt: skip
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--out", type=Path, default=Path("bench-results/distill-quality"))
@@ -132,11 +139,12 @@ def main() -> None:
     reference_settings = ModelSource(ckpt=args.teacher).load_model()
     reference_steps = GenerationSettings().resolve(reference_settings).steps
     reference_row = Row("teacher, dpmpp-2m", args.teacher, reference_steps)
-    kept = kept_rows(args.keep, args.n, backend_of(replace(source, ckpt=args.teacher))) if args.keep else {}
+    backend = backend_of(replace(source, ckpt=args.teacher))
+    kept = kept_rows(args.keep, args.n, backend, args.prompt_set) if args.keep else {}
     if row_key(reference_row) in kept:
-        reference, backend = kept[row_key(reference_row)], backend_of(replace(source, ckpt=args.teacher))
+        reference = kept[row_key(reference_row)]
     else:
-        reference, backend = evaluate(reference_row, glyphs, args.n, source)
+        reference = evaluate(reference_row, glyphs, args.n, source, args.prompt_set)
     records = []
     for row in plan(args):
         same = row.ckpt == args.teacher and row.steps == reference_steps and row.sampler == "dpmpp-2m"
@@ -145,7 +153,7 @@ def main() -> None:
         elif row_key(row) in kept:
             results = kept[row_key(row)]
         else:
-            results = evaluate(row, glyphs, args.n, source)[0]
+            results = evaluate(row, glyphs, args.n, source, args.prompt_set)
         verdict = gate(reference, results)
         records.append(
             {
@@ -162,7 +170,14 @@ def main() -> None:
         print(f"{row.line} at {row.steps}: {records[-1]['gate']}", file=sys.stderr)
 
     cpu = cpu_info()
-    report = {"cpu": cpu.model, "cpu_flags": list(cpu.flags), "backend": backend, "n": args.n, "rows": records}
+    report = {
+        "cpu": cpu.model,
+        "cpu_flags": list(cpu.flags),
+        "backend": backend,
+        "n": args.n,
+        "prompt_set": args.prompt_set,
+        "rows": records,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=1))
     args.out.with_suffix(".md").write_text(markdown(report))

@@ -35,6 +35,19 @@ RADICAL_PROMPTS: dict[str, int] = {
     "heart": 61,
     "speech": 149,
 }
+# Other words for the same radicals (in the training captions: 70-95% of the glyphs defined
+# with each word have its radical), for choosing a setting without tuning it on the gate's
+# prompts: `bench/student_quality.py --prompt-set held-out`.
+HELD_OUT_PROMPTS: dict[str, int] = {
+    "iron": 167,
+    "river": 85,
+    "tree": 75,
+    "burn": 86,
+    "herb": 140,
+    "grasp": 64,
+    "fear": 61,
+    "talk": 149,
+}
 
 
 @dataclass(frozen=True)
