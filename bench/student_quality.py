@@ -2,7 +2,7 @@
 
     python bench/student_quality.py --data glyphs.npz --student W/student-8-steps.pt \
         --student W/student-4-steps.pt [--teacher CKPT] [-n 64] [--out docs/distill-quality] \
-        [--keep docs/distill-quality.json] [--student-guidance 4,8]
+        [--keep docs/distill-quality.json] [--student-guidance default,8]
 
 Rows: the teacher at --teacher-steps with its own sampler (DPM-Solver++(2M)) and at
 --solver-steps with the higher-order DPM-Solver++(3M) (a training-free reduction), the
@@ -118,8 +118,8 @@ def main() -> None:
     parser.add_argument("--student-steps", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8])
     parser.add_argument(
         "--student-guidance",
-        type=lambda s: [float(x) for x in s.split(",")],
-        help="the students' guidance inputs, one set of rows each [default: each checkpoint's own]",
+        type=lambda s: [None if x == "default" else float(x) for x in s.split(",")],
+        help="the students' guidance inputs, one set of rows each; 'default': each checkpoint's own [default]",
     )
     parser.add_argument("-n", type=int, default=64)
     parser.add_argument(
