@@ -45,11 +45,17 @@ class Row:
     sampler: str = "dpmpp-2m"
     trained_steps: int | None = None  # a student's own step count
     guidance: float | None = None  # a student's guidance input; None: its checkpoint's default
+    deepcache: int | None = None  # DeepCache's interval (a full U-Net pass every N steps); None: off
 
 
 def plan(args: argparse.Namespace) -> list[Row]:
     rows = [Row("teacher, dpmpp-2m", args.teacher, s) for s in args.teacher_steps]
     rows += [Row("teacher, dpmpp-3m", args.teacher, s, "dpmpp-3m") for s in args.solver_steps]
+    rows += [
+        Row(f"teacher, DeepCache every {n}", args.teacher, s, deepcache=n)
+        for n in args.deepcache
+        for s in args.teacher_steps
+    ]
     scales = args.student_guidance or [None]
     if args.guidance_student:
         rows += [
@@ -77,9 +83,14 @@ PROMPT_SETS = {"gate": RADICAL_PROMPTS, "held-out": HELD_OUT_PROMPTS}
 def evaluate(row: Row, glyphs, n: int, source: ModelSource, prompts: str) -> list[RadicalResult]:
     source = ModelSource(ckpt=row.ckpt, backend=source.backend, precision=source.precision)
     session = Session.load(source)
+    backend = session.backend
+    if row.deepcache:
+        from glyph_engine.deepcache import DeepCacheBackend, DeepCacheConfig
+
+        backend = DeepCacheBackend(backend, DeepCacheConfig(row.deepcache))
     settings = GenerationSettings(steps=row.steps, sampler=SamplerConfig(name=row.sampler), guidance=row.guidance)
     settings = settings.resolve(session.model)
-    return radical_hit_rates(session.model, session.backend, glyphs, n, settings, PROMPT_SETS[prompts])
+    return radical_hit_rates(session.model, backend, glyphs, n, settings, PROMPT_SETS[prompts])
 
 
 def row_key(row: Row) -> tuple[str, str, int, str]:
@@ -121,6 +132,10 @@ def main() -> None:
         type=lambda s: [None if x == "default" else float(x) for x in s.split(",")],
         help="the students' guidance inputs, one set of rows each; 'default': each checkpoint's own [default]",
     )
+    parser.add_argument(
+        "--deepcache", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
+        help="DeepCache intervals: rows of the teacher at --teacher-steps, a full U-Net pass every N steps (torch)",
+    )  # fmt: skip
     parser.add_argument("-n", type=int, default=64)
     parser.add_argument(
         "--prompt-set", choices=list(PROMPT_SETS), default="gate",
@@ -131,8 +146,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-results/distill-quality"))
     parser.add_argument("--keep", type=Path, help="an earlier run's OUT.json: its rows are reused, not resampled")
     args = parser.parse_args()
-    if not args.student and not args.guidance_student:
-        parser.error("give at least one --student or --guidance-student")
+    if not (args.student or args.guidance_student or args.deepcache):
+        parser.error("give at least one --student, --guidance-student or --deepcache")
 
     glyphs = load_glyph_set(args.data)
     source = ModelSource(backend=args.backend, precision=args.precision)
