@@ -85,7 +85,7 @@ def evaluate(row: Row, glyphs, n: int, source: ModelSource, prompts: str) -> lis
     session = Session.load(source)
     backend = session.backend
     if row.deepcache:
-        from glyph_engine.deepcache import DeepCacheBackend, DeepCacheConfig
+        from deepcache import DeepCacheBackend, DeepCacheConfig
 
         backend = DeepCacheBackend(backend, DeepCacheConfig(row.deepcache))
     settings = GenerationSettings(steps=row.steps, sampler=SamplerConfig(name=row.sampler), guidance=row.guidance)
@@ -162,7 +162,7 @@ def main() -> None:
         reference = evaluate(reference_row, glyphs, args.n, source, args.prompt_set)
     records = []
     for row in plan(args):
-        same = row.ckpt == args.teacher and row.steps == reference_steps and row.sampler == "dpmpp-2m"
+        same = row == reference_row
         if same:
             results = reference
         elif row_key(row) in kept:

@@ -1,13 +1,18 @@
-"""DeepCache's shallow path against diffusers' own U-Net forward, its schedule, and its backend
-in the sampling loop."""
+"""bench/deepcache.py (DeepCache, measured, not adopted): its shallow path against diffusers'
+own U-Net forward, its schedule, and its backend in the sampling loop."""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from glyph_engine.deepcache import (
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # the experiment lives beside its benchmark
+
+from deepcache import (  # noqa: E402
     DeepCacheBackend,
     DeepCacheConfig,
     DeepCacheSchedule,
