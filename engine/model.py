@@ -133,7 +133,10 @@ class Glyffuser:
     # input (config class_embed_type "timestep", fed `guidance_labels`), so each step is one
     # pass with no unconditional half; read from the U-Net's config.
     guidance_embedding: bool = False
-    # The student's own sampling defaults; None: GenerationSettings' (20 steps, dpmpp-2m, its order).
+    # Sampling defaults the file records; None: GenerationSettings' (20 steps, dpmpp-2m, its order).
+    # A distilled student records all three (what it was trained for); a teacher may record
+    # steps alone, fewer than 20 where they passed the quality gate against its 20
+    # (glyffuser-small: 14, engine/models/MODEL_CARD.md).
     default_steps: int | None = None
     default_sampler: str | None = None
     default_order: int | None = None

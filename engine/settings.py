@@ -54,7 +54,7 @@ class StepImpl(str, enum.Enum):
 class GenerationSettings:
     """How to sample: the one definition of `generate`'s sampling options and their defaults."""
 
-    steps: int | None = None  # None: the checkpoint's (a distilled student's few), else DEFAULT_STEPS
+    steps: int | None = None  # None: the checkpoint's (a student's few, a teacher's gated), else DEFAULT_STEPS
     guidance: float | None = None  # None: the checkpoint's default; 1.0 skips the unconditional pass
     seed: int = 0
     batch_size: int | None = None  # images per U-Net call (x2 with guidance); None: all at once
@@ -104,7 +104,9 @@ class GenerationSettings:
         # A student's own order (DDIM for one trained by progressive distillation) applies to
         # the sampler it was trained for.
         own_order = model.default_order if model.default_sampler in (None, sampler.name) else None
-        if model.default_steps is not None and _off_its_training(self, model, own_order):
+        # Only a student records the order it was trained for; a teacher's recorded steps are a
+        # gated default (fewer steps that draw as well), not a condition of its training.
+        if model.default_order is not None and _off_its_training(self, model, own_order):
             logger.warning(
                 "this student was trained for %d %s steps at order %s with linspace spacing; other sampling "
                 "settings run outside what it learnt",

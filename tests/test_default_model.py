@@ -20,6 +20,9 @@ def test_embedded_checkpoint_ships_within_budget():
     # Chosen by eval (docs/guidance-interval.md): the radical lifts hold at 0.83x the time.
     assert model.guidance_interval == (0.5, 20.0)
     assert model.center_noise  # see test_centered_noise_draws_no_broken_samples
+    # Chosen by the gate against its own 20 steps, on the gate's and on held-out prompts
+    # (docs/fewer-steps.md); a default, not a training condition (no order recorded).
+    assert (model.default_steps, model.default_order) == (14, None)
 
 
 @pytest.mark.slow  # about 25 s (64 glyphs of the embedded model): in `make test-slow`, which CI runs too

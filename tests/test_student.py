@@ -184,6 +184,16 @@ def test_sampling_a_student_off_its_training_warns(student_path, caplog, setting
     assert ("outside what it learnt" in caplog.text) == warned
 
 
+@pytest.mark.parametrize("steps", [None, 20, 6])
+def test_a_teachers_recorded_steps_are_a_default_not_a_training_condition(model, caplog, steps):
+    """A teacher may record fewer default steps that passed the gate (the embedded model: 14);
+    they are what `generate` runs without --steps, and other steps are no warning."""
+    teacher = dataclasses.replace(model, default_steps=14)
+    resolved = GenerationSettings(steps=steps).resolve(teacher)
+    assert resolved.steps == (steps or 14)
+    assert "outside what it learnt" not in caplog.text
+
+
 def test_the_peer_refuses_a_student_in_one_line(student_path):
     from glyph_engine.peer import Peer
 

@@ -54,7 +54,10 @@ class GenerateBody(BaseModel):
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description='An English definition, e.g. "metal".')
     n: int = Field(1, ge=1, le=MAX_IMAGES, description="Number of glyphs.")
     steps: int | None = Field(
-        None, ge=1, description="Sampler steps; null: the model's (20 for a glyffuser; a distilled student's few)."
+        None,
+        ge=1,
+        description="Sampler steps; null: the model's (the embedded model's 14, 20 for a glyffuser, "
+        "a distilled student's few).",
     )
     guidance: float | None = Field(
         None,
