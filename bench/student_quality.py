@@ -10,8 +10,9 @@ guidance stage's student (one pass per step, no step distillation) at --teacher-
 the students at --student-steps: at each count the student trained for it, else the most
 distilled one (its row says what it was trained for). Every row is `eval`'s radical
 evaluation (the same prompts and seeds) and the gate of `eval --against` against the
-teacher at the glyffuser's 20 steps. Writes OUT.md (table), OUT.json (every number, the CPU, the
-backend) and OUT.png (mean lift and broken share against steps, one line per model).
+teacher at its reference steps (`settings.reference_steps`: 20 for a teacher). Writes
+OUT.md (table), OUT.json (every number, the CPU, the backend) and OUT.png (mean lift and
+broken share against steps, one line per model).
 --student-guidance gives the students' rows at each of these guidance inputs (a student's
 default is its teacher's; higher inputs may draw cleaner). --keep PREVIOUS.json reuses the
 rows an earlier run measured (same model file, steps, sampler, guidance, -n and backend;
@@ -31,7 +32,7 @@ from glyph_engine.cpu import cpu_info
 from glyph_engine.model import DEFAULT_CHECKPOINT
 from glyph_engine.schedule import SamplerConfig
 from glyph_engine.session import ModelSource, Session
-from glyph_engine.settings import DEFAULT_STEPS, GenerationSettings
+from glyph_engine.settings import GenerationSettings, reference_steps
 from glyph_engine.training.dataset import load_glyph_set
 from glyph_engine.training.evaluate import HELD_OUT_PROMPTS, RADICAL_PROMPTS, RadicalResult, radical_hit_rates
 from glyph_engine.training.student_gate import STRONG_LIFT, gate, mean_broken, mean_nn
@@ -151,9 +152,8 @@ def main() -> None:
 
     glyphs = load_glyph_set(args.data)
     source = ModelSource(backend=args.backend, precision=args.precision)
-    # The reference is the teacher at the glyffuser's own 20 steps, not at the teacher's recorded
-    # default: fewer default steps were themselves gated against 20, and the bar must not move.
-    reference_row = Row("teacher, dpmpp-2m", args.teacher, DEFAULT_STEPS)
+    # As `eval --against` runs it: a teacher at 20 steps even where it records fewer (gated against 20).
+    reference_row = Row("teacher, dpmpp-2m", args.teacher, reference_steps(ModelSource(ckpt=args.teacher).load_model()))
     backend = backend_of(replace(source, ckpt=args.teacher))
     kept = kept_rows(args.keep, args.n, backend, args.prompt_set) if args.keep else {}
     if row_key(reference_row) in kept:

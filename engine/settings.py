@@ -154,6 +154,17 @@ def resolved(settings: GenerationSettings | ResolvedSettings, model: Glyffuser) 
 
 
 DEFAULT_STEPS = 20  # the glyffuser author's choice; 10 is usable, 50 barely better
+
+
+def reference_steps(model: Glyffuser) -> int:
+    """The steps a model runs at as a quality gate's reference (`eval --against`): a student's
+    own, what it was trained for; a teacher's DEFAULT_STEPS even where it records fewer, since
+    those fewer were gated against DEFAULT_STEPS: the bar does not move with each reduction."""
+    if model.default_order is not None:
+        return model.default_steps or DEFAULT_STEPS
+    return DEFAULT_STEPS
+
+
 GUIDANCE_OFF = 1.0  # the guided prediction equals the conditional one: the unconditional pass is skipped
 
 

@@ -194,6 +194,17 @@ def test_a_teachers_recorded_steps_are_a_default_not_a_training_condition(model,
     assert "outside what it learnt" not in caplog.text
 
 
+def test_a_gates_reference_is_a_teacher_at_20_steps_and_a_student_at_its_own(model, student_path):
+    """The fewer steps a teacher records were gated against 20: gating anything else against
+    those would lower the bar with each reduction."""
+    from glyph_engine.settings import DEFAULT_STEPS, reference_steps
+
+    assert reference_steps(model) == DEFAULT_STEPS
+    assert reference_steps(dataclasses.replace(model, default_steps=14)) == DEFAULT_STEPS
+    student = load_model(student_path)
+    assert reference_steps(student) == student.default_steps == STUDENT_STEPS
+
+
 def test_the_peer_refuses_a_student_in_one_line(student_path):
     from glyph_engine.peer import Peer
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.files import atomic_path, refuse_non_regular, working_in
 from glyph_engine.session import ModelSource, Session
-from glyph_engine.settings import GenerationSettings
+from glyph_engine.settings import GenerationSettings, reference_steps
 
 if TYPE_CHECKING:
     from glyph_engine.training.dataset import GlyphSet
@@ -142,8 +142,8 @@ def run_eval(
     teacher: ModelSource | None = None,
 ) -> Evaluation:
     """The radical hit rates and caption gain of `source`'s model on `data`, run as `generate`
-    runs it. With `teacher`: the teacher's too, at its own defaults, and the student's gate
-    (`student_gate`) against it."""
+    runs it. With `teacher`: the teacher's too, at its own defaults but for steps
+    (`settings.reference_steps`), and the student's gate (`student_gate`) against it."""
     from glyph_engine.training.dataset import load_glyph_set
     from glyph_engine.training.student_gate import gate
 
@@ -157,18 +157,23 @@ def run_eval(
     report, results = _evaluate(source, glyphs, num_samples, settings)
     if teacher is None:
         return Evaluation(report)
-    teacher_report, teacher_results = _evaluate(teacher, glyphs, num_samples, GenerationSettings(seed=settings.seed))
+    teacher_report, teacher_results = _evaluate(
+        teacher, glyphs, num_samples, GenerationSettings(seed=settings.seed), reference=True
+    )
     verdict = gate(teacher_results, results)
     text = f"Student ({source.checkpoint}):\n{report}\n\nTeacher ({teacher.checkpoint}):\n{teacher_report}\n\n{verdict}"
     return Evaluation(text, verdict.passed)
 
 
 def _evaluate(
-    source: ModelSource, glyphs: GlyphSet, num_samples: int, settings: GenerationSettings
+    source: ModelSource, glyphs: GlyphSet, num_samples: int, settings: GenerationSettings, reference: bool = False
 ) -> tuple[str, list[RadicalResult]]:
+    """`reference`: the model is a gate's reference, run at `reference_steps`."""
     from glyph_engine.training.evaluate import caption_gain, radical_hit_rates, table
 
     model = source.load_model()
+    if reference:
+        settings = replace(settings, steps=reference_steps(model))
     resolved = settings.resolve(model)
     backend = Session.load(source, model=model).backend
     results = radical_hit_rates(model, backend, glyphs, num_samples, resolved)
