@@ -195,6 +195,7 @@ def cli_distill(*args):
 TINY_OPTIONS = ["--batch-size", 4, "--guidance-steps", 1, "--stage-steps", 1, "--start-steps", 2, "--final-steps", 1]
 
 
+@pytest.mark.slow  # about 21 s (a whole distill and a gated eval): in `make test-slow`, which CI runs too
 def test_the_cli_writes_a_student_that_loads_with_its_sampling_defaults(ckpt_path, glyph_file, tmp_path):
     from glyph_engine.checkpoint import load_model
     from glyph_engine.pipeline import generate
