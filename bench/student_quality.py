@@ -98,12 +98,6 @@ def row_key(row: Row) -> tuple[str, str, int, str]:
     return (row.line, str(row.ckpt), row.steps, row.sampler)
 
 
-def backend_of(source: ModelSource) -> str:
-    """What `evaluate` records as the backend: its name and precision as `source` resolves them."""
-    backend = Session.load(source).backend
-    return f"{backend.name} {backend.precision}"
-
-
 def kept_rows(path: Path, n: int, backend: str, prompts: str) -> dict[tuple[str, str, int, str], list[RadicalResult]]:
     """An earlier run's results by row, if it sampled as this run does."""
     report = json.loads(path.read_text())
@@ -152,9 +146,11 @@ def main() -> None:
 
     glyphs = load_glyph_set(args.data)
     source = ModelSource(backend=args.backend, precision=args.precision)
+    teacher = Session.load(replace(source, ckpt=args.teacher))
     # As `eval --against` runs it: a teacher at 20 steps even where it records fewer (gated against 20).
-    reference_row = Row("teacher, dpmpp-2m", args.teacher, reference_steps(ModelSource(ckpt=args.teacher).load_model()))
-    backend = backend_of(replace(source, ckpt=args.teacher))
+    reference_row = Row("teacher, dpmpp-2m", args.teacher, reference_steps(teacher.model))
+    # What `evaluate` records as the backend: its name and precision as `source` resolves them.
+    backend = f"{teacher.backend.name} {teacher.backend.precision}"
     kept = kept_rows(args.keep, args.n, backend, args.prompt_set) if args.keep else {}
     if row_key(reference_row) in kept:
         reference = kept[row_key(reference_row)]
