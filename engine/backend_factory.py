@@ -59,6 +59,8 @@ def create_backend(
         logger.info("backend auto: %s", name.value)
     if name is BackendName.openvino:
         return _openvino(model, precision, cache or ArtifactCache(default_cache_dir()), progress)
+    if name is BackendName.inductor:
+        return _inductor(model, precision, cache or ArtifactCache(default_cache_dir()), progress)
     if name is BackendName.torch:
         from glyph_engine.backends.pytorch import TorchBackend
 
@@ -95,6 +97,17 @@ def _openvino(model: Glyffuser, requested: Precision, cache: ArtifactCache, prog
         logger.warning("this CPU has no BF16 units (AVX-512 BF16 or AMX): bf16 runs emulated, slower than fp32")
     backend, artifacts = open_openvino(model, cache, precision, progress)
     logger.info("openvino %s: %s", precision.value, ", ".join(a.source for a in artifacts))
+    return backend
+
+
+def _inductor(model: Glyffuser, requested: Precision, cache: ArtifactCache, progress: bool) -> Backend:
+    from glyph_engine.inductor_build import open_inductor
+
+    precision = choose("inductor", "cpu", requested)
+    if precision is Precision.bf16 and not cpu_info().has_bf16:
+        logger.warning("this CPU has no BF16 units (AVX-512 BF16 or AMX): bf16 runs emulated, slower than fp32")
+    backend, artifacts = open_inductor(model, cache, precision, progress)
+    logger.info("inductor %s: %s", precision.value, ", ".join(a.source for a in artifacts))
     return backend
 
 

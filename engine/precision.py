@@ -20,6 +20,7 @@ RUNS: dict[str, dict[str, tuple[Precision, ...]]] = {
     "torch": {"cpu": (Precision.fp32,), "cuda": (Precision.fp32, Precision.fp16)},
     "onnxruntime": {"cpu": (Precision.fp32,), "cuda": (Precision.fp32, Precision.fp16)},
     "openvino": {"cpu": (Precision.fp32, Precision.bf16, Precision.int8)},
+    "inductor": {"cpu": (Precision.fp32, Precision.bf16)},
     "tensorrt": {"cuda": (Precision.fp16,)},
 }
 _WHY = {"tensorrt": " (its engines are built from the FP16 ONNX files)"}

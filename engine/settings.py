@@ -26,6 +26,7 @@ class BackendName(str, enum.Enum):
     torch = "torch"
     onnxruntime = "onnxruntime"
     openvino = "openvino"
+    inductor = "inductor"
     tensorrt = "tensorrt"
 
 

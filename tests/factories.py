@@ -8,7 +8,9 @@ on a few definitions.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -97,3 +99,31 @@ T5_SMALL_CONFIG: dict[str, Any] = {
     "relative_attention_num_buckets": 32,
     "feed_forward_proj": "relu",
 }
+
+
+STUDENT_STEPS = 4
+
+
+def student_of(teacher, class_embedding_zero: bool = True):
+    """The teacher's U-Net with a guidance input (class_embed_type "timestep"), every teacher
+    weight copied; with the input's last layer zeroed it predicts as the teacher's conditional."""
+    config = {**teacher.unet.config, "class_embed_type": "timestep"}
+    unet = UNet2DConditionModel.from_config(config)
+    missing, unexpected = unet.load_state_dict(teacher.unet.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("class_embedding.") for k in missing)
+    if class_embedding_zero:
+        torch.nn.init.zeros_(unet.class_embedding.linear_2.weight)
+        torch.nn.init.zeros_(unet.class_embedding.linear_2.bias)
+    return dataclasses.replace(
+        teacher,
+        unet_source=unet.eval(),
+        guidance_embedding=True,
+        default_steps=STUDENT_STEPS,
+        default_sampler="dpmpp-2m",
+        default_order=1,
+    )
+
+
+def imported_modules(stderr: str) -> set[str]:
+    """Module names from `python -X importtime`'s report."""
+    return {m.group(1) for m in re.finditer(r"^import time:\s+\d+ \|\s+\d+ \|\s*(\S+)$", stderr, re.MULTILINE)}

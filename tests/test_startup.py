@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import os
-import re
 import subprocess
 import sys
 
@@ -17,7 +16,7 @@ from glyph_engine.checkpoint import load_model, tokenizer_from_files
 from glyph_engine.model import DEFAULT_CHECKPOINT
 from glyph_engine.text import PromptTokenizer
 
-from factories import DEFINITIONS
+from factories import DEFINITIONS, imported_modules
 
 PROMPTS = [
     "metal",
@@ -90,11 +89,6 @@ def test_stored_files_without_tokenizer_json_go_through_transformers_once(monkey
     assert all(torch.equal(a, b) for a, b in zip(loaded.prompt_tokenizer(PROMPTS), want, strict=True))
     assert loaded.tokenizer("metal")["input_ids"] == tokenizer_from_files(files, "test")("metal")["input_ids"]
     assert len(builds) == 2  # one for the model (both tokenizers), one for the line above
-
-
-def imported_modules(stderr: str) -> set[str]:
-    """Module names from `python -X importtime`'s report."""
-    return {m.group(1) for m in re.finditer(r"^import time:\s+\d+ \|\s+\d+ \|\s*(\S+)$", stderr, re.MULTILINE)}
 
 
 def test_a_warm_generate_imports_neither_diffusers_nor_transformers(tmp_path):

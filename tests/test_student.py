@@ -6,7 +6,6 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
 from PIL import Image
 from torch.profiler import ProfilerActivity, profile
 from typer.testing import CliRunner
@@ -21,27 +20,7 @@ from glyph_engine.pipeline import generate
 from glyph_engine.schedule import SamplerConfig
 from glyph_engine.settings import GenerationSettings
 
-STUDENT_STEPS = 4
-
-
-def student_of(teacher, class_embedding_zero: bool = True):
-    """The teacher's U-Net with a guidance input (class_embed_type "timestep"), every teacher
-    weight copied; with the input's last layer zeroed it predicts as the teacher's conditional."""
-    config = {**teacher.unet.config, "class_embed_type": "timestep"}
-    unet = UNet2DConditionModel.from_config(config)
-    missing, unexpected = unet.load_state_dict(teacher.unet.state_dict(), strict=False)
-    assert not unexpected and all(k.startswith("class_embedding.") for k in missing)
-    if class_embedding_zero:
-        torch.nn.init.zeros_(unet.class_embedding.linear_2.weight)
-        torch.nn.init.zeros_(unet.class_embedding.linear_2.bias)
-    return dataclasses.replace(
-        teacher,
-        unet_source=unet.eval(),
-        guidance_embedding=True,
-        default_steps=STUDENT_STEPS,
-        default_sampler="dpmpp-2m",
-        default_order=1,
-    )
+from factories import STUDENT_STEPS, student_of
 
 
 @pytest.fixture

@@ -1,0 +1,78 @@
+"""AOTInductor backend for CPUs: runs the U-Net and T5 encoder as compiled by torch inductor
+ahead of time (`torch._inductor.aoti_compile_and_package`), imported from the packages
+`glyph_engine.inductor_build` builds on first use and keeps in the artifact cache.
+
+Inductor fuses what OpenVINO runs as separate passes over the activations (GroupNorm's
+statistics, affine and the SiLU after it; the attention's transposes), which is where the
+embedded U-Net spends most of a call on a CPU (docs/bench-cpu.md). Precisions of the U-Net:
+fp32, and bf16 (weights and activations in bfloat16, normalisations accumulated in fp32 by
+inductor's kernels) where the CPU has BF16 units. T5 runs fp32.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from glyph_engine.errors import GlyphEngineError
+from glyph_engine.settings import Precision
+from glyph_engine.specs import TEXT_ENCODER_INPUTS, text_encoder_feed, unet_feed, unet_inputs
+
+Runner = Callable[..., Tensor]
+
+
+class InductorBackend:
+    name = "inductor"
+    device = torch.device("cpu")
+
+    def __init__(self, unet: Runner, text_encoder: Runner, precision: Precision):
+        self.precision = precision.value
+        self._unet = unet
+        self._text_encoder = text_encoder
+
+    @torch.inference_mode()
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self._text_encoder(*text_encoder_feed(input_ids, attention_mask, self.device).values())
+
+    @torch.inference_mode()
+    def denoise(self, x: Tensor, timestep: int, text: Tensor, mask: Tensor, guidance: float | None = None) -> Tensor:
+        return self._unet(*unet_feed(x, timestep, text, mask, self.device, guidance).values())
+
+
+def load_inductor(unet: bytes, text_encoder: bytes, precision: Precision, guidance: bool) -> InductorBackend:
+    """The backend of two compiled packages: a U-Net at `precision` (taking a student's
+    `guidance` input where it has one) and the FP32 text encoder."""
+    return InductorBackend(
+        load_package(unet, len(unet_inputs(guidance))), load_package(text_encoder, len(TEXT_ENCODER_INPUTS)), precision
+    )
+
+
+def load_package(package: bytes, inputs: int) -> Runner:
+    """A compiled package's model, loaded from `package` (bytes the cache has checked against
+    their recorded sha256), taking `inputs` tensors and returning one.
+
+    Through torch's C++ loader rather than `torch._inductor.aoti_load_package`, which imports
+    inductor and dynamo (1.7 s here) for nothing a load needs. The loader takes a path: the
+    bytes are written to a private folder first, so nothing can swap the file between the
+    check and the load; it extracts the shared library into its own temporary folder, which
+    it removes when the model is freed.
+    """
+    with tempfile.TemporaryDirectory(prefix="glyph-engine-aoti-") as folder:
+        path = Path(folder) / "model.pt2"
+        path.write_bytes(package)
+        loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+    spec = json.loads(loader.get_call_spec()[0])  # [version, tree of (args, kwargs)]
+    takes = len(spec[1]["children_spec"][0]["children_spec"])
+    if takes != inputs:
+        raise GlyphEngineError(f"a compiled package takes {takes} inputs, not {inputs}; rebuild the cache entry.")
+
+    def run(*tensors: Tensor) -> Tensor:
+        (out,) = loader.boxed_run(list(tensors))
+        return out
+
+    return run
