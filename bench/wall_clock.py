@@ -1,12 +1,13 @@
 """Whole-process wall time of `glyph-engine generate "metal" -n 64` against the peer, interleaved.
 
     python bench/wall_clock.py [--runs 3] [--guidance G] [--ckpt M] [--peer-ckpt T] \
-        [--out bench-results/wall-clock.json]
+        [--also-warm inductor] [--out bench-results/wall-clock.json]
 
 Each round runs, one after another: the peer process (`bench/peer_process.py`), `generate`
 with an empty artifact cache (cold: the first run on a fresh machine, compiling included),
 `generate` again with the cache that run filled (warm: every later run) and `generate
---backend torch` (eager PyTorch FP32, the default before the compiled CPU path). Interleaving
+--backend torch` (eager PyTorch FP32, the default before the compiled CPU path), and with
+`--also-warm BACKEND` a warm `generate --backend BACKEND`. Interleaving
 spreads the drift of a shared machine's speed over all three; medians are reported, and
 every run's time is kept. Every process gets the same `--guidance` (default: the embedded
 model's own, what `generate` uses without the option); generate guides only the steps of
@@ -43,6 +44,11 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=None, help="default: the embedded model's")
     parser.add_argument("--ckpt", default=None, help="generate's model [default: the embedded default]")
     parser.add_argument("--peer-ckpt", default=TEACHER_MODEL, help="the peer's (a teacher's) weights")
+    parser.add_argument(
+        "--also-warm", default=None, metavar="BACKEND",
+        help="also time a warm `generate --backend BACKEND` each round (its cache built once, before the rounds, "
+        "and that cold run timed once): for backends whose first use compiles for minutes (inductor)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("bench-results/wall-clock.json"))
     args = parser.parse_args()
     model = load_model(args.ckpt or DEFAULT_CHECKPOINT)
@@ -57,6 +63,12 @@ def main() -> None:
         peer = [sys.executable, str(HERE / "peer_process.py"), "--ckpt", args.peer_ckpt, *shared]
         chosen = ["--ckpt", args.ckpt] if args.ckpt else []
         generate = ["glyph-engine", "generate", "metal", *shared, *chosen, "-o", image, "-q"]
+        also = []
+        if args.also_warm:
+            also = [*generate, "--backend", args.also_warm, "--precision", args.precision]
+            also_env = {**os.environ, "GLYPH_ENGINE_CACHE": str(Path(tmp) / "cache-also")}
+            times[f"cold {args.also_warm} (once)"] = [time_process(also, also_env)]
+            times[f"warm {args.also_warm}"] = []
         for run in range(args.runs):
             cache = Path(tmp) / f"cache-{run}"
             env = {**os.environ, "GLYPH_ENGINE_CACHE": str(cache)}
@@ -65,6 +77,8 @@ def main() -> None:
             times["warm"].append(time_process([*generate, "--precision", args.precision], env))
             # The previous default: eager PyTorch FP32 in the same process shape.
             times["torch eager"].append(time_process([*generate, "--backend", "torch"], env))
+            if also:
+                times[f"warm {args.also_warm}"].append(time_process(also, also_env))
             print({k: round(v[-1], 2) for k, v in times.items()}, file=sys.stderr)
 
     medians = {k: statistics.median(v) for k, v in times.items()}

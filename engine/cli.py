@@ -560,7 +560,11 @@ def bench(
     text_encoder: TextEncoderOption = None,
     export_dir: ExportDirOption = None,
     backends: Annotated[
-        Optional[str], typer.Option(help="Comma-separated backends [default: every one that runs here].")
+        Optional[str],
+        typer.Option(
+            help="Comma-separated backends [default: every one that runs here but inductor, whose first use "
+            "compiles for minutes: name it to measure it]."
+        ),
     ] = None,
     batch: Annotated[str, typer.Option(help="Comma-separated image batch sizes.")] = "16",
     steps: Annotated[str, typer.Option(help="Comma-separated step counts.")] = "1,2,5,10,20,50",

@@ -254,7 +254,7 @@ def run_bench(
         for sampler in config.samplers:  # generate's --steps, --guidance and --sampler rules, stated there
             sampling = SamplerConfig(name=sampler)
             GenerationSettings(steps=max(config.steps), guidance=config.guidance, sampler=sampling).resolve(model)
-    names = _names(backends, "--backends") if backends else tuple(b.value for b in BackendName if b.value != "auto")
+    names = _names(backends, "--backends") if backends else DEFAULT_BENCH_BACKENDS
     benched = [
         BenchModel(label, model, _bench_backends(sources[label], model, names, bool(backends), label, report))
         for label, model in models.items()
@@ -294,6 +294,11 @@ def _bench_sources(source: ModelSource, ckpts: str | None) -> dict[str, ModelSou
     # Labelled by the file each loads: an embedded model's name and its file say the same.
     labels = model_labels([each.checkpoint for each in sources])
     return dict(zip(labels, sources, strict=True))
+
+
+# Every backend but auto (which is one of them) and inductor, whose first use compiles for
+# minutes: it is measured when named.
+DEFAULT_BENCH_BACKENDS = tuple(b.value for b in BackendName if b not in (BackendName.auto, BackendName.inductor))
 
 
 def _bench_backends(
