@@ -28,7 +28,7 @@ install-test: system-data
 	$(PIP) install --quiet -e '.[dev,tensorrt-rtx]'
 
 # The default run, kept under 10 minutes on 2 cores; the long tests (the full-size 131M model's,
-# int8 calibration, 1000 steps, Ray chunks lost, the embedded model's broken samples, TensorRT-RTX builds) are `make test-slow` (about 6 minutes more), the CPU-kind runs `make test-cpu-kinds`. CI (.ci/run)
+# int8 calibration, 1000 steps, Ray chunks lost, the embedded model's broken samples, TensorRT-RTX builds, the inductor backend's C++ compiles) are `make test-slow` (about 15 minutes more), the CPU-kind runs `make test-cpu-kinds`. CI (.ci/run)
 # runs all three.
 test: install-test
 	$(PYTHON) -m pytest -m "not slow" --durations=25
