@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +127,29 @@ def student_of(teacher, class_embedding_zero: bool = True):
     )
 
 
-def imported_modules(stderr: str) -> set[str]:
-    """Module names from `python -X importtime`'s report."""
-    return {m.group(1) for m in re.finditer(r"^import time:\s+\d+ \|\s+\d+ \|\s*(\S+)$", stderr, re.MULTILINE)}
+def record_builds(monkeypatch, module, describe) -> list:
+    """Records `describe(*args)` for each call of `module._build` (an artifact cache miss)."""
+    calls = []
+    original = module._build
+
+    def recording(*args):
+        calls.append(describe(*args))
+        return original(*args)
+
+    monkeypatch.setattr(module, "_build", recording)
+    return calls
+
+
+def warm_generate_imports(args: list[str], folder: Path) -> set[str]:
+    """The modules a warm `generate metal -n 1 --steps 1 ARGS` imports, run as a user runs it:
+    a fresh process, after a first one has filled the compiled cache."""
+    command = [sys.executable, "-X", "importtime", "-m", "glyph_engine", "generate", "metal", "-n", "1", "--steps", "1"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    for run in ("first", "warm"):
+        result = subprocess.run(
+            [*command, *args, "-o", str(folder / f"{run}.png")], capture_output=True, text=True, env=env, timeout=900
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert (folder / "warm.png").is_file()
+    # `python -X importtime` reports one module per line.
+    return {m.group(1) for m in re.finditer(r"^import time:\s+\d+ \|\s+\d+ \|\s*(\S+)$", result.stderr, re.MULTILINE)}

@@ -91,7 +91,8 @@ def test_factory_refusals_name_options_as_users_type_them(model):
     with pytest.raises(GlyphEngineError) as refused:
         create_backend(BackendName.torch, model, precision=Precision.bf16)
     assert str(refused.value) == (
-        "--backend torch on a CPU runs --precision fp32, not bf16; bf16 runs on a CPU with --backend openvino."
+        "--backend torch on a CPU runs --precision fp32, not bf16; bf16 runs on a CPU with --backend openvino "
+        "or --backend inductor."
     )
 
 

@@ -9,9 +9,6 @@ build for the tests after it, as a user's cache keeps it between runs.
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -31,7 +28,7 @@ from glyph_engine.model import DEFAULT_CHECKPOINT
 from glyph_engine.quality import GATE_PROMPTS, MAX_UNET_RELATIVE_ERROR, relative_errors, torch_unet, trajectory_calls
 from glyph_engine.settings import Precision
 
-from factories import imported_modules, student_of
+from factories import record_builds, student_of, warm_generate_imports
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
@@ -40,15 +37,9 @@ runner = CliRunner()
 @pytest.fixture
 def build_count(monkeypatch):
     """(component, precision) of each package compiled (cache misses)."""
-    calls = []
-    original = inductor_build._build
-
-    def counting(model, component, precision, progress):
-        calls.append((component, precision.value))
-        return original(model, component, precision, progress)
-
-    monkeypatch.setattr(inductor_build, "_build", counting)
-    return calls
+    return record_builds(
+        monkeypatch, inductor_build, lambda model, component, precision, progress: (component, precision.value)
+    )
 
 
 def calls(model, rows=(1, 3)):
@@ -120,18 +111,10 @@ def test_generate_on_inductor_draws_what_pytorch_draws(ckpt_path, tmp_path):
     assert np.abs(torch_pixels - inductor_pixels).max() <= 2  # uint8 rounding of fp32-close outputs
 
 
-def test_a_warm_start_imports_neither_inductor_nor_diffusers(ckpt_path, tmp_path, artifact_cache):
-    """A fresh process, as a user runs it, after the tests above filled the cache: loading a
-    package needs neither the compiler stack (inductor, dynamo) nor the model libraries."""
-    command = [sys.executable, "-X", "importtime", "-m", "glyph_engine", "generate", "metal", "-n", "1"]
-    command += ["--steps", "1", "--ckpt", str(ckpt_path), "--backend", "inductor", "--precision", "fp32"]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    for run in ("first", "warm"):
-        result = subprocess.run(
-            [*command, "-o", str(tmp_path / f"{run}.png")], capture_output=True, text=True, env=env, timeout=900
-        )
-        assert result.returncode == 0, result.stderr[-2000:]
-    modules = imported_modules(result.stderr)
+def test_a_warm_start_imports_neither_inductor_nor_diffusers(ckpt_path, tmp_path):
+    """Loading a package needs neither the compiler stack (inductor, dynamo) nor the model libraries."""
+    args = ["--ckpt", str(ckpt_path), "--backend", "inductor", "--precision", "fp32"]
+    modules = warm_generate_imports(args, tmp_path)
     assert {"glyph_engine.backends.inductor", "torch"} <= modules  # the report was read
     unwanted = {"torch._inductor", "torch._dynamo", "diffusers", "transformers"}
     assert not {m for m in modules if m in unwanted or m.split(".")[0] in unwanted}

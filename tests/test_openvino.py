@@ -13,6 +13,8 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from factories import record_builds
+
 pytest.importorskip("openvino", reason="the CPU default needs OpenVINO (not on the GPU machines)")
 
 import glyph_engine.backend_factory  # noqa: E402 - after the skip: these import OpenVINO
@@ -36,16 +38,8 @@ runner = CliRunner()
 
 @pytest.fixture
 def build_count(monkeypatch):
-    """How many OpenVINO models were compiled from PyTorch (cache misses)."""
-    calls = []
-    original = openvino_build._build
-
-    def counting(core, model, precision, progress):
-        calls.append(precision.value)
-        return original(core, model, precision, progress)
-
-    monkeypatch.setattr(openvino_build, "_build", counting)
-    return calls
+    """The precision of each OpenVINO model compiled from PyTorch (cache misses)."""
+    return record_builds(monkeypatch, openvino_build, lambda core, model, precision, progress: precision.value)
 
 
 def fake_cpu(monkeypatch, *flags):

@@ -4,9 +4,6 @@ that is transformers' own, driven through the `tokenizers` library alone."""
 from __future__ import annotations
 
 import io
-import os
-import subprocess
-import sys
 
 import pytest
 import sentencepiece as spm
@@ -16,7 +13,7 @@ from glyph_engine.checkpoint import load_model, tokenizer_from_files
 from glyph_engine.model import DEFAULT_CHECKPOINT
 from glyph_engine.text import PromptTokenizer
 
-from factories import DEFINITIONS, imported_modules
+from factories import DEFINITIONS, warm_generate_imports
 
 PROMPTS = [
     "metal",
@@ -92,19 +89,10 @@ def test_stored_files_without_tokenizer_json_go_through_transformers_once(monkey
 
 
 def test_a_warm_generate_imports_neither_diffusers_nor_transformers(tmp_path):
-    """Run as a user runs it: a fresh process, after one run has filled the compiled cache."""
-    command = [sys.executable, "-X", "importtime", "-m", "glyph_engine", "generate", "metal", "-n", "1", "--steps", "1"]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    for run in ("cold", "warm"):
-        result = subprocess.run(
-            [*command, "-o", str(tmp_path / f"{run}.png")], capture_output=True, text=True, env=env, timeout=600
-        )
-        assert result.returncode == 0, result.stderr[-2000:]
-    modules = imported_modules(result.stderr)
+    modules = warm_generate_imports([], tmp_path)
     assert {"glyph_engine.pipeline", "torch", "tokenizers"} <= modules  # the report was read
     top_level = {m.split(".")[0] for m in modules}
     assert not top_level & {"diffusers", "transformers"}, sorted(m for m in modules if m.startswith(("diff", "trans")))
-    assert (tmp_path / "warm.png").is_file()
 
 
 def test_the_fixed_cost_measurement_says_which_run_failed(tmp_path):

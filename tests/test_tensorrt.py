@@ -241,7 +241,7 @@ def test_tensorrt_refuses_fp32_and_says_what_to_use(model, tmp_path):
         create_backend("tensorrt", model, tmp_path, precision="fp32")
     assert str(refused.value) == (
         "--backend tensorrt on a GPU runs --precision fp16 (its engines are built from the FP16 ONNX files), "
-        "not fp32; fp32 runs with --backend torch, --backend onnxruntime or --backend openvino."
+        "not fp32; fp32 runs with --backend torch, --backend onnxruntime, --backend openvino or --backend inductor."
     )
 
 
