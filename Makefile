@@ -11,15 +11,15 @@ install:
 
 # Unihan definitions and the CJK font for `glyph-engine dataset` (and its tests), and a
 # headless browser for the page's test (Debian's chromium and its driver: browsers that
-# packages download do not run on these machines), as root on Debian; elsewhere those tests
-# skip and say why.
+# packages download do not run on these machines), and a C++ compiler for the fused op and the
+# inductor backend, as root on Debian; elsewhere those tests skip and say why.
 system-data:
 	@if [ ! -f /usr/share/unicode/Unihan_Readings.txt.bz2 ] || [ ! -f /usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc ] \
-		|| ! command -v chromedriver >/dev/null; then \
+		|| ! command -v chromedriver >/dev/null || ! command -v g++ >/dev/null; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq unicode-data fonts-noto-cjk \
-				chromium chromium-driver >/dev/null; \
-		else echo "note: install Debian's unicode-data, fonts-noto-cjk, chromium and chromium-driver for the dataset and page tests"; fi; \
+				chromium chromium-driver g++ >/dev/null; \
+		else echo "note: install Debian's unicode-data, fonts-noto-cjk, chromium, chromium-driver and g++ for the dataset, page, fused-op and inductor tests"; fi; \
 	fi
 
 # Tests also build TensorRT engines ahead of time: TensorRT-RTX installs from PyPI.

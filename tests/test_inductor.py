@@ -9,6 +9,7 @@ build for the tests after it, as a user's cache keeps it between runs.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 import numpy as np
 import pytest
@@ -30,7 +31,10 @@ from glyph_engine.settings import Precision
 
 from factories import record_builds, student_of, warm_generate_imports
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to compile the packages"),
+]
 runner = CliRunner()
 
 
