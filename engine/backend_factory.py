@@ -93,8 +93,7 @@ def _openvino(model: Glyffuser, requested: Precision, cache: ArtifactCache, prog
     # The gate is read only for auto: a model with an int8 build that passed it here runs int8.
     gate = int8_gate(model, cache) if requested is Precision.auto else None
     precision = choose("openvino", "cpu", requested, int8_passed=gate is not None and gate["passed"])
-    if precision is Precision.bf16 and not cpu_info().has_bf16:
-        logger.warning("this CPU has no BF16 units (AVX-512 BF16 or AMX): bf16 runs emulated, slower than fp32")
+    _warn_if_emulated(precision)
     backend, artifacts = open_openvino(model, cache, precision, progress)
     logger.info("openvino %s: %s", precision.value, ", ".join(a.source for a in artifacts))
     return backend
@@ -104,11 +103,15 @@ def _inductor(model: Glyffuser, requested: Precision, cache: ArtifactCache, prog
     from glyph_engine.inductor_build import open_inductor
 
     precision = choose("inductor", "cpu", requested)
-    if precision is Precision.bf16 and not cpu_info().has_bf16:
-        logger.warning("this CPU has no BF16 units (AVX-512 BF16 or AMX): bf16 runs emulated, slower than fp32")
+    _warn_if_emulated(precision)
     backend, artifacts = open_inductor(model, cache, precision, progress)
     logger.info("inductor %s: %s", precision.value, ", ".join(a.source for a in artifacts))
     return backend
+
+
+def _warn_if_emulated(precision: Precision) -> None:
+    if precision is Precision.bf16 and not cpu_info().has_bf16:
+        logger.warning("this CPU has no BF16 units (AVX-512 BF16 or AMX): bf16 runs emulated, slower than fp32")
 
 
 def _fastest(model: Glyffuser, export_dir: Path | None) -> str:

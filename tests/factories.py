@@ -147,7 +147,7 @@ def warm_generate_imports(args: list[str], folder: Path) -> set[str]:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     for run in ("first", "warm"):
         result = subprocess.run(
-            [*command, *args, "-o", str(folder / f"{run}.png")], capture_output=True, text=True, env=env, timeout=900
+            [*command, *args, "-o", str(folder / f"{run}.png")], capture_output=True, text=True, env=env, timeout=600
         )
         assert result.returncode == 0, result.stderr[-2000:]
     assert (folder / "warm.png").is_file()
