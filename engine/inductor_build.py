@@ -23,7 +23,6 @@ from glyph_engine import __version__
 from glyph_engine.backends.inductor import InductorBackend, load_inductor
 from glyph_engine.cache import Artifact, ArtifactCache, ArtifactKey
 from glyph_engine.cpu import cpu_info
-from glyph_engine.cross_attention import use_einsum_cross_attention
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.model import Glyffuser, placed
 from glyph_engine.settings import Precision
@@ -103,6 +102,9 @@ def unet_module(model: Glyffuser, precision: Precision) -> torch.nn.Module:
     """What is compiled for the U-Net: a copy of it (the model's own is left as it is) with
     its cross-attention as einsums, which inductor runs 3-5x faster than the flash-attention
     kernel at a prompt's few tokens (`glyph_engine.cross_attention`), at `precision`."""
+    # Imported here: it imports diffusers (1.4 s), which a warm start does not need.
+    from glyph_engine.cross_attention import use_einsum_cross_attention
+
     unet = copy.deepcopy(model.unet)
     use_einsum_cross_attention(unet)
     module = UNetForExport(unet)
