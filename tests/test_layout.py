@@ -111,6 +111,8 @@ PUBLIC_MODULES = {
     "glyph_engine.cpu",
     "glyph_engine.quality",
     "glyph_engine.images",
+    # What `--backend inductor` compiles (`unet_module`), for its profile.
+    "glyph_engine.inductor_build",
     # The radical evaluation and the student's gate, as `eval` runs them.
     "glyph_engine.training.dataset",
     "glyph_engine.training.evaluate",
