@@ -100,7 +100,7 @@ def compile_package(module: torch.nn.Module, spec: ComponentSpec) -> bytes:
 
 def unet_module(model: Glyffuser, precision: Precision) -> torch.nn.Module:
     """What is compiled for the U-Net: a copy of it (the model's own is left as it is) with
-    its cross-attention as einsums, which inductor runs 3-5x faster than the flash-attention
+    its cross-attention as einsums, which inductor runs 2-5x faster than the flash-attention
     kernel at a prompt's few tokens (`glyph_engine.cross_attention`), at `precision`."""
     # Imported here: it imports diffusers (1.4 s), which a warm start does not need.
     from glyph_engine.cross_attention import use_einsum_cross_attention
