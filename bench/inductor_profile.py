@@ -1,5 +1,6 @@
 """Where the inductor-compiled U-Net's time goes, by kernel kind: what `--backend inductor`
-compiles, and the same U-Net with diffusers' own attention processors, side by side.
+compiles, and the same U-Net as diffusers runs it (its attention processors, torch's
+GroupNorm), side by side.
 
     python bench/inductor_profile.py [--precision bf16] [--batch 128] [--text-length 2] [--out docs/inductor-profile]
 
@@ -21,26 +22,48 @@ from pathlib import Path
 
 import torch
 import torch._inductor.config
-from diffusers.models.attention_processor import AttnProcessor2_0
 from torch.profiler import ProfilerActivity, profile
 
 from glyph_engine.checkpoint import load_model
 from glyph_engine.cpu import cpu_info
-from glyph_engine.inductor_build import unet_module
+from glyph_engine.inductor_build import DTYPES, LowPrecisionUNet, unet_module
 from glyph_engine.model import DEFAULT_CHECKPOINT
 from glyph_engine.settings import Precision
 
-FUSED_KINDS = ("group_norm", "layer_norm", "gelu", "softmax")
+# Kernel names list the ops they fuse: GroupNorm as sums (glyph_engine.group_norm) shows as
+# sums and the SiLU after it.
+FUSED_KINDS = {
+    "group_norm": "group_norm",
+    "layer_norm": "layer_norm",
+    "gelu": "gelu",
+    "softmax": "softmax",
+    "silu": "GroupNorm as sums (+SiLU)",
+    "_sum_": "GroupNorm as sums (+SiLU)",
+}
 
 
 def kind(name: str, shapes: list) -> str:
     """A profiler event's kind: generated kernels by the op they fuse, attention by its shape."""
     if name.startswith("graph_") and "cpp_fused" in name:
-        return "generated: " + next((k for k in FUSED_KINDS if k in name), "other element-wise")
+        return "generated: " + next((label for op, label in FUSED_KINDS.items() if op in name), "other element-wise")
     if "scaled_dot_product" in name:
         query, key = shapes[0], shapes[1]
         return f"attention kernel ({'self' if query[2] == key[2] else 'cross'}, {query[2]}x{key[2]} tokens)"
     return name
+
+
+class AsDiffusersRunsIt(torch.nn.Module):
+    """The model's own U-Net (diffusers' attention processors, torch's GroupNorm) on the
+    positional inputs `unet_module` takes."""
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states, encoder_attention_mask, guidance=None):
+        return self.unet(
+            sample, timestep, encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask
+        ).sample
 
 
 def profile_module(module: torch.nn.Module, inputs: tuple, calls: int) -> dict[str, float]:
@@ -71,13 +94,10 @@ def main() -> None:
     torch._inductor.config.cpp.enable_kernel_profile = True
     model = load_model(DEFAULT_CHECKPOINT)
     precision = Precision(args.precision)
-    as_diffusers_runs_it = unet_module(model, precision)
-    for module in as_diffusers_runs_it.modules():
-        if hasattr(module, "set_attn_processor"):  # the diffusers U-Net: its own processor back everywhere
-            module.set_attn_processor(AttnProcessor2_0())
+    own = AsDiffusersRunsIt(model.unet)
     modules = {
-        "as diffusers runs it (flash attention everywhere)": as_diffusers_runs_it,
-        "as --backend inductor compiles it (cross-attention as einsums)": unet_module(model, precision),
+        "as diffusers runs it": own if precision is Precision.fp32 else LowPrecisionUNet(own, DTYPES[precision]),
+        "as --backend inductor compiles it (einsum cross-attention, GroupNorm as sums)": unet_module(model, precision),
     }
     generator = torch.Generator().manual_seed(0)
     rows, length = args.batch, args.text_length
