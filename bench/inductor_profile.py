@@ -92,6 +92,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch._inductor.config.cpp.enable_kernel_profile = True
+    torch._inductor.config.freezing = True  # as inductor_build.compile_package compiles
     model = load_model(DEFAULT_CHECKPOINT)
     precision = Precision(args.precision)
     own = AsDiffusersRunsIt(model.unet)

@@ -25,6 +25,13 @@ from glyph_engine.specs import TEXT_ENCODER_INPUTS, text_encoder_feed, unet_feed
 
 Runner = Callable[..., Tensor]
 
+# Image pixels per U-Net call (rows x height x width). Past 64 of the embedded glyffuser's
+# 32x32 images, a compiled call's activations outgrow the cores' caches and every row costs
+# more: bf16 on the AMX Xeon, 2.51 ms per row at 128 rows against 2.31 at 48-96 (2.45 at 32);
+# fp32 1.22 s for 128 rows against 0.46 s for 64 (docs/bench-cpu.md). A guided batch of 64
+# images is 128 rows: it runs as two calls.
+PIXELS_PER_CALL = 64 * 32 * 32
+
 
 class InductorBackend:
     name = "inductor"
@@ -41,7 +48,11 @@ class InductorBackend:
 
     @torch.inference_mode()
     def denoise(self, x: Tensor, timestep: int, text: Tensor, mask: Tensor, guidance: float | None = None) -> Tensor:
-        return self._unet(*unet_feed(x, timestep, text, mask, self.device, guidance).values())
+        # More rows than a call should hold run as equal chunks, one call each.
+        calls = max(1, -(-x.shape[0] * x[0, 0].numel() // PIXELS_PER_CALL))
+        chunks = zip(x.tensor_split(calls), text.tensor_split(calls), mask.tensor_split(calls), strict=True)
+        out = [self._unet(*unet_feed(rows, timestep, t, m, self.device, guidance).values()) for rows, t, m in chunks]
+        return out[0] if calls == 1 else torch.cat(out)
 
 
 def load_inductor(unet: bytes, text_encoder: bytes, precision: Precision, guidance: bool) -> InductorBackend:
