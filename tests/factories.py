@@ -144,12 +144,17 @@ def warm_generate_imports(args: list[str], folder: Path) -> set[str]:
     """The modules a warm `generate metal -n 1 --steps 1 ARGS` imports, run as a user runs it:
     a fresh process, after a first one has filled the compiled cache."""
     command = [sys.executable, "-X", "importtime", "-m", "glyph_engine", "generate", "metal", "-n", "1", "--steps", "1"]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    # Its own temporary folder: what the runs leave there is checked (the CLI skips the
+    # interpreter's last garbage collection; temporary folders must still be removed).
+    temporary = folder / "tmp"
+    temporary.mkdir()
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "TMPDIR": str(temporary)}
     for run in ("first", "warm"):
         result = subprocess.run(
             [*command, *args, "-o", str(folder / f"{run}.png")], capture_output=True, text=True, env=env, timeout=600
         )
         assert result.returncode == 0, result.stderr[-2000:]
     assert (folder / "warm.png").is_file()
+    assert list(temporary.iterdir()) == []
     # `python -X importtime` reports one module per line.
     return {m.group(1) for m in re.finditer(r"^import time:\s+\d+ \|\s+\d+ \|\s*(\S+)$", result.stderr, re.MULTILINE)}
