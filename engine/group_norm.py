@@ -11,8 +11,8 @@ contiguous channels), summed into groups and spread back to channels by matrix p
 with a 0/1 group matrix; the normalisation then reads one scale and shift per channel. The
 products keep inductor from fusing the group-to-channel gather into the last loop, which
 it cannot vectorise. 2-4x faster on those layers, level elsewhere (docs/bench-cpu.md,
-"GroupNorm in the inductor U-Net"). Statistics are in float32 whatever the input's dtype,
-as torch's own GroupNorm keeps them.
+"GroupNorm as sums, freezing and 64-row calls"). Statistics are in float32 whatever the
+input's dtype, as torch's own GroupNorm keeps them.
 """
 
 from __future__ import annotations
