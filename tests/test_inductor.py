@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 import glyph_engine.inductor_build as inductor_build
 from glyph_engine.backend_factory import create_backend
-from glyph_engine.backends.inductor import PIXELS_PER_CALL, load_package
+from glyph_engine.backends.inductor import load_package, rows_per_call
 from glyph_engine.backends.pytorch import TorchBackend
 from glyph_engine.cache import ArtifactCache
 from glyph_engine.checkpoint import load_model
@@ -62,7 +62,7 @@ def test_fp32_matches_pytorch_and_a_second_start_reads_the_cache(model, artifact
     assert backend.name == "inductor" and backend.precision == "fp32"
     reference = TorchBackend(model, device="cpu")
     # The last batch is one row more than a call holds: it runs as two calls.
-    for x, ids, mask in calls(model, rows=(1, 3, PIXELS_PER_CALL // model.image_shape[1] ** 2 + 1)):
+    for x, ids, mask in calls(model, rows=(1, 3, rows_per_call(model.image_shape[1] ** 2, "fp32") + 1)):
         text = backend.encode_text(ids, mask)
         torch.testing.assert_close(text, reference.encode_text(ids, mask), atol=1e-4, rtol=1e-4)
         eps = backend.denoise(x, 500, text, mask)

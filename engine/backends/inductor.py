@@ -25,12 +25,18 @@ from glyph_engine.specs import TEXT_ENCODER_INPUTS, text_encoder_feed, unet_feed
 
 Runner = Callable[..., Tensor]
 
-# Image pixels per U-Net call (rows x height x width). Past 64 of the embedded glyffuser's
-# 32x32 images, a compiled call's activations outgrow the cores' caches and every row costs
-# more: bf16 on the AMX Xeon, 2.51 ms per row at 128 rows against 2.31 at 48-96 (2.45 at 32);
-# fp32 1.22 s for 128 rows against 0.46 s for 64 (docs/bench-cpu.md). A guided batch of 64
-# images is 128 rows: it runs as two calls.
-PIXELS_PER_CALL = 64 * 32 * 32
+# How much one U-Net call should hold: 64 of the embedded glyffuser's 32x32 images in bf16,
+# counted in activation bytes. Past that, a compiled call's activations outgrow the cores'
+# caches and every row costs more. Per row on the AMX Xeon (docs/bench-cpu.md): bf16 2.30 ms
+# at 64-96 rows against 2.54 at 128; fp32, twice the bytes per row, 5.12 ms at 32 rows, 5.48
+# at 64 and 6.51 at 128. A guided bf16 batch of 64 images is 128 rows: it runs as two calls.
+CALL_BYTES = 64 * 32 * 32 * 2
+ELEMENT_BYTES = {"fp32": 4, "bf16": 2}
+
+
+def rows_per_call(pixels: int, precision: str) -> int:
+    """The most rows of `pixels` (height x width) a call at `precision` should hold."""
+    return max(1, CALL_BYTES // (pixels * ELEMENT_BYTES[precision]))
 
 
 class InductorBackend:
@@ -49,7 +55,7 @@ class InductorBackend:
     @torch.inference_mode()
     def denoise(self, x: Tensor, timestep: int, text: Tensor, mask: Tensor, guidance: float | None = None) -> Tensor:
         # More rows than a call should hold run as equal chunks, one call each.
-        calls = max(1, -(-x.shape[0] * x[0, 0].numel() // PIXELS_PER_CALL))
+        calls = max(1, -(-x.shape[0] // rows_per_call(x.shape[-2] * x.shape[-1], self.precision)))
         chunks = zip(x.tensor_split(calls), text.tensor_split(calls), mask.tensor_split(calls), strict=True)
         out = [self._unet(*unet_feed(rows, timestep, t, m, self.device, guidance).values()) for rows, t, m in chunks]
         return out[0] if calls == 1 else torch.cat(out)
