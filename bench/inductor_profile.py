@@ -26,9 +26,10 @@ from torch.profiler import ProfilerActivity, profile
 
 from glyph_engine.checkpoint import load_model
 from glyph_engine.cpu import cpu_info
-from glyph_engine.inductor_build import DTYPES, LowPrecisionUNet, unet_module
+from glyph_engine.inductor_build import at_precision, unet_module
 from glyph_engine.model import DEFAULT_CHECKPOINT
 from glyph_engine.settings import Precision
+from glyph_engine.to_onnx import UNetForExport
 
 # Kernel names list the ops they fuse: GroupNorm as sums (glyph_engine.group_norm) shows as
 # sums and the SiLU after it.
@@ -50,20 +51,6 @@ def kind(name: str, shapes: list) -> str:
         query, key = shapes[0], shapes[1]
         return f"attention kernel ({'self' if query[2] == key[2] else 'cross'}, {query[2]}x{key[2]} tokens)"
     return name
-
-
-class AsDiffusersRunsIt(torch.nn.Module):
-    """The model's own U-Net (diffusers' attention processors, torch's GroupNorm) on the
-    positional inputs `unet_module` takes."""
-
-    def __init__(self, unet: torch.nn.Module):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, sample, timestep, encoder_hidden_states, encoder_attention_mask, guidance=None):
-        return self.unet(
-            sample, timestep, encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask
-        ).sample
 
 
 def profile_module(module: torch.nn.Module, inputs: tuple, calls: int) -> dict[str, float]:
@@ -95,9 +82,9 @@ def main() -> None:
     torch._inductor.config.freezing = True  # as inductor_build.compile_package compiles
     model = load_model(DEFAULT_CHECKPOINT)
     precision = Precision(args.precision)
-    own = AsDiffusersRunsIt(model.unet)
     modules = {
-        "as diffusers runs it": own if precision is Precision.fp32 else LowPrecisionUNet(own, DTYPES[precision]),
+        # The model's own modules: diffusers' attention processors, torch's GroupNorm.
+        "as diffusers runs it": at_precision(UNetForExport(model.unet), precision),
         "as --backend inductor compiles it (einsum cross-attention, GroupNorm as sums)": unet_module(model, precision),
     }
     generator = torch.Generator().manual_seed(0)

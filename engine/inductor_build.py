@@ -116,7 +116,11 @@ def unet_module(model: Glyffuser, precision: Precision) -> torch.nn.Module:
     unet = copy.deepcopy(model.unet)
     use_einsum_cross_attention(unet)
     use_sums_group_norm(unet)
-    module = UNetForExport(unet)
+    return at_precision(UNetForExport(unet), precision)
+
+
+def at_precision(module: UNetForExport, precision: Precision) -> torch.nn.Module:
+    """The export's U-Net as compiled at `precision`: itself in fp32, else a `LowPrecisionUNet`."""
     return module if precision is Precision.fp32 else LowPrecisionUNet(module, DTYPES[precision])
 
 

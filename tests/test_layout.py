@@ -111,8 +111,10 @@ PUBLIC_MODULES = {
     "glyph_engine.cpu",
     "glyph_engine.quality",
     "glyph_engine.images",
-    # What `--backend inductor` compiles (`unet_module`), for its profile.
+    # What `--backend inductor` compiles (`unet_module`), for its profile, beside the
+    # export's own U-Net wrapper (the model as diffusers runs it).
     "glyph_engine.inductor_build",
+    "glyph_engine.to_onnx",
     # The radical evaluation and the student's gate, as `eval` runs them.
     "glyph_engine.training.dataset",
     "glyph_engine.training.evaluate",
