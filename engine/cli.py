@@ -455,12 +455,15 @@ def distill(
     start_steps: Annotated[
         Optional[int],
         typer.Option(
-            help="DDIM steps of the guidance-distilled student that the first halving starts from "
-            f"[default: {_DISTILL.start_steps}]."
+            help="Single-step DPM-Solver++(2S) steps of the guided teacher that the first halving learns "
+            f"two at a time [default: {_DISTILL.start_steps}]."
         ),
     ] = None,
     guidance_steps: Annotated[
-        Optional[int], typer.Option(help=f"Steps of guidance distillation [default: {_DISTILL.guidance_steps}].")
+        Optional[int],
+        typer.Option(
+            help=f"Steps of guidance distillation alone, before the halvings [default: {_DISTILL.guidance_steps}]."
+        ),
     ] = None,
     stage_steps: Annotated[
         Optional[int], typer.Option(help=f"Steps of each halving [default: {_DISTILL.stage_steps}].")
@@ -473,8 +476,9 @@ def distill(
 ) -> None:
     """Distil TEACHER into a few-step student with guidance built in (one U-Net pass per step).
 
-    Guidance distillation, then progressive distillation halving the steps; resumes from
-    WORKDIR. Without the settings options, a resumed WORKDIR keeps its own.
+    Progressive distillation halving the steps, the first halving from the guided teacher
+    itself (the student learns the guidance scale as an input); resumes from WORKDIR. Without
+    the settings options, a resumed WORKDIR keeps its own.
     """
     with user_errors():
         from glyph_engine.training.commands import run_distill

@@ -52,8 +52,10 @@ from glyph_engine.training.distill_state import (
 )
 from glyph_engine.training.distill_targets import (
     STUDENT_SAMPLER,
+    MidpointTable,
     StepTable,
     check_nested,
+    ddim_step,
     guided_table,
     progressive_target,
     run_unet,
@@ -107,14 +109,18 @@ class Distiller:
         self.abar = torch.tensor(teacher.alphas_cumprod, dtype=torch.float32)
         self.guided = guided_table(teacher)
         self.teacher_unet = self.encoder.unet.requires_grad_(False).eval()  # the guidance stage's teacher
-        # The guidance stage runs in bf16 where the hardware computes in it (a GPU, a CPU with
-        # BF16 units; emulated bf16 is slower than fp32): its loss is on eps, where bf16's 0.4%
-        # rounding is far below the loss. The progressive stages stay in fp32: their targets are
-        # x0 = (x - sigma_t eps) / alpha_t, which multiplies eps's rounding by up to sigma = 157;
-        # measured on the embedded model, bf16 moved the first step's target by 0.08-0.10 RMS
-        # (pixels in [0, 1]), and it trained no faster there (about 20 img/s either way).
+        # The teacher's passes run in bf16 where the hardware computes in it (a GPU, a CPU with
+        # BF16 units; emulated bf16 is slower than fp32), and so does the guidance stage's
+        # student: its loss is on eps, where bf16's 0.4% rounding is far below the loss. For the
+        # first halving's x0 targets, bf16 passes of the guided teacher move an 8-step student's
+        # target by 0.04-0.09 RMS (pixels in [0, 1]) at its first four steps, where the target
+        # weighs 1-15% in the step's x, and by 0.001-0.02 at the last four (measured); a step
+        # takes 4.3 s instead of 6.5 s in fp32 (a 2-core Xeon). The later halvings' teachers
+        # (earlier students) and every student being trained stay in fp32: bf16 trained no
+        # faster here.
         self.bf16 = device.type == "cuda" or cpu_info().has_bf16
         self._tables: dict[int, tuple[StepTable, StepTable]] = {}
+        self._midpoints: dict[int, MidpointTable] = {}
 
     def autocast(self) -> AbstractContextManager:
         """The guidance stage's precision (see `bf16`)."""
@@ -154,21 +160,39 @@ class Distiller:
         return torch.nn.functional.mse_loss(eps, target)
 
     def progressive_loss(
-        self, student: UNet2DConditionModel, teacher: UNet2DConditionModel, b: Batch, steps: int
+        self, student: UNet2DConditionModel, teacher: UNet2DConditionModel | None, b: Batch, steps: int
     ) -> Tensor:
         """Stage 2: the student's x0 at one of its `steps` timesteps against the two-teacher-step
-        target, weighted by max(SNR, 1) (Salimans & Ho's truncated SNR weighting)."""
+        target, weighted by max(SNR, 1) (Salimans & Ho's truncated SNR weighting).
+
+        `teacher` None (the first halving): the guided teacher itself, two DPM-Solver++(2S)
+        steps per student step (`MidpointTable`); otherwise the previous stage's student, two
+        DDIM steps as it samples."""
         mine, theirs = self.tables(steps)
         i = torch.from_numpy(b.rng.integers(0, steps, len(b.x0))).to(self.device)
         sigma = mine.rows("eps_scale", i, b.x0)
         z = (b.x0 + sigma * b.noise) / mine.rows("x_scale", i, b.x0)  # alpha x0 + sigma_t eps
         labels = self.labels(b)
 
-        def teacher_eps(x: Tensor, t: Tensor) -> Tensor:
-            return run_unet(teacher, x, t, b.text, b.mask, **labels)
+        if teacher is None:
+            midpoints = self.midpoints(2 * steps)
+
+            def guided_eps(x: Tensor, t: Tensor) -> Tensor:
+                with self.autocast():
+                    return teacher_guided_eps(
+                        self.teacher_unet, x, t, b.text, b.mask, b.guidance, self.guided, b.uncond
+                    )
+
+            def teacher_step(x: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+                return midpoints.step(guided_eps, x, k, self.clamp)
+        else:
+
+            def teacher_step(x: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+                eps = run_unet(teacher, x, theirs.timestep.to(x.device)[k], b.text, b.mask, **labels)
+                return ddim_step(x, eps, theirs, k, self.clamp)
 
         with torch.no_grad():
-            target = progressive_target(teacher_eps, z, i, mine, theirs, self.clamp)
+            target = progressive_target(teacher_step, z, i, mine, theirs, self.clamp)
         eps = run_unet(student, z, mine.timestep.to(self.device)[i], b.text, b.mask, **labels)
         x0 = mine.rows("x_scale", i, z) * z - sigma * eps
         weight = sigma.flatten().pow(-2).clamp(min=1.0)  # SNR = 1 / sigma^2
@@ -182,6 +206,11 @@ class Distiller:
             check_nested(mine, theirs)
             self._tables[student_steps] = mine, theirs
         return self._tables[student_steps]
+
+    def midpoints(self, teacher_steps: int) -> MidpointTable:
+        if teacher_steps not in self._midpoints:
+            self._midpoints[teacher_steps] = MidpointTable.of(self.teacher.alphas_cumprod, teacher_steps)
+        return self._midpoints[teacher_steps]
 
     def labels(self, b: Batch) -> dict[str, Tensor]:
         return {"class_labels": guidance_labels(b.guidance, len(b.guidance), self.device)}
@@ -236,8 +265,10 @@ def distill(
     _check_dataset(glyphs, teacher, state.config, dataset)
     plan = stages(state.config)
     distiller = Distiller(teacher, glyphs, state.config, device)
-    for stage in plan[1:]:  # refused now, not after hours of the stages before it
+    halvings = [stage for stage in plan if stage.student_steps is not None]
+    for stage in halvings:  # refused now, not after hours of the stages before it
         distiller.tables(stage.student_steps)
+    distiller.midpoints(2 * halvings[0].student_steps)
     workdir.mkdir(parents=True, exist_ok=True)
 
     started, run_start = time.perf_counter(), state.steps_done()
@@ -279,7 +310,8 @@ def _log_window(state: DistillState, window: list[float]) -> list[float]:
 
 
 def _end_stage(state: DistillState, teacher: Glyffuser, workdir: Path, plan: list[Stage]) -> None:
-    """The stage's averaged weights become the student (written out) and the next stage's teacher."""
+    """The stage's averaged weights become the student (written out) and, after a halving, the
+    next halving's teacher (the first halving learns from the guided teacher itself)."""
     stage = plan[state.stage]
     state.ema.copy_to(state.student.parameters())
     out = workdir / f"student-{stage.name.replace(' ', '-')}.pt"
@@ -287,10 +319,11 @@ def _end_stage(state: DistillState, teacher: Glyffuser, workdir: Path, plan: lis
     state.stage, state.step = state.stage + 1, 0
     if state.stage < len(plan):
         state.losses.append([])
-        if state.stage_teacher is None:
-            state.stage_teacher = frozen_copy(state.student)
-        else:
-            state.stage_teacher.load_state_dict(state.student.state_dict())
+        if stage.student_steps is not None:
+            if state.stage_teacher is None:
+                state.stage_teacher = frozen_copy(state.student)
+            else:
+                state.stage_teacher.load_state_dict(state.student.state_dict())
         fresh_optimizer(state)
     save_state(state, workdir)
 

@@ -18,23 +18,28 @@ class DistillConfig:
     batch_size: int = 64  # as `train`: the tens of images/s a 2-core CPU trains at
     learning_rate: float = 1e-4  # fine-tuning a trained model: a sixth of `train`'s rate
     warmup_steps: int = 100  # per stage: each stage starts with a fresh optimizer
-    # Optimizer steps of the guidance stage. The student starts as the teacher's conditional
-    # prediction and only learns the guidance input's effect (Meng et al.'s first stage).
-    guidance_steps: int = 1000
+    # Optimizer steps of a first stage of guidance distillation alone (0: none). The student
+    # starts as the teacher's conditional prediction; this stage teaches it the guidance
+    # input's effect (Meng et al.'s first stage). The first halving learns from the guided
+    # teacher itself, guidance included, so it needs no such stage: measured on the embedded
+    # model, the guidance stage's student (1,000 steps) broke 2.5% of glyphs at 20 steps, and
+    # every halving after it inherited that (8.0% at 16 steps, 21% at 8; docs/distill-quality.md).
+    guidance_steps: int = 0
     # Guidance scales the student learns, one drawn uniformly per image in every stage, so
     # --guidance still means something for the student (Meng et al. train on a range).
     # None: [1, 2 x the teacher's default].
     guidance_range: tuple[float, float] | None = None
-    # Progressive distillation starts from the guidance stage's student sampled with this many
-    # DDIM steps and halves them each stage, down to final_steps (start = final x 2^k, k >= 1).
-    # Each stage's student is at best its teacher: a larger start is closer to the guided
-    # teacher at 20 DPM-Solver++ steps, and costs one more stage per doubling. Measured on the
-    # embedded model (`eval`, 512 glyphs): the guided teacher with DDIM at 16 steps draws 1.8%
-    # broken glyphs, at 32 steps 0.2%, at its own 20 DPM-Solver++ steps 0.0%; the gate allows 1
-    # point more, so the halvings start from 32.
-    start_steps: int = 32
-    final_steps: int = 4
-    stage_steps: int = 800  # optimizer steps of each halving
+    # The first halving's teacher is the guided teacher taking start_steps single-step
+    # DPM-Solver++(2S) steps (`distill_targets.MidpointTable`: 2 U-Net passes each); each
+    # stage halves the steps, down to final_steps (start = final x 2^k, k >= 1); later stages
+    # learn two DDIM steps of the stage before. Each stage's student is at best its teacher.
+    # Measured on the embedded model (`eval`'s 8 prompts, 64 glyphs each, guided): 16 such
+    # steps draw 0.2% broken glyphs (the gate allows 1 point more than the teacher's 0.0%),
+    # 8 steps 2.5%; so an 8-step student learns 16 of them in one stage, with no chain of
+    # halvings to compound its errors.
+    start_steps: int = 16
+    final_steps: int = 8
+    stage_steps: int = 3000  # optimizer steps of each halving
     clause_sampling: float = 0.5  # as `train`: prompts are a word or two, captions several clauses
     # The weights each stage ends with, and so the next stage's teacher and the student
     # written out: the raw weights jitter from step to step.
@@ -55,10 +60,12 @@ class DistillConfig:
 
     def validate(self) -> None:
         """Refuses settings that cannot train, before the teacher is loaded."""
-        for name in ("batch_size", "guidance_steps", "final_steps", "stage_steps", "warmup_steps"):
+        for name in ("batch_size", "final_steps", "stage_steps", "warmup_steps"):
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 1):
                 raise GlyphEngineError(f"{option_name(name)} must be a whole number of at least 1 (got {value}).")
+        if not (isinstance(self.guidance_steps, int) and self.guidance_steps >= 0):
+            raise GlyphEngineError(f"--guidance-steps must be a whole number, 0 or more (got {self.guidance_steps}).")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise GlyphEngineError(f"the learning rate must be positive (got {self.learning_rate}).")
         ratio = self.start_steps / self.final_steps
@@ -91,8 +98,8 @@ class Stage:
 
 
 def stages(config: DistillConfig) -> list[Stage]:
-    """Guidance distillation, then one stage per halving down to the final step count."""
-    plan = [Stage("guidance", config.guidance_steps, None)]
+    """Guidance distillation where asked, then one stage per halving down to the final step count."""
+    plan = [Stage("guidance", config.guidance_steps, None)] if config.guidance_steps else []
     n = config.start_steps // 2
     while n >= config.final_steps:
         plan.append(Stage(f"{n} steps", config.stage_steps, n))

@@ -22,7 +22,9 @@ from glyph_engine.training.distill_config import DistillConfig, option_name, sta
 from glyph_engine.training.train import read_state
 
 STATE = "distill_state.pt"
-FORMAT = "glyph-engine-distill-state"
+# -2: the first halving learns from the guided teacher's 2S steps, no longer from the guidance
+# stage's student, so a state of the first kind cannot go on as it was started.
+FORMAT = "glyph-engine-distill-state-2"
 
 
 @dataclass
@@ -30,7 +32,7 @@ class DistillState:
     config: DistillConfig
     teacher_sha256: str  # the TEACHER this workdir distils
     student: UNet2DConditionModel  # the U-Net being trained (takes the guidance scale)
-    stage_teacher: UNet2DConditionModel | None  # the previous stage's student, frozen; None in the guidance stage
+    stage_teacher: UNet2DConditionModel | None  # the previous halving's student, frozen; None before the second halving
     optimizer: torch.optim.Optimizer
     ema: EMAModel
     stage: int = 0  # index into stages(config); len(stages) once all are done
@@ -106,6 +108,11 @@ def load_state(
 
 def _read_state(path: Path) -> dict[str, Any]:
     payload = read_state(path, _unusable_state, "distillation state")  # CRC-32s, weights_only, one line
+    if payload.get("format") == "glyph-engine-distill-state":
+        raise GlyphEngineError(
+            f"{path} was started by an older glyph-engine, whose first halving learnt from another teacher; "
+            "start a new --workdir (the students of its finished stages stay usable)."
+        )
     if payload.get("format") != FORMAT:
         raise _unusable_state(path, "not a distillation state")
     return payload

@@ -110,15 +110,63 @@ def check_nested(student: StepTable, teacher: StepTable) -> None:
 def ddim_step(
     x: Tensor, eps: Tensor, table: StepTable, i: Tensor, clamp: tuple[float, float] | None
 ) -> tuple[Tensor, Tensor]:
-    """The engine's order-1 step (`sampler.dpmpp_step`) with each row at its own step `i`."""
+    """The engine's order-1 step (`sampler.dpmpp_step`) with each row at its own step `i`;
+    returns (x_next, x0)."""
     x0 = table.rows("x_scale", i, x) * x - table.rows("eps_scale", i, x) * eps
     if clamp is not None:
         x0 = x0.clamp(*clamp)
     return table.rows("a", i, x) * x + table.rows("b", i, x) * x0, x0
 
 
+@dataclass(frozen=True)
+class MidpointTable:
+    """Single-step DPM-Solver++(2S) over an N-step run, through the midpoints the 2N-step run
+    puts between its timesteps: diffusers' DPMSolverSinglestepScheduler(solver_order=2) at 2N
+    steps. Step k is a DDIM half step to the midpoint (the 2N-step run's step 2k), then a full
+    step from the start, ``x_next = a x + b D`` with ``D = (1 - c) x0 + c x0_mid`` (the
+    midpoint rule; its last step is two DDIM halves, as diffusers ends, so c = 1 there).
+
+    Measured on the embedded model, guided (64 glyphs for each of `eval`'s 8 prompts): 16 such
+    steps draw 0.2% broken glyphs, as many as 20 DPM-Solver++(2M) steps, where 16 DDIM steps
+    (the same 32 U-Net passes as DDIM at 32) draw 1.6% and 8 steps of it 2.5%."""
+
+    steps: StepTable  # the N-step run: timesteps, x0 scalars and the full step's a, b
+    halves: StepTable  # the 2N-step run: even rows the half step, odd rows the midpoints
+    c: Tensor  # (N,) float32: the midpoint x0's weight in D
+
+    @classmethod
+    def of(cls, alphas_cumprod: np.ndarray, steps: int) -> MidpointTable:
+        full, halves = StepTable.of(alphas_cumprod, steps), StepTable.of(alphas_cumprod, 2 * steps)
+        check_nested(full, halves)
+        log_sigma = lambda t: torch.log(t.double())  # noqa: E731  lambda = -log(sigma)
+        start, mid = log_sigma(full.eps_scale), log_sigma(halves.eps_scale[1::2])
+        end = torch.cat([start[1:], torch.tensor([-torch.inf], dtype=torch.float64)])  # the last step ends at sigma 0
+        r = (start - mid) / (start - end)  # where the midpoint lies in lambda, 0..1
+        c = (0.5 / r).float()
+        c[-1] = 1.0
+        return cls(full, halves, c)
+
+    def step(
+        self, eps: Callable[[Tensor, Tensor], Tensor], x: Tensor, k: Tensor, clamp: tuple[float, float] | None
+    ) -> tuple[Tensor, Tensor]:
+        """Step `k` (per row) of the teacher whose noise prediction is eps(x, timesteps); returns (x_next, D)."""
+        full, halves = self.steps, self.halves
+        x0 = full.rows("x_scale", k, x) * x - full.rows("eps_scale", k, x) * eps(x, full.timestep.to(x.device)[k])
+        if clamp is not None:
+            x0 = x0.clamp(*clamp)
+        x_mid = halves.rows("a", 2 * k, x) * x + halves.rows("b", 2 * k, x) * x0
+        _, x0_mid = ddim_step(x_mid, eps(x_mid, halves.timestep.to(x.device)[2 * k + 1]), halves, 2 * k + 1, clamp)
+        c = self.c.to(x.device)[k].view(-1, *([1] * (x.dim() - 1)))
+        d = (1 - c) * x0 + c * x0_mid
+        return full.rows("a", k, x) * x + full.rows("b", k, x) * d, d
+
+
+# One teacher step with each row at its own step k: (x, k) -> (x_next, D), x_next = a x + b D.
+TeacherStep = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
 def progressive_target(
-    teacher_eps: Callable[[Tensor, Tensor], Tensor],
+    teacher_step: TeacherStep,
     z: Tensor,
     i: Tensor,
     student: StepTable,
@@ -126,13 +174,18 @@ def progressive_target(
     clamp: tuple[float, float] | None,
 ) -> Tensor:
     """The x0 whose one student step from z (at its step i) lands where two teacher steps do
-    (Salimans & Ho, Algorithm 2, on the engine's coefficients): x_next = a z + b x0, solved for x0.
+    (Salimans & Ho, Algorithm 2, on the engine's coefficients).
 
+    Both runs are DDIM-shaped, x_next = a x + b D, and the teacher's two steps nest in the
+    student's (their a's multiply to the student's), so the target is the teacher's D's
+    weighted as the two steps carry them, over the student's b: summed directly rather than
+    solved from (x_next - a z) / b, which at the first step divides rounding by b = 0.005.
     With the clamp, the student's x0 is clamped when it samples, so the nearest it can land
     is the clamped target.
     """
-    x = z
+    x, carried = z, torch.zeros_like(z)
     for k in (2 * i, 2 * i + 1):
-        x, _ = ddim_step(x, teacher_eps(x, teacher.timestep.to(z.device)[k]), teacher, k, clamp)
-    target = (x - student.rows("a", i, z) * z) / student.rows("b", i, z)
+        x, d = teacher_step(x, k)
+        carried = teacher.rows("a", k, z) * carried + teacher.rows("b", k, z) * d
+    target = carried / student.rows("b", i, z)
     return target if clamp is None else target.clamp(*clamp)
