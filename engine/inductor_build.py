@@ -31,7 +31,7 @@ from glyph_engine.specs import ComponentSpec, text_encoder_spec, unet_spec
 from glyph_engine.to_onnx import TRACE_SIZES, TextEncoderForExport, UNetForExport
 
 KIND = "inductor"
-BUILD_FORMAT = 4  # bump when what a build does changes: older entries are then not used
+BUILD_FORMAT = 5  # bump when what a build does changes: older entries are then not used
 PACKAGE = "model.pt2"
 DTYPES = {Precision.bf16: torch.bfloat16}
 
@@ -57,7 +57,14 @@ def open_inductor(
         lambda: _build(model, "text_encoder", Precision.fp32, progress),
     )
     unet = cache.get(artifact_key(model, "unet", precision), lambda: _build(model, "unet", precision, progress))
-    backend = load_inductor(unet.files[PACKAGE], text.files[PACKAGE], precision, model.guidance_embedding)
+    backend = load_inductor(
+        unet.files[PACKAGE],
+        unet.meta.get("inputs"),
+        text.files[PACKAGE],
+        text.meta.get("inputs"),
+        precision,
+        model.guidance_embedding,
+    )
     return backend, [text, unet]
 
 
@@ -139,7 +146,9 @@ def _build(model: Glyffuser, component: str, precision: Precision, progress: boo
     ) as bar:
         package = compile_package(module, spec)
         bar.update()
-    return Artifact(files={PACKAGE: package}, meta={"precision": precision.value})
+    # Each input's static sizes, None on its dynamic axes: a loaded package is held to them.
+    dims = [[d if isinstance(d, int) else None for d in t.dims] for t in spec.inputs]
+    return Artifact(files={PACKAGE: package}, meta={"precision": precision.value, "inputs": dims})
 
 
 def require_compiler() -> None:

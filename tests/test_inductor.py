@@ -126,9 +126,20 @@ def test_a_warm_start_imports_neither_inductor_nor_diffusers(ckpt_path, tmp_path
 
 
 def test_a_package_of_another_shape_is_refused(model, artifact_cache):
-    _, (text, _) = inductor_build.open_inductor(model, ArtifactCache(artifact_cache), Precision.fp32)
+    backend, (text, unet) = inductor_build.open_inductor(model, ArtifactCache(artifact_cache), Precision.fp32)
+    dims = text.meta["inputs"]
+    assert dims == [[None, None], [None, None]] and unet.meta["inputs"][0] == [None, *model.image_shape]
     with pytest.raises(GlyphEngineError, match="takes 2 inputs, not 4; rebuild the cache entry"):
-        load_package(text.files[inductor_build.PACKAGE], 4)
+        load_package(text.files[inductor_build.PACKAGE], [*dims, [None], [None]], 4)
+    with pytest.raises(GlyphEngineError, match="recorded input shapes are unusable"):
+        load_package(text.files[inductor_build.PACKAGE], [[None, "x"], [None, None]], 2)
+    # Text of another width than T5's: refused before the package reads it.
+    width = unet.meta["inputs"][2][2]
+    x, mask = torch.randn(2, *model.image_shape), torch.ones(2, 3, dtype=torch.long)
+    with pytest.raises(
+        GlyphEngineError, match=rf"takes input 2 of shape \(any, any, {width}\); it was given \(2, 3, 8\)"
+    ):
+        backend.denoise(x, 500, torch.randn(2, 3, 8), mask)
 
 
 def test_no_compiler_is_one_sentence(model, tmp_path, monkeypatch):

@@ -4,10 +4,13 @@ many rows a call holds follows the activations' bytes (image size and precision)
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
-from glyph_engine.backends.inductor import InductorBackend, rows_per_call
+from glyph_engine.backends.inductor import InductorBackend, check_shapes, rows_per_call
+from glyph_engine.errors import GlyphEngineError
 from glyph_engine.settings import Precision
 
 
@@ -66,3 +69,15 @@ def test_a_students_guidance_reaches_every_chunk():
     out = backend.denoise(x, 20, text, mask, guidance=3.0)
     assert calls == [[50] * 5, [50] * 5]
     torch.testing.assert_close(out, expected(x, 20, text, mask, guidance=3.0), rtol=0, atol=0)
+
+
+def test_inputs_of_other_static_sizes_are_refused_in_one_line():
+    dims = [[None, 1, 32, 32], [None], [None, None, 512], [None, None]]
+    rows = (torch.zeros(3, 1, 32, 32), torch.zeros(3), torch.zeros(3, 7, 512), torch.ones(3, 7))
+    check_shapes(dims, rows)  # dynamic axes take any size
+    for k, bad in [(0, torch.zeros(3, 1, 16, 32)), (2, torch.zeros(3, 7, 128)), (3, torch.ones(3, 7, 1))]:
+        wrong = tuple(bad if i == k else t for i, t in enumerate(rows))
+        with pytest.raises(
+            GlyphEngineError, match=f"takes input {k} of shape .*; it was given {re.escape(str(tuple(bad.shape)))}"
+        ):
+            check_shapes(dims, wrong)

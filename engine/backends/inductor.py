@@ -61,17 +61,25 @@ class InductorBackend:
         return out[0] if calls == 1 else torch.cat(out)
 
 
-def load_inductor(unet: bytes, text_encoder: bytes, precision: Precision, guidance: bool) -> InductorBackend:
-    """The backend of two compiled packages: a U-Net at `precision` (taking a student's
-    `guidance` input where it has one) and the FP32 text encoder."""
+# An input's shape as a package was compiled for: each axis's size, None where it is dynamic.
+InputDims = list[list[int | None]]
+
+
+def load_inductor(
+    unet: bytes, unet_dims: InputDims, text_encoder: bytes, text_dims: InputDims, precision: Precision, guidance: bool
+) -> InductorBackend:
+    """The backend of two compiled packages, each with its inputs' dims as built: a U-Net at
+    `precision` (taking a student's `guidance` input where it has one) and the FP32 text encoder."""
     return InductorBackend(
-        load_package(unet, len(unet_inputs(guidance))), load_package(text_encoder, len(TEXT_ENCODER_INPUTS)), precision
+        load_package(unet, unet_dims, len(unet_inputs(guidance))),
+        load_package(text_encoder, text_dims, len(TEXT_ENCODER_INPUTS)),
+        precision,
     )
 
 
-def load_package(package: bytes, inputs: int) -> Runner:
+def load_package(package: bytes, dims: InputDims, inputs: int) -> Runner:
     """A compiled package's model, loaded from `package` (bytes the cache has checked against
-    their recorded sha256), taking `inputs` tensors and returning one.
+    their recorded sha256), taking `inputs` tensors of `dims` and returning one.
 
     Through torch's C++ loader rather than `torch._inductor.aoti_load_package`, which imports
     inductor and dynamo (1.7 s here) for nothing a load needs. The loader takes a path: the
@@ -79,6 +87,10 @@ def load_package(package: bytes, inputs: int) -> Runner:
     check and the load; it extracts the shared library into its own temporary folder, which
     it removes when the model is freed.
     """
+    if not _well_formed(dims, inputs):
+        raise GlyphEngineError(
+            f"a compiled package's recorded input shapes are unusable ({str(dims)[:80]}); rebuild the cache entry."
+        )
     with tempfile.TemporaryDirectory(prefix="glyph-engine-aoti-") as folder:
         path = Path(folder) / "model.pt2"
         path.write_bytes(package)
@@ -89,7 +101,32 @@ def load_package(package: bytes, inputs: int) -> Runner:
         raise GlyphEngineError(f"a compiled package takes {takes} inputs, not {inputs}; rebuild the cache entry.")
 
     def run(*tensors: Tensor) -> Tensor:
+        check_shapes(dims, tensors)
         (out,) = loader.boxed_run(list(tensors))
         return out
 
     return run
+
+
+def check_shapes(dims: InputDims, tensors: tuple[Tensor, ...]) -> None:
+    """Refuses inputs of other static sizes than a package was compiled for. A package checks
+    its dynamic sizes (rows, text length) itself, but not its static ones: fed text of another
+    width, one ran and returned numbers (seen here), reading memory its kernels were not
+    compiled for."""
+    for k, (want, tensor) in enumerate(zip(dims, tensors, strict=True)):
+        got = tuple(tensor.shape)
+        if len(got) != len(want) or any(w is not None and w != g for w, g in zip(want, got, strict=False)):
+            shape = ", ".join("any" if w is None else str(w) for w in want)
+            raise GlyphEngineError(f"a compiled package takes input {k} of shape ({shape}); it was given {got}.")
+
+
+def _well_formed(dims: object, inputs: int) -> bool:
+    return (
+        isinstance(dims, list)
+        and len(dims) == inputs
+        and all(
+            isinstance(d, list)
+            and all(v is None or (isinstance(v, int) and not isinstance(v, bool) and v > 0) for v in d)
+            for d in dims
+        )
+    )
