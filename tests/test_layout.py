@@ -119,6 +119,10 @@ PUBLIC_MODULES = {
     "glyph_engine.training.dataset",
     "glyph_engine.training.evaluate",
     "glyph_engine.training.student_gate",
+    # The first halving's teacher as distill samples it (bench/midpoint_teacher.py), with the
+    # pipeline's prompt encoding.
+    "glyph_engine.pipeline",
+    "glyph_engine.training.distill_targets",
 }
 
 
