@@ -243,9 +243,9 @@ def test_the_first_halving_learns_from_the_guided_teacher_and_later_ones_from_th
 
 
 def test_stages_need_nested_timesteps():
-    assert [s.name for s in stages(DistillConfig())] == ["8 steps"]
-    assert [s.name for s in stages(DistillConfig(guidance_steps=10))] == ["guidance", "8 steps"]
-    assert [s.student_steps for s in stages(DistillConfig(start_steps=32, final_steps=1))] == [16, 8, 4, 2, 1]
+    assert [s.name for s in stages(DistillConfig())] == ["guidance", "8 steps"]
+    assert [s.name for s in stages(DistillConfig(guidance_steps=0))] == ["8 steps"]
+    assert [s.student_steps for s in stages(DistillConfig(start_steps=32, final_steps=1))] == [None, 16, 8, 4, 2, 1]
     abar = np.linspace(0.9999, 0.0001, 1000)
     check_nested(StepTable.of(abar, 4), StepTable.of(abar, 8))
     with pytest.raises(GlyphEngineError, match="do not contain its 4-step ones"):

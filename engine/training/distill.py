@@ -7,7 +7,9 @@ Stages, run in order and resumable across runs (`distill_state.py`):
    prediction exactly as the engine's sampler combines it: the teacher's guidance interval
    and unconditional rows included;
 2. progressive distillation (Salimans & Ho, ICLR 2022): each stage halves the step count,
-   one DDIM step of the student matching two of the previous stage's student.
+   one DDIM step of the student matching two steps of its teacher: in the first halving the
+   guided teacher itself taking single-step DPM-Solver++(2S) steps (`MidpointTable`), in
+   later ones the previous stage's student taking DDIM steps.
 DDIM is first-order DPM-Solver++, and every stage trains at the timesteps and with the step
 coefficients the engine's `dpmpp-2m` sampler uses at order 1, so the student runs through
 the engine's sampler and its fused step unchanged, at exactly the timesteps it learnt.

@@ -18,13 +18,15 @@ class DistillConfig:
     batch_size: int = 64  # as `train`: the tens of images/s a 2-core CPU trains at
     learning_rate: float = 1e-4  # fine-tuning a trained model: a sixth of `train`'s rate
     warmup_steps: int = 100  # per stage: each stage starts with a fresh optimizer
-    # Optimizer steps of a first stage of guidance distillation alone (0: none). The student
-    # starts as the teacher's conditional prediction; this stage teaches it the guidance
-    # input's effect (Meng et al.'s first stage). The first halving learns from the guided
-    # teacher itself, guidance included, so it needs no such stage: measured on the embedded
-    # model, the guidance stage's student (1,000 steps) broke 2.5% of glyphs at 20 steps, and
-    # every halving after it inherited that (8.0% at 16 steps, 21% at 8; docs/distill-quality.md).
-    guidance_steps: int = 0
+    # Optimizer steps of a first stage of guidance distillation alone (0: none): the student,
+    # started as the teacher's conditional prediction, learns in one pass the teacher's guided
+    # eps (Meng et al.'s first stage). The halvings learn from the guided teacher itself, so
+    # this stage is where the guidance input starts, not a teacher: without it, an 8-step
+    # student learnt the guidance too slowly from the x0 targets alone (embedded model, 500
+    # steps: fire, heart and speech at 3.8x, 2.3x and 1.8x against the teacher's 10.4x, 3.9x
+    # and 6.0x, no better than at 200 steps), where this stage alone had lifted every prompt to
+    # the teacher's or higher in 1,000 steps (docs/distill-quality.md).
+    guidance_steps: int = 1000
     # Guidance scales the student learns, one drawn uniformly per image in every stage, so
     # --guidance still means something for the student (Meng et al. train on a range).
     # None: [1, 2 x the teacher's default].
