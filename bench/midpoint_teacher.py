@@ -29,7 +29,7 @@ from glyph_engine.session import ModelSource, Session
 from glyph_engine.settings import GenerationSettings, reference_steps
 from glyph_engine.training.dataset import GlyphSet, load_glyph_set
 from glyph_engine.training.distill_targets import MidpointTable, StepTable, ddim_step, guided_table, teacher_guided_eps
-from glyph_engine.training.evaluate import RADICAL_PROMPTS, RadicalResult, is_broken, nearest, radical_hit_rates
+from glyph_engine.training.evaluate import RADICAL_PROMPTS, RadicalResult, radical_hit_rates, radical_result
 from glyph_engine.training.student_gate import gate, mean_broken, mean_nn
 
 
@@ -65,22 +65,10 @@ def sample(session: Session, prompt: str, n: int, solver: str, steps: int) -> np
 
 
 def results(session: Session, glyphs: GlyphSet, n: int, solver: str, steps: int) -> list[RadicalResult]:
-    out = []
-    for prompt, radical in RADICAL_PROMPTS.items():
-        images = sample(session, prompt, n, solver, steps)
-        index, distance = nearest(images, glyphs.images)
-        out.append(
-            RadicalResult(
-                prompt,
-                radical,
-                float((glyphs.radicals[index] == radical).mean()),
-                float((glyphs.radicals == radical).mean()),
-                float(distance.mean()),
-                float(is_broken(images).mean()),
-                float(distance.std(ddof=1) / np.sqrt(n)),
-            )
-        )
-    return out
+    return [
+        radical_result(prompt, radical, sample(session, prompt, n, solver, steps), glyphs)
+        for prompt, radical in RADICAL_PROMPTS.items()
+    ]
 
 
 def main() -> None:

@@ -110,7 +110,9 @@ class Distiller:
         self.clamp = teacher.pixel_range if teacher.clamp_x0 else None
         self.abar = torch.tensor(teacher.alphas_cumprod, dtype=torch.float32)
         self.guided = guided_table(teacher)
-        self.teacher_unet = self.encoder.unet.requires_grad_(False).eval()  # the guidance stage's teacher
+        self.teacher_unet = self.encoder.unet.requires_grad_(
+            False
+        ).eval()  # the guided teacher (guidance stage, first halving)
         # The teacher's passes run in bf16 where the hardware computes in it (a GPU, a CPU with
         # BF16 units; emulated bf16 is slower than fp32), and so does the guidance stage's
         # student: its loss is on eps, where bf16's 0.4% rounding is far below the loss. For the
@@ -125,7 +127,7 @@ class Distiller:
         self._midpoints: dict[int, MidpointTable] = {}
 
     def autocast(self) -> AbstractContextManager:
-        """The guidance stage's precision (see `bf16`)."""
+        """The precision of the guided teacher's passes and the guidance stage's student (see `bf16`)."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     def batch(self, stage: int, step: int) -> Batch:

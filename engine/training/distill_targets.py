@@ -112,10 +112,14 @@ def ddim_step(
 ) -> tuple[Tensor, Tensor]:
     """The engine's order-1 step (`sampler.dpmpp_step`) with each row at its own step `i`;
     returns (x_next, x0)."""
-    x0 = table.rows("x_scale", i, x) * x - table.rows("eps_scale", i, x) * eps
-    if clamp is not None:
-        x0 = x0.clamp(*clamp)
+    x0 = predicted_x0(x, eps, table, i, clamp)
     return table.rows("a", i, x) * x + table.rows("b", i, x) * x0, x0
+
+
+def predicted_x0(x: Tensor, eps: Tensor, table: StepTable, i: Tensor, clamp: tuple[float, float] | None) -> Tensor:
+    """x0 = x_scale x - eps_scale eps at each row's step `i`, clamped as the engine clamps it."""
+    x0 = table.rows("x_scale", i, x) * x - table.rows("eps_scale", i, x) * eps
+    return x0 if clamp is None else x0.clamp(*clamp)
 
 
 @dataclass(frozen=True)
@@ -152,11 +156,10 @@ class MidpointTable:
     ) -> tuple[Tensor, Tensor]:
         """Step `k` (per row) of the teacher whose noise prediction is eps(x, timesteps); returns (x_next, D)."""
         full, halves = self.steps, self.halves
-        x0 = full.rows("x_scale", k, x) * x - full.rows("eps_scale", k, x) * eps(x, full.timestep.to(x.device)[k])
-        if clamp is not None:
-            x0 = x0.clamp(*clamp)
+        x0 = predicted_x0(x, eps(x, full.timestep.to(x.device)[k]), full, k, clamp)
         x_mid = halves.rows("a", 2 * k, x) * x + halves.rows("b", 2 * k, x) * x0
-        _, x0_mid = ddim_step(x_mid, eps(x_mid, halves.timestep.to(x.device)[2 * k + 1]), halves, 2 * k + 1, clamp)
+        mid = 2 * k + 1
+        x0_mid = predicted_x0(x_mid, eps(x_mid, halves.timestep.to(x.device)[mid]), halves, mid, clamp)
         c = self.c.to(x.device)[k].view(-1, *([1] * (x.dim() - 1)))
         d = (1 - c) * x0 + c * x0_mid
         return full.rows("a", k, x) * x + full.rows("b", k, x) * d, d

@@ -102,23 +102,27 @@ def radical_hit_rates(
             f"the dataset's glyphs are {glyphs.images.shape[1]}px and the model draws {height}px; "
             f"build the dataset with --resolution {height}."
         )
-    results = []
-    for prompt, radical in prompts.items():
-        images = generate(model, backend, [prompt], num_samples, settings).images[:, 0].numpy()
-        index, distance = nearest(images, glyphs.images)
-        hits = glyphs.radicals[index] == radical
-        results.append(
-            RadicalResult(
-                prompt,
-                radical,
-                float(hits.mean()),
-                float((glyphs.radicals == radical).mean()),
-                float(distance.mean()),
-                float(is_broken(images).mean()),
-                float(distance.std(ddof=1) / np.sqrt(len(distance))) if len(distance) > 1 else 0.0,
-            )
+    return [
+        radical_result(
+            prompt, radical, generate(model, backend, [prompt], num_samples, settings).images[:, 0].numpy(), glyphs
         )
-    return results
+        for prompt, radical in prompts.items()
+    ]
+
+
+def radical_result(prompt: str, radical: int, images: np.ndarray, glyphs: GlyphSet) -> RadicalResult:
+    """How glyphs `images` (N, H, W) in [0, 1], drawn for `prompt`, score against `radical`."""
+    index, distance = nearest(images, glyphs.images)
+    hits = glyphs.radicals[index] == radical
+    return RadicalResult(
+        prompt,
+        radical,
+        float(hits.mean()),
+        float((glyphs.radicals == radical).mean()),
+        float(distance.mean()),
+        float(is_broken(images).mean()),
+        float(distance.std(ddof=1) / np.sqrt(len(distance))) if len(distance) > 1 else 0.0,
+    )
 
 
 def table(results: list[RadicalResult]) -> str:
