@@ -472,6 +472,13 @@ def distill(
         None
     ),
     text_encoder: TextEncoderOption = None,
+    snapshot: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Train nothing: write the averaged weights of WORKDIR's stage in progress to this file, "
+            "a student to gate with `eval --against` (safe while a run goes on)."
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Distil TEACHER into a few-step student with guidance built in (one U-Net pass per step).
@@ -481,9 +488,13 @@ def distill(
     the settings options, a resumed WORKDIR keeps its own.
     """
     with user_errors():
-        from glyph_engine.training.commands import run_distill
+        from glyph_engine.training.commands import run_distill, run_snapshot
 
         _quiet_libraries()
+        if snapshot is not None:
+            for line in run_snapshot(teacher, workdir, snapshot, text_encoder):
+                typer.echo(line)
+            return
         given = {
             "final_steps": final_steps,
             "start_steps": start_steps,

@@ -371,3 +371,42 @@ def test_a_second_run_on_a_busy_workdir_is_refused_in_one_line(ckpt_path, glyph_
         assert list(workdir.iterdir()) == []  # nothing written
     with working_in(workdir, command):  # free again once the first ends
         pass
+
+
+def test_a_snapshot_writes_the_running_stages_averaged_weights_and_leaves_the_run_alone(
+    ckpt_path, glyph_file, tmp_path
+):
+    from glyph_engine.checkpoint import load_model
+    from glyph_engine.files import working_in
+    from glyph_engine.training.distill_state import load_state
+
+    workdir, out = tmp_path / "run", tmp_path / "snapshot.pt"
+    result = cli_distill(ckpt_path, "--workdir", workdir, "--snapshot", out)
+    assert result.exit_code == 2 and result.output.count("\n") == 1 and "holds no distillation" in result.output
+    assert not out.exists()
+
+    # Guidance stage, step 2 of 3: diffusers' average copies the first step's weights, then moves slower.
+    distill(ckpt_path, glyph_file, workdir, replace(TINY, guidance_steps=3), max_steps=2)
+    before = (workdir / STATE).read_bytes()
+    with working_in(workdir, "distill"):  # a run going on in the workdir
+        result = cli_distill(ckpt_path, "--workdir", workdir, "--snapshot", out)
+    assert result.exit_code == 0, result.output
+    assert "stage 'guidance' at step 2/3" in result.output and f"--against {ckpt_path}" in result.output
+    assert (workdir / STATE).read_bytes() == before
+
+    teacher = load_model(ckpt_path)
+    state = load_state(workdir, teacher.sha256, student_unet(teacher.unet, 0), None)
+    raw = [p.detach().clone() for p in state.student.parameters()]
+    state.ema.copy_to(state.student.parameters())
+    snap = load_model(out)
+    assert snap.guidance_embedding and snap.metadata["snapshot"] == "averaged weights at step 2 of 3"
+    written = dict(snap.unet.named_parameters())
+    moved = False
+    for (name, averaged), trained in zip(state.student.named_parameters(), raw, strict=True):
+        torch.testing.assert_close(written[name].float(), averaged, rtol=1e-3, atol=1e-4)  # stored in fp16
+        moved |= not torch.allclose(averaged, trained)
+    assert moved  # the average is not the raw weights, so the check above tells them apart
+
+    distill(ckpt_path, glyph_file, workdir, None, minutes=5)
+    result = cli_distill(ckpt_path, "--workdir", workdir, "--snapshot", tmp_path / "late.pt")
+    assert result.exit_code == 2 and "every stage in" in result.output and not (tmp_path / "late.pt").exists()

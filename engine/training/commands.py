@@ -128,6 +128,18 @@ def run_distill(
     ]
 
 
+def run_snapshot(teacher: Path, workdir: Path, out: Path, text_encoder: str | None = None) -> list[str]:
+    """`distill --snapshot OUT`: the stage in progress's averaged weights, written as a student."""
+    from glyph_engine.training.distill import snapshot
+
+    refuse_non_regular(out)
+    stage, step = snapshot(teacher, workdir, out, text_encoder)
+    return [
+        f"wrote {out}: the averaged weights of stage {stage.name!r} at step {step}/{stage.steps}",
+        f"gate it: glyph-engine eval --ckpt {out} --against {teacher}",
+    ]
+
+
 @dataclass(frozen=True)
 class Evaluation:
     report: str  # what `eval` prints

@@ -307,6 +307,27 @@ def distill(
     return teacher, state
 
 
+def snapshot(teacher_path: Path, workdir: Path, out: Path, text_encoder: str | None = None) -> tuple[Stage, int]:
+    """Writes the averaged weights of `workdir`'s stage in progress to `out` as a student, to
+    gate it (`eval --against`) before the stage ends; returns the stage and its step. The state
+    is only read: a run going on in `workdir` is not disturbed."""
+    if not (workdir / STATE).is_file():
+        raise GlyphEngineError(f"{workdir} holds no distillation to snapshot ({STATE} is missing).")
+    teacher = load_model(teacher_path, text_encoder)
+    student = student_unet(teacher.unet, DistillConfig().seed)  # every weight is then the state's
+    state = load_state(workdir, teacher.sha256, student, None)
+    plan = stages(state.config)
+    if state.stage == len(plan):
+        raise GlyphEngineError(
+            f"every stage in {workdir} is done: its student is the run's --out, and each stage's is in {workdir}."
+        )
+    stage = plan[state.stage]
+    state.ema.copy_to(state.student.parameters())
+    card = {"stage": stage.name, "snapshot": f"averaged weights at step {state.step} of {stage.steps}"}
+    save_student(state, teacher, stage, out, card)
+    return stage, state.step
+
+
 def _log_window(state: DistillState, window: list[float]) -> list[float]:
     if window:
         state.losses[min(state.stage, len(state.losses) - 1)].append(float(np.mean(window)))
