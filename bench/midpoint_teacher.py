@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from glyph_engine.cpu import cpu_info
+from glyph_engine.model import TEACHER_MODEL
 from glyph_engine.pipeline import encode_prompts, image_seeds, unconditional_text
 from glyph_engine.sampler import initial_noise
 from glyph_engine.session import ModelSource, Session
@@ -74,7 +75,7 @@ def results(session: Session, glyphs: GlyphSet, n: int, solver: str, steps: int)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=Path("glyphs.npz"))
-    parser.add_argument("--teacher", type=Path, default=None, help="default: the embedded model")
+    parser.add_argument("--teacher", type=Path, default=Path(TEACHER_MODEL), help="a teacher, not a student")
     steps = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     parser.add_argument("--midpoint-steps", type=steps, default=[8, 16])
     parser.add_argument("--ddim-steps", type=steps, default=[16])

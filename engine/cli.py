@@ -471,6 +471,13 @@ def distill(
     batch_size: Annotated[Optional[int], typer.Option(help=f"Images per step [default: {_DISTILL.batch_size}].")] = (
         None
     ),
+    step_weighting: Annotated[
+        Optional[str],
+        typer.Option(
+            help="How a halving weighs its student's steps: balanced (each step's loss over its own running mean) "
+            f"or snr (max(SNR, 1), Salimans & Ho) [default: {_DISTILL.step_weighting}]."
+        ),
+    ] = None,
     text_encoder: TextEncoderOption = None,
     snapshot: Annotated[
         Optional[Path],
@@ -501,6 +508,7 @@ def distill(
             "guidance_steps": guidance_steps,
             "stage_steps": stage_steps,
             "batch_size": batch_size,
+            "step_weighting": step_weighting,
         }
         changes = {k: v for k, v in given.items() if v is not None}
         config = replace(_DISTILL, **changes) if changes else None

@@ -242,6 +242,34 @@ def test_the_first_halving_learns_from_the_guided_teacher_and_later_ones_from_th
     assert [c for c in calls if c[0] != "previous"] == [] and [rows for _, rows in calls] == [4, 4]
 
 
+def test_the_balanced_weighting_divides_each_steps_mse_by_its_running_mean(model, glyph_file):
+    from glyph_engine.training.dataset import load_glyph_set
+    from glyph_engine.training.distill import update_step_scale
+
+    scale = torch.full((3,), float("nan"))
+    update_step_scale(scale, torch.tensor([0, 0, 1]), torch.tensor([1.0, 3.0, 5.0]), decay=0.5)
+    assert scale[:2].tolist() == [2.0, 5.0] and scale[2].isnan()  # a step's first batch sets its mean
+    update_step_scale(scale, torch.tensor([0]), torch.tensor([4.0]), decay=0.5)
+    assert scale[:2].tolist() == [3.0, 5.0]  # only the drawn step moves
+
+    # On a step's first batch its mean is the batch's, so the balanced loss is exactly 1.
+    distiller = Distiller(model, load_glyph_set(glyph_file), TINY, torch.device("cpu"))
+    student, running = student_unet(model.unet, 0), torch.full((2,), float("nan"))
+    balanced = distiller.progressive_loss(student, None, distiller.batch(1, 0), 2, running)
+    snr = distiller.progressive_loss(student, None, distiller.batch(1, 0), 2)
+    assert balanced.item() == pytest.approx(1.0, rel=1e-5) and running[~running.isnan()].gt(0).all()
+    assert snr.item() != pytest.approx(1.0, rel=1e-3)
+
+
+def test_settings_saved_before_the_step_weighting_keep_the_snr_weighting():
+    saved = json.loads(TINY.to_json())
+    del saved["step_weighting"]
+    assert DistillConfig.from_json(json.dumps(saved)) == replace(TINY, step_weighting="snr")
+    assert DistillConfig().step_weighting == "balanced"
+    with pytest.raises(GlyphEngineError, match="--step-weighting must be one of balanced, snr"):
+        replace(TINY, step_weighting="eps").validate()
+
+
 def test_stages_need_nested_timesteps():
     assert [s.name for s in stages(DistillConfig())] == ["guidance", "8 steps"]
     assert [s.name for s in stages(DistillConfig(guidance_steps=0))] == ["8 steps"]
@@ -272,6 +300,19 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(ckpt_path, glyph_fil
         assert (tmp_path / "parts" / name).is_file()
     with pytest.raises(GlyphEngineError, match=r"other settings \(--batch-size 4\)"):
         distill(ckpt_path, glyph_file, tmp_path / "parts", replace(TINY, batch_size=8), max_steps=3)
+
+
+def test_a_run_resumed_inside_a_halving_keeps_its_step_weights(ckpt_path, glyph_file, tmp_path):
+    config = replace(TINY, stage_steps=3)
+    _, whole = distill(ckpt_path, glyph_file, tmp_path / "whole", config, max_steps=4)
+    distill(ckpt_path, glyph_file, tmp_path / "parts", config, max_steps=3)  # one step into the halving
+    saved = torch.load(tmp_path / "parts" / STATE, weights_only=True)["step_scale"]
+    assert saved.shape == (1,) and saved.isfinite().all()
+    _, part = distill(ckpt_path, glyph_file, tmp_path / "parts", None, max_steps=4)
+    assert (part.stage, part.step) == (whole.stage, whole.step) == (1, 2)
+    torch.testing.assert_close(part.step_scale, whole.step_scale, rtol=0, atol=0)
+    for a, b in zip(whole.student.state_dict().values(), part.student.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def cli_distill(*args):

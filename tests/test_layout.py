@@ -123,6 +123,9 @@ PUBLIC_MODULES = {
     # pipeline's prompt encoding.
     "glyph_engine.pipeline",
     "glyph_engine.training.distill_targets",
+    # distill's own batches and targets, for its per-step losses (bench/distill_step_losses.py).
+    "glyph_engine.training.distill",
+    "glyph_engine.training.distill_config",
 }
 
 

@@ -164,10 +164,17 @@ class Distiller:
         return torch.nn.functional.mse_loss(eps, target)
 
     def progressive_loss(
-        self, student: UNet2DConditionModel, teacher: UNet2DConditionModel | None, b: Batch, steps: int
+        self,
+        student: UNet2DConditionModel,
+        teacher: UNet2DConditionModel | None,
+        b: Batch,
+        steps: int,
+        step_scale: Tensor | None = None,
     ) -> Tensor:
         """Stage 2: the student's x0 at one of its `steps` timesteps against the two-teacher-step
-        target, weighted by max(SNR, 1) (Salimans & Ho's truncated SNR weighting).
+        target. Each sample's MSE is weighted by max(SNR, 1) (Salimans & Ho's truncated SNR
+        weighting), or, given `step_scale` (the "balanced" weighting), divided by its step's
+        running mean MSE, which this updates with the batch's (so every drawn step has one).
 
         `teacher` None (the first halving): the guided teacher itself, two DPM-Solver++(2S)
         steps per student step (`MidpointTable`); otherwise the previous stage's student, two
@@ -199,8 +206,11 @@ class Distiller:
             target = progressive_target(teacher_step, z, i, mine, theirs, self.clamp)
         eps = run_unet(student, z, mine.timestep.to(self.device)[i], b.text, b.mask, **labels)
         x0 = mine.rows("x_scale", i, z) * z - sigma * eps
-        weight = sigma.flatten().pow(-2).clamp(min=1.0)  # SNR = 1 / sigma^2
-        return (weight * (x0 - target).pow(2).mean(dim=(1, 2, 3))).mean()
+        mse = (x0 - target).pow(2).mean(dim=(1, 2, 3))
+        if step_scale is None:
+            return (sigma.flatten().pow(-2).clamp(min=1.0) * mse).mean()  # SNR = 1 / sigma^2
+        update_step_scale(step_scale, i, mse.detach())
+        return (mse / step_scale[i].clamp(min=1e-12)).mean()
 
     def tables(self, student_steps: int) -> tuple[StepTable, StepTable]:
         """The student's and the teacher's step tables of a stage, checked to nest."""
@@ -220,6 +230,19 @@ class Distiller:
         return {"class_labels": guidance_labels(b.guidance, len(b.guidance), self.device)}
 
 
+# Of the "balanced" weighting's running means: a batch of 64 draws each of 8 steps about 8
+# times, so a mean spans some 800 samples of its step.
+STEP_SCALE_DECAY = 0.99
+
+
+def update_step_scale(scale: Tensor, i: Tensor, mse: Tensor, decay: float = STEP_SCALE_DECAY) -> None:
+    """Moves each drawn step's running mean MSE towards this batch's mean for it, in place; a
+    step's first batch sets it."""
+    for k in i.unique().tolist():
+        batch_mean = mse[i == k].mean()
+        scale[k] = batch_mean if scale[k].isnan() else decay * scale[k] + (1 - decay) * batch_mean
+
+
 def _train_step(state: DistillState, distiller: Distiller, stage: Stage) -> float:
     config = state.config
     for group in state.optimizer.param_groups:
@@ -228,7 +251,10 @@ def _train_step(state: DistillState, distiller: Distiller, stage: Stage) -> floa
     if stage.student_steps is None:
         loss = distiller.guidance_loss(state.student, b)
     else:
-        loss = distiller.progressive_loss(state.student, state.stage_teacher, b, stage.student_steps)
+        if config.step_weighting == "balanced" and state.step_scale is None:
+            state.step_scale = torch.full((stage.student_steps,), math.nan, device=distiller.device)
+        scale = state.step_scale if config.step_weighting == "balanced" else None
+        loss = distiller.progressive_loss(state.student, state.stage_teacher, b, stage.student_steps, scale)
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     params = list(state.student.parameters())
@@ -341,7 +367,7 @@ def _end_stage(state: DistillState, teacher: Glyffuser, workdir: Path, plan: lis
     state.ema.copy_to(state.student.parameters())
     out = workdir / f"student-{stage.name.replace(' ', '-')}.pt"
     save_student(state, teacher, stage, out, {"stage": stage.name})
-    state.stage, state.step = state.stage + 1, 0
+    state.stage, state.step, state.step_scale = state.stage + 1, 0, None
     if state.stage < len(plan):
         state.losses.append([])
         if stage.student_steps is not None:

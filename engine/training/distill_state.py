@@ -39,6 +39,9 @@ class DistillState:
     step: int = 0  # optimizer steps taken in this stage
     seconds: float = 0.0
     losses: list[list[float]] = field(default_factory=list)  # per stage: mean loss per 50 steps
+    # This halving's running mean x0 MSE per student step ("balanced" weighting); None before its
+    # first step. NaN: a step not drawn yet.
+    step_scale: torch.Tensor | None = None
 
     def steps_done(self) -> int:
         """Optimizer steps over all stages, what --steps counts."""
@@ -71,6 +74,7 @@ def save_state(state: DistillState, workdir: Path) -> None:
         "step": state.step,
         "seconds": state.seconds,
         "losses": [list(stage) for stage in state.losses],
+        "step_scale": state.step_scale,
     }
     with atomic_path(workdir / STATE) as tmp:
         torch.save(payload, tmp)
@@ -140,6 +144,8 @@ def _restore(
     state.ema.to(next(student.parameters()).device)
     state.stage, state.step, state.seconds = int(payload["stage"]), int(payload["step"]), float(payload["seconds"])
     state.losses = [[float(v) for v in stage] for stage in payload["losses"]]
+    scale = payload.get("step_scale")  # absent from states saved before the setting
+    state.step_scale = None if scale is None else scale.float().to(next(student.parameters()).device)
     if not 0 <= state.stage <= len(stages(config)) or len(state.losses) != min(state.stage + 1, len(stages(config))):
         raise ValueError(f"stage {state.stage} does not fit the settings' stages")
     return state

@@ -1,0 +1,94 @@
+"""Where a first-halving student still misses its target, step by step: the unweighted x0 MSE
+of each of its steps against `distill`'s target (two guided 2S teacher steps), on one fixed
+batch of the glyph dataset noised as training noises it, for each student given.
+
+    python bench/distill_step_losses.py --data glyphs.npz W/student-guidance.pt W/snapshot.pt \
+        [--teacher glyffuser-small] [--batch 32] [--out docs/distill-step-losses]
+
+Training minimises the mean over steps of max(SNR, 1) x this MSE; a step whose column does not
+fall from one snapshot to the next is a step the training is not improving. The teacher's
+passes run as distill runs them (bf16 where the CPU has BF16 units); the students in fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from glyph_engine.checkpoint import load_model
+from glyph_engine.cpu import cpu_info
+from glyph_engine.model import TEACHER_MODEL
+from glyph_engine.training.dataset import load_glyph_set
+from glyph_engine.training.distill import Distiller
+from glyph_engine.training.distill_config import DistillConfig
+from glyph_engine.training.distill_targets import progressive_target, run_unet, teacher_guided_eps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("students", type=Path, nargs="+")
+    parser.add_argument("--data", type=Path, default=Path("glyphs.npz"))
+    parser.add_argument("--teacher", type=Path, default=Path(TEACHER_MODEL))
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=12345, help="which batch (distill's own draws)")
+    parser.add_argument("--out", type=Path, default=Path("distill-step-losses"))
+    args = parser.parse_args()
+
+    teacher = load_model(args.teacher)
+    config = DistillConfig(batch_size=args.batch)
+    distiller = Distiller(teacher, load_glyph_set(args.data), config, torch.device("cpu"))
+    students = {p.name: load_model(p) for p in args.students}
+    steps = {m.default_steps for m in students.values() if m.default_steps is not None} or {config.final_steps}
+    if len(steps) != 1 or not all(m.guidance_embedding for m in students.values()):
+        raise SystemExit("give distilled students of one step count (a guidance stage's student takes any).")
+    (n,) = steps
+    b = distiller.batch(1000, args.seed)  # stage 1000: a batch no training step draws
+    mine, theirs = distiller.tables(n)
+    midpoints, labels = distiller.midpoints(2 * n), distiller.labels(b)
+
+    def guided_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with distiller.autocast():
+            return teacher_guided_eps(
+                distiller.teacher_unet, x, t, b.text, b.mask, b.guidance, distiller.guided, b.uncond
+            )
+
+    rows = []
+    with torch.no_grad():
+        for k in range(n):
+            i = torch.full((len(b.x0),), k)
+            sigma = mine.rows("eps_scale", i, b.x0)
+            z = (b.x0 + sigma * b.noise) / mine.rows("x_scale", i, b.x0)
+            target = progressive_target(
+                lambda x, j: midpoints.step(guided_eps, x, j, distiller.clamp), z, i, mine, theirs, distiller.clamp
+            )
+            weight = float(sigma.flatten()[0].pow(-2).clamp(min=1))
+            row = {"step": k, "timestep": int(mine.timestep[k]), "weight": weight}
+            for name, model in students.items():
+                eps = run_unet(model.unet.float().eval(), z, mine.timestep[i], b.text, b.mask, **labels)
+                row[name] = float((mine.rows("x_scale", i, z) * z - sigma * eps - target).pow(2).mean())
+            rows.append(row)
+            print(row, flush=True)
+
+    names = list(students)
+    lines = [
+        f"Unweighted x0 MSE (pixels in the teacher's range) of each student step against distill's first-halving "
+        f"target, {args.batch} dataset glyphs noised as training does (batch seed {args.seed}), teacher "
+        f"{args.teacher}, torch on {cpu_info().model}.",
+        "",
+        f"| step | timestep | loss weight max(SNR, 1) | {' | '.join(names)} |",
+        "| ---: | ---: | ---: |" + " ---: |" * len(names),
+    ]
+    for row in rows:
+        cells = " | ".join(f"{row[name]:.4g}" for name in names)
+        lines.append(f"| {row['step']} | {row['timestep']} | {row['weight']:.2f} | {cells} |")
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    record = {"students": {p.name: str(p) for p in args.students}, "teacher": str(args.teacher), "rows": rows}
+    args.out.with_suffix(".json").write_text(json.dumps(record | {"cpu": cpu_info().model}, indent=2) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
