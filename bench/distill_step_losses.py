@@ -5,9 +5,10 @@ batch of the glyph dataset noised as training noises it, for each student given.
     python bench/distill_step_losses.py --data glyphs.npz W/student-guidance.pt W/snapshot.pt \
         [--teacher glyffuser-small] [--batch 32] [--out docs/distill-step-losses]
 
-Training minimises the mean over steps of max(SNR, 1) x this MSE; a step whose column does not
-fall from one snapshot to the next is a step the training is not improving. The teacher's
-passes run as distill runs them (bf16 where the CPU has BF16 units); the students in fp32.
+A step whose column does not fall from one snapshot to the next is a step the training is not
+improving. The teacher's passes run as distill runs them (bf16 where the CPU has BF16 units);
+the column "bf16 target error" is that target's MSE against the same target from fp32 passes,
+a floor the students' MSE cannot go under. The students run in fp32.
 """
 
 from __future__ import annotations
@@ -49,11 +50,17 @@ def main() -> None:
     mine, theirs = distiller.tables(n)
     midpoints, labels = distiller.midpoints(2 * n), distiller.labels(b)
 
-    def guided_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        with distiller.autocast():
+    def guided_eps(x: torch.Tensor, t: torch.Tensor, bf16: bool = distiller.bf16) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             return teacher_guided_eps(
                 distiller.teacher_unet, x, t, b.text, b.mask, b.guidance, distiller.guided, b.uncond
             )
+
+    def target(z: torch.Tensor, i: torch.Tensor, bf16: bool = distiller.bf16) -> torch.Tensor:
+        def teacher_step(x: torch.Tensor, j: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return midpoints.step(lambda y, t: guided_eps(y, t, bf16), x, j, distiller.clamp)
+
+        return progressive_target(teacher_step, z, i, mine, theirs, distiller.clamp)
 
     rows = []
     with torch.no_grad():
@@ -61,18 +68,18 @@ def main() -> None:
             i = torch.full((len(b.x0),), k)
             sigma = mine.rows("eps_scale", i, b.x0)
             z = (b.x0 + sigma * b.noise) / mine.rows("x_scale", i, b.x0)
-            target = progressive_target(
-                lambda x, j: midpoints.step(guided_eps, x, j, distiller.clamp), z, i, mine, theirs, distiller.clamp
-            )
+            goal = target(z, i)
             weight = float(sigma.flatten()[0].pow(-2).clamp(min=1))
             row = {"step": k, "timestep": int(mine.timestep[k]), "weight": weight}
+            # How far the bf16 teacher's target lies from the fp32 one: the floor under the MSE.
+            row["bf16 target error"] = float((goal - target(z, i, False)).pow(2).mean()) if distiller.bf16 else 0.0
             for name, model in students.items():
                 eps = run_unet(model.unet.float().eval(), z, mine.timestep[i], b.text, b.mask, **labels)
-                row[name] = float((mine.rows("x_scale", i, z) * z - sigma * eps - target).pow(2).mean())
+                row[name] = float((mine.rows("x_scale", i, z) * z - sigma * eps - goal).pow(2).mean())
             rows.append(row)
             print(row, flush=True)
 
-    names = list(students)
+    names = ["bf16 target error", *students]
     lines = [
         f"Unweighted x0 MSE (pixels in the teacher's range) of each student step against distill's first-halving "
         f"target, {args.batch} dataset glyphs noised as training does (batch seed {args.seed}), teacher "
