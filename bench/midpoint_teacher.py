@@ -17,13 +17,14 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from glyph_engine.cpu import cpu_info
-from glyph_engine.model import TEACHER_MODEL
+from glyph_engine.model import TEACHER_MODEL, Glyffuser
 from glyph_engine.pipeline import encode_prompts, image_seeds, unconditional_text
 from glyph_engine.sampler import initial_noise
 from glyph_engine.session import ModelSource, Session
@@ -34,35 +35,61 @@ from glyph_engine.training.evaluate import RADICAL_PROMPTS, RadicalResult, radic
 from glyph_engine.training.student_gate import gate, mean_broken, mean_nn
 
 
+@dataclass(frozen=True)
+class GuidedPrompt:
+    """n rows of one prompt as the guided teacher samples them: `eval`'s seeds and noise, the
+    guidance combined as the engine combines it, U-Net passes in bf16 where the CPU has BF16 units."""
+
+    model: Glyffuser
+    text: torch.Tensor
+    mask: torch.Tensor
+    uncond: tuple[torch.Tensor, torch.Tensor]
+    guidance: torch.Tensor
+    bf16: bool
+
+    @classmethod
+    def of(cls, session: Session, prompt: str, n: int) -> GuidedPrompt:
+        model, backend = session.model, session.backend
+        text, mask = encode_prompts(model, backend, [prompt])
+        text, mask = text.expand(n, -1, -1).clone(), mask.expand(n, -1).clone()
+        uncond = tuple(u.clone() for u in unconditional_text(model, backend, text[:1]))
+        return cls(model, text, mask, uncond, torch.full((n,), model.default_guidance), cpu_info().has_bf16)
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            return teacher_guided_eps(
+                self.model.unet, x, t, self.text, self.mask, self.guidance, guided_table(self.model), self.uncond
+            )
+
+    def start(self) -> torch.Tensor:
+        x = initial_noise(image_seeds(0, len(self.guidance)), self.model.image_shape)
+        return x - x.mean(dim=(1, 2, 3), keepdim=True) if self.model.center_noise else x
+
+    @property
+    def clamp(self) -> tuple[float, float] | None:
+        return self.model.pixel_range if self.model.clamp_x0 else None
+
+    def pixels(self, x: torch.Tensor) -> np.ndarray:
+        """x in [0, 1] (white 1), as `eval` scores it."""
+        low, high = self.model.pixel_range
+        return ((x[:, 0] - low) / (high - low)).clamp(0, 1).numpy()
+
+
 def sample(session: Session, prompt: str, n: int, solver: str, steps: int) -> np.ndarray:
     """n glyphs of `prompt` in [0, 1], from `eval`'s seeds and noise."""
-    model, backend = session.model, session.backend
-    text, mask = encode_prompts(model, backend, [prompt])
-    text, mask = text.expand(n, -1, -1), mask.expand(n, -1)
-    uncond = unconditional_text(model, backend, text[:1])
-    guidance = torch.full((n,), model.default_guidance)
-    guided, bf16 = guided_table(model), cpu_info().has_bf16
-
-    def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            return teacher_guided_eps(model.unet, x, t, text, mask, guidance, guided, uncond)
-
-    x = initial_noise(image_seeds(0, n), model.image_shape)
-    if model.center_noise:
-        x = x - x.mean(dim=(1, 2, 3), keepdim=True)
-    clamp = model.pixel_range if model.clamp_x0 else None
+    rows = GuidedPrompt.of(session, prompt, n)
+    x, abar = rows.start(), session.model.alphas_cumprod
     with torch.no_grad():
         if solver == "2s":
-            table = MidpointTable.of(model.alphas_cumprod, steps)
+            table = MidpointTable.of(abar, steps)
             for k in range(steps):
-                x, _ = table.step(eps, x, torch.full((n,), k), clamp)
+                x, _ = table.step(rows.eps, x, torch.full((n,), k), rows.clamp)
         else:
-            ddim = StepTable.of(model.alphas_cumprod, steps)
+            ddim = StepTable.of(abar, steps)
             for k in range(steps):
-                rows = torch.full((n,), k)
-                x, _ = ddim_step(x, eps(x, ddim.timestep[rows]), ddim, rows, clamp)
-    low, high = model.pixel_range
-    return ((x[:, 0] - low) / (high - low)).clamp(0, 1).numpy()
+                i = torch.full((n,), k)
+                x, _ = ddim_step(x, rows.eps(x, ddim.timestep[i]), ddim, i, rows.clamp)
+    return rows.pixels(x)
 
 
 def results(session: Session, glyphs: GlyphSet, n: int, solver: str, steps: int) -> list[RadicalResult]:

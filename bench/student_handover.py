@@ -22,21 +22,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from midpoint_teacher import GuidedPrompt
 
 from glyph_engine import GlyphEngineError
 from glyph_engine.checkpoint import load_model
 from glyph_engine.cpu import cpu_info
 from glyph_engine.model import TEACHER_MODEL, Glyffuser, guidance_labels
-from glyph_engine.pipeline import encode_prompts, image_seeds, unconditional_text
-from glyph_engine.sampler import initial_noise
 from glyph_engine.session import ModelSource, Session
 from glyph_engine.training.distill_targets import (
     MidpointTable,
     StepTable,
     ddim_step,
-    guided_table,
     run_unet,
-    teacher_guided_eps,
 )
 from glyph_engine.training.evaluate import is_broken
 
@@ -52,35 +49,22 @@ def mixes(steps: int, switches: list[int]) -> dict[str, Callable[[int], bool]]:
 
 def broken_share(student: Glyffuser, session: Session, prompt: str, n: int, student_at: Callable[[int], bool]) -> float:
     """The share of n glyphs of `prompt` broken when the student takes the steps k where student_at(k)."""
-    steps, teacher, encoder = student.default_steps, session.model, session.backend
-    text, mask = encode_prompts(teacher, encoder, [prompt])
-    text, mask = text.expand(n, -1, -1).clone(), mask.expand(n, -1).clone()
-    uncond = tuple(u.clone() for u in unconditional_text(teacher, encoder, text[:1]))
-    guidance = torch.full((n,), teacher.default_guidance)
-    labels = {"class_labels": guidance_labels(guidance, n, "cpu")}
-    guided, bf16 = guided_table(teacher), cpu_info().has_bf16
-    mine, midpoints = StepTable.of(teacher.alphas_cumprod, steps), MidpointTable.of(teacher.alphas_cumprod, 2 * steps)
-    clamp = teacher.pixel_range if teacher.clamp_x0 else None
-
-    def teacher_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            return teacher_guided_eps(teacher.unet, x, t, text, mask, guidance, guided, uncond)
-
-    x = initial_noise(image_seeds(0, n), teacher.image_shape)
-    if teacher.center_noise:
-        x = x - x.mean(dim=(1, 2, 3), keepdim=True)
+    steps, rows = student.default_steps, GuidedPrompt.of(session, prompt, n)
+    labels = {"class_labels": guidance_labels(rows.guidance, n, "cpu")}
+    abar = session.model.alphas_cumprod
+    mine, midpoints = StepTable.of(abar, steps), MidpointTable.of(abar, 2 * steps)
+    x = rows.start()
     with torch.no_grad():
         for k in range(steps):
             if student_at(k):
                 i = torch.full((n,), k)
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    eps = run_unet(student.unet, x, mine.timestep[i], text, mask, **labels)
-                x, _ = ddim_step(x, eps, mine, i, clamp)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=rows.bf16):
+                    eps = run_unet(student.unet, x, mine.timestep[i], rows.text, rows.mask, **labels)
+                x, _ = ddim_step(x, eps, mine, i, rows.clamp)
             else:
                 for j in (2 * k, 2 * k + 1):
-                    x, _ = midpoints.step(teacher_eps, x, torch.full((n,), j), clamp)
-    low, high = teacher.pixel_range
-    return float(is_broken(((x[:, 0] - low) / (high - low)).clamp(0, 1).numpy()).mean())
+                    x, _ = midpoints.step(rows.eps, x, torch.full((n,), j), rows.clamp)
+    return float(is_broken(rows.pixels(x)).mean())
 
 
 def main() -> None:
