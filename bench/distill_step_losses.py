@@ -25,7 +25,7 @@ from glyph_engine.model import TEACHER_MODEL
 from glyph_engine.training.dataset import load_glyph_set
 from glyph_engine.training.distill import Distiller
 from glyph_engine.training.distill_config import DistillConfig
-from glyph_engine.training.distill_targets import progressive_target, run_unet, teacher_guided_eps
+from glyph_engine.training.distill_targets import predicted_x0, run_unet
 
 
 def main() -> None:
@@ -47,35 +47,23 @@ def main() -> None:
         raise SystemExit("give distilled students of one step count (a guidance stage's student takes any).")
     (n,) = steps
     b = distiller.batch(1000, args.seed)  # stage 1000: a batch no training step draws
-    mine, theirs = distiller.tables(n)
-    midpoints, labels = distiller.midpoints(2 * n), distiller.labels(b)
-
-    def guided_eps(x: torch.Tensor, t: torch.Tensor, bf16: bool = distiller.bf16) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            return teacher_guided_eps(
-                distiller.teacher_unet, x, t, b.text, b.mask, b.guidance, distiller.guided, b.uncond
-            )
-
-    def target(z: torch.Tensor, i: torch.Tensor, bf16: bool = distiller.bf16) -> torch.Tensor:
-        def teacher_step(x: torch.Tensor, j: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return midpoints.step(lambda y, t: guided_eps(y, t, bf16), x, j, distiller.clamp)
-
-        return progressive_target(teacher_step, z, i, mine, theirs, distiller.clamp)
-
+    mine, _ = distiller.tables(n)
+    labels = distiller.labels(b)
     rows = []
     with torch.no_grad():
         for k in range(n):
             i = torch.full((len(b.x0),), k)
-            sigma = mine.rows("eps_scale", i, b.x0)
-            z = (b.x0 + sigma * b.noise) / mine.rows("x_scale", i, b.x0)
-            goal = target(z, i)
+            z, sigma = distiller.noised(b, i, n)
+            goal = distiller.target(None, b, z, i, n)
             weight = float(sigma.flatten()[0].pow(-2).clamp(min=1))
-            row = {"step": k, "timestep": int(mine.timestep[k]), "weight": weight}
-            # How far the bf16 teacher's target lies from the fp32 one: the floor under the MSE.
-            row["bf16 target error"] = float((goal - target(z, i, False)).pow(2).mean()) if distiller.bf16 else 0.0
+            row = {"step": k, "timestep": int(mine.timestep[k]), "weight": weight, "bf16 target error": 0.0}
+            if distiller.bf16:  # how far the bf16 teacher's target lies from the fp32 one: a floor under the MSE
+                distiller.bf16 = False
+                row["bf16 target error"] = float((goal - distiller.target(None, b, z, i, n)).pow(2).mean())
+                distiller.bf16 = True
             for name, model in students.items():
                 eps = run_unet(model.unet.float().eval(), z, mine.timestep[i], b.text, b.mask, **labels)
-                row[name] = float((mine.rows("x_scale", i, z) * z - sigma * eps - goal).pow(2).mean())
+                row[name] = float((predicted_x0(z, eps, mine, i, None) - goal).pow(2).mean())
             rows.append(row)
             print(row, flush=True)
 

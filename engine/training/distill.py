@@ -59,6 +59,7 @@ from glyph_engine.training.distill_targets import (
     check_nested,
     ddim_step,
     guided_table,
+    predicted_x0,
     progressive_target,
     run_unet,
     teacher_guided_eps,
@@ -110,9 +111,8 @@ class Distiller:
         self.clamp = teacher.pixel_range if teacher.clamp_x0 else None
         self.abar = torch.tensor(teacher.alphas_cumprod, dtype=torch.float32)
         self.guided = guided_table(teacher)
-        self.teacher_unet = self.encoder.unet.requires_grad_(
-            False
-        ).eval()  # the guided teacher (guidance stage, first halving)
+        # The guided teacher (guidance stage, first halving).
+        self.teacher_unet = self.encoder.unet.requires_grad_(False).eval()
         # The teacher's passes run in bf16 where the hardware computes in it (a GPU, a CPU with
         # BF16 units; emulated bf16 is slower than fp32), and so does the guidance stage's
         # student: its loss is on eps, where bf16's 0.4% rounding is far below the loss. For the
@@ -179,12 +179,29 @@ class Distiller:
         `teacher` None (the first halving): the guided teacher itself, two DPM-Solver++(2S)
         steps per student step (`MidpointTable`); otherwise the previous stage's student, two
         DDIM steps as it samples."""
-        mine, theirs = self.tables(steps)
+        mine, _ = self.tables(steps)
         i = torch.from_numpy(b.rng.integers(0, steps, len(b.x0))).to(self.device)
-        sigma = mine.rows("eps_scale", i, b.x0)
-        z = (b.x0 + sigma * b.noise) / mine.rows("x_scale", i, b.x0)  # alpha x0 + sigma_t eps
-        labels = self.labels(b)
+        z, sigma = self.noised(b, i, steps)
+        target = self.target(teacher, b, z, i, steps)
+        eps = run_unet(student, z, mine.timestep.to(self.device)[i], b.text, b.mask, **self.labels(b))
+        x0 = predicted_x0(z, eps, mine, i, None)
+        mse = (x0 - target).pow(2).mean(dim=(1, 2, 3))
+        if step_scale is None:
+            return (sigma.flatten().pow(-2).clamp(min=1.0) * mse).mean()  # SNR = 1 / sigma^2
+        update_step_scale(step_scale, i, mse.detach())
+        return (mse / step_scale[i].clamp(min=1e-12)).mean()
 
+    def noised(self, b: Batch, i: Tensor, steps: int) -> tuple[Tensor, Tensor]:
+        """The batch's images noised to each row's student step `i`: (z = alpha x0 + sigma eps, sigma / alpha)."""
+        mine, _ = self.tables(steps)
+        sigma = mine.rows("eps_scale", i, b.x0)
+        return (b.x0 + sigma * b.noise) / mine.rows("x_scale", i, b.x0), sigma
+
+    @torch.no_grad()
+    def target(self, teacher: UNet2DConditionModel | None, b: Batch, z: Tensor, i: Tensor, steps: int) -> Tensor:
+        """The x0 that takes a student step from z where two steps of `teacher` land (see
+        `progressive_loss`; None: the guided teacher's 2S steps)."""
+        mine, theirs = self.tables(steps)
         if teacher is None:
             midpoints = self.midpoints(2 * steps)
 
@@ -197,20 +214,13 @@ class Distiller:
             def teacher_step(x: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
                 return midpoints.step(guided_eps, x, k, self.clamp)
         else:
+            labels = self.labels(b)
 
             def teacher_step(x: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
                 eps = run_unet(teacher, x, theirs.timestep.to(x.device)[k], b.text, b.mask, **labels)
                 return ddim_step(x, eps, theirs, k, self.clamp)
 
-        with torch.no_grad():
-            target = progressive_target(teacher_step, z, i, mine, theirs, self.clamp)
-        eps = run_unet(student, z, mine.timestep.to(self.device)[i], b.text, b.mask, **labels)
-        x0 = mine.rows("x_scale", i, z) * z - sigma * eps
-        mse = (x0 - target).pow(2).mean(dim=(1, 2, 3))
-        if step_scale is None:
-            return (sigma.flatten().pow(-2).clamp(min=1.0) * mse).mean()  # SNR = 1 / sigma^2
-        update_step_scale(step_scale, i, mse.detach())
-        return (mse / step_scale[i].clamp(min=1e-12)).mean()
+        return progressive_target(teacher_step, z, i, mine, theirs, self.clamp)
 
     def tables(self, student_steps: int) -> tuple[StepTable, StepTable]:
         """The student's and the teacher's step tables of a stage, checked to nest."""
@@ -253,7 +263,7 @@ def _train_step(state: DistillState, distiller: Distiller, stage: Stage) -> floa
     else:
         if config.step_weighting == "balanced" and state.step_scale is None:
             state.step_scale = torch.full((stage.student_steps,), math.nan, device=distiller.device)
-        scale = state.step_scale if config.step_weighting == "balanced" else None
+        scale = state.step_scale if config.step_weighting == "balanced" else None  # None: snr
         loss = distiller.progressive_loss(state.student, state.stage_teacher, b, stage.student_steps, scale)
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
