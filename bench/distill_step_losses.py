@@ -1,10 +1,14 @@
-"""Where a first-halving student still misses its target, step by step: the unweighted x0 MSE
-of each of its steps against `distill`'s target (two guided 2S teacher steps), on one fixed
-batch of the glyph dataset noised as training noises it, for each student given.
+"""Where a first-halving student still misses its target, step by step: the unweighted MSE of
+each of its steps' x0, clamped as the sampler clamps it where the teacher clamps, against
+`distill`'s target (two guided 2S teacher steps), on one fixed batch of the glyph dataset
+noised as training noises it, for each student given.
 
     python bench/distill_step_losses.py --data glyphs.npz W/student-guidance.pt W/snapshot.pt \
         [--teacher glyffuser-small] [--batch 32] [--out docs/distill-step-losses]
 
+The clamp scores students trained with either `--x0-loss` alike: one trained with "clamped"
+overshoots the page on purpose, and clamping never moves an x0 away from a target inside the
+range. (docs/distill-step-losses-run2/run3 were measured unclamped, before this.)
 A step whose column does not fall from one snapshot to the next is a step the training is not
 improving. The teacher's passes run as distill runs them (bf16 where the CPU has BF16 units);
 the column "bf16 target error" is that target's MSE against the same target from fp32 passes,
@@ -63,14 +67,15 @@ def main() -> None:
                 distiller.bf16 = True
             for name, model in students.items():
                 eps = run_unet(model.unet.float().eval(), z, mine.timestep[i], b.text, b.mask, **labels)
-                row[name] = float((predicted_x0(z, eps, mine, i, None) - goal).pow(2).mean())
+                row[name] = float((predicted_x0(z, eps, mine, i, distiller.clamp) - goal).pow(2).mean())
             rows.append(row)
             print(row, flush=True)
 
     names = ["bf16 target error", *students]
     lines = [
-        f"Unweighted x0 MSE (pixels in the teacher's range) of each student step against distill's first-halving "
-        f"target, {args.batch} dataset glyphs noised as training does (batch seed {args.seed}), teacher "
+        "Unweighted MSE of the sampler's x0 (clamped where the teacher clamps; pixels in its range) of each "
+        f"student step against distill's first-halving target, {args.batch} dataset glyphs noised as "
+        f"training does (batch seed {args.seed}), teacher "
         f"{args.teacher}, torch on {cpu_info().model}.",
         "",
         f"| step | timestep | loss weight max(SNR, 1) | {' | '.join(names)} |",

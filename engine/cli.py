@@ -478,6 +478,13 @@ def distill(
             f"or snr (max(SNR, 1), Salimans & Ho) [default: {_DISTILL.step_weighting}]."
         ),
     ] = None,
+    x0_loss: Annotated[
+        Optional[str],
+        typer.Option(
+            help="What a halving's loss compares: clamped (the student's x0 clamped to the pixel range where "
+            f"the target lies on its bound, as the sampler clamps it) or mse (unclamped) [default: {_DISTILL.x0_loss}]."
+        ),
+    ] = None,
     text_encoder: TextEncoderOption = None,
     snapshot: Annotated[
         Optional[Path],
@@ -509,6 +516,7 @@ def distill(
             "stage_steps": stage_steps,
             "batch_size": batch_size,
             "step_weighting": step_weighting,
+            "x0_loss": x0_loss,
         }
         changes = {k: v for k, v in given.items() if v is not None}
         config = replace(_DISTILL, **changes) if changes else None

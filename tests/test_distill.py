@@ -17,7 +17,7 @@ from glyph_engine.sampler import dpmpp_step, initial_noise
 from glyph_engine.samplers import get_sampler
 from glyph_engine.schedule import SamplerConfig, StepCoefficients
 from glyph_engine.settings import DEFAULT_STEPS
-from glyph_engine.training.dataset import GlyphSet, save_glyph_set
+from glyph_engine.training.dataset import GlyphSet, load_glyph_set, save_glyph_set
 from glyph_engine.training.distill import Distiller, distill, student_unet
 from glyph_engine.training.distill_config import DistillConfig, stages
 from glyph_engine.training.distill_state import STATE, fresh_optimizer, new_state
@@ -26,6 +26,7 @@ from glyph_engine.training.distill_targets import (
     MidpointTable,
     StepTable,
     check_nested,
+    clamped_error,
     ddim_step,
     guided_table,
     progressive_target,
@@ -102,7 +103,6 @@ def test_the_guidance_target_is_the_engines_guided_prediction(model):
 def test_training_noise_is_plain_even_for_a_teacher_that_samples_from_centred_noise(model, glyph_file):
     """Centred noise would make every noised image's mean alpha_t x exactly, a brightness cue
     generation (mean 0) never gives: a student trained on it drew grey pages."""
-    from glyph_engine.training.dataset import load_glyph_set
 
     model.center_noise = True
     distiller = Distiller(model, load_glyph_set(glyph_file), replace(TINY, batch_size=16), torch.device("cpu"))
@@ -112,7 +112,6 @@ def test_training_noise_is_plain_even_for_a_teacher_that_samples_from_centred_no
 
 
 def test_a_guidance_step_lowers_the_loss_against_the_guided_teacher(model, glyph_file):
-    from glyph_engine.training.dataset import load_glyph_set
 
     config = replace(TINY, learning_rate=1e-3)
     distiller = Distiller(model, load_glyph_set(glyph_file), config, torch.device("cpu"))
@@ -219,7 +218,6 @@ def test_one_student_step_to_the_first_halvings_target_lands_where_two_midpoint_
 def test_the_first_halving_learns_from_the_guided_teacher_and_later_ones_from_the_halving_before(model, glyph_file):
     """The first halving's target comes from the guided teacher's 2S steps (4 passes, unconditional
     rows where the engine guides), a later halving's from the previous student (2 passes)."""
-    from glyph_engine.training.dataset import load_glyph_set
 
     teacher = replace(model, guidance_interval=(0.5, 20.0))
     distiller = Distiller(teacher, load_glyph_set(glyph_file), TINY, torch.device("cpu"))
@@ -243,7 +241,6 @@ def test_the_first_halving_learns_from_the_guided_teacher_and_later_ones_from_th
 
 
 def test_the_balanced_weighting_divides_each_steps_mse_by_its_running_mean(model, glyph_file):
-    from glyph_engine.training.dataset import load_glyph_set
     from glyph_engine.training.distill import update_step_scale
 
     scale = torch.full((3,), float("nan"))
@@ -268,6 +265,45 @@ def test_settings_saved_before_the_step_weighting_keep_the_snr_weighting():
     assert DistillConfig().step_weighting == "balanced"
     with pytest.raises(GlyphEngineError, match="--step-weighting must be one of balanced, snr"):
         replace(TINY, step_weighting="eps").validate()
+
+
+def test_settings_saved_before_the_x0_loss_keep_the_unclamped_mse():
+    saved = json.loads(TINY.to_json())
+    del saved["x0_loss"]
+    assert DistillConfig.from_json(json.dumps(saved)) == replace(TINY, x0_loss="mse")
+    assert DistillConfig().x0_loss == "clamped"
+    with pytest.raises(GlyphEngineError, match="--x0-loss must be one of clamped, mse"):
+        replace(TINY, x0_loss="l1").validate()
+
+
+def test_the_clamped_error_costs_nothing_where_the_sampler_clamps_x0_onto_the_target():
+    # White page (1), ink (0) and a grey (0.5) target; the last target meets the bound up to rounding.
+    target = torch.tensor([1.0, 1.0, 0.0, 0.0, 0.5, 0.5, 1.0 - 1e-7])
+    x0 = torch.tensor([1.3, 0.9, -0.2, 0.1, 1.3, 0.4, 1.2], requires_grad=True)
+    error = clamped_error(x0, target, (0.0, 1.0))
+    expected = torch.tensor([0.0, -0.1, 0.0, 0.1, 0.8, -0.1, 1e-7])
+    torch.testing.assert_close(error.detach(), expected, rtol=0, atol=1e-6)
+    error.pow(2).sum().backward()
+    # Beyond the bound its target lies on, x0 is left alone; beyond one it does not lie on
+    # (grey target), it is pulled back; short of white, it is pulled up.
+    assert x0.grad[0] == 0 and x0.grad[2] == 0 and x0.grad[6] == 0
+    assert x0.grad[4] > 0 and x0.grad[1] < 0 and x0.grad[3] > 0
+    torch.testing.assert_close(clamped_error(x0, target, None), x0 - target, rtol=0, atol=0)
+
+
+def test_the_clamped_x0_loss_drops_only_what_the_clamp_removes(model, glyph_file):
+    glyphs = load_glyph_set(glyph_file)
+    student = student_unet(model.unet, 0)
+    with torch.no_grad():  # a student whose x0 overshoots the page and the ink
+        student.conv_out.bias.add_(0.5)
+
+    def loss(teacher, x0_loss):
+        distiller = Distiller(teacher, glyphs, replace(TINY, x0_loss=x0_loss), torch.device("cpu"))
+        return distiller.progressive_loss(student, None, distiller.batch(1, 0), 2).item()
+
+    clamping = replace(model, clamp_x0=True)
+    assert loss(clamping, "clamped") < loss(clamping, "mse")
+    assert loss(model, "clamped") == loss(model, "mse")  # a teacher that does not clamp: no bound
 
 
 def test_stages_need_nested_timesteps():

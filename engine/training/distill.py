@@ -57,6 +57,7 @@ from glyph_engine.training.distill_targets import (
     MidpointTable,
     StepTable,
     check_nested,
+    clamped_error,
     ddim_step,
     guided_table,
     predicted_x0,
@@ -185,7 +186,8 @@ class Distiller:
         target = self.target(teacher, b, z, i, steps)
         eps = run_unet(student, z, mine.timestep.to(self.device)[i], b.text, b.mask, **self.labels(b))
         x0 = predicted_x0(z, eps, mine, i, None)
-        mse = (x0 - target).pow(2).mean(dim=(1, 2, 3))
+        error = clamped_error(x0, target, self.clamp) if self.config.x0_loss == "clamped" else x0 - target
+        mse = error.pow(2).mean(dim=(1, 2, 3))
         if step_scale is None:
             return (sigma.flatten().pow(-2).clamp(min=1.0) * mse).mean()  # SNR = 1 / sigma^2
         update_step_scale(step_scale, i, mse.detach())

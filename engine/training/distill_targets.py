@@ -169,6 +169,19 @@ class MidpointTable:
 TeacherStep = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
+def clamped_error(x0: Tensor, target: Tensor, clamp: tuple[float, float] | None) -> Tensor:
+    """x0 - target, with x0 clamped where the target lies on a bound of `clamp` (None: no
+    clamp): the sampler clamps x0, so beyond such a bound x0 lands on the target exactly.
+    Elsewhere x0 stays unclamped, so that an x0 past a bound the target is not on still
+    has a gradient back."""
+    if clamp is None:
+        return x0 - target
+    low, high = clamp
+    slack = 1e-4 * (high - low)  # the target, summed from clamped x0s, meets a bound only up to rounding
+    on_bound = (target >= high - slack) | (target <= low + slack)
+    return torch.where(on_bound, x0.clamp(low, high), x0) - target
+
+
 def progressive_target(
     teacher_step: TeacherStep,
     z: Tensor,
