@@ -485,6 +485,13 @@ def distill(
             f"the target lies on its bound, as the sampler clamps it) or mse (unclamped) [default: {_DISTILL.x0_loss}]."
         ),
     ] = None,
+    rollout_share: Annotated[
+        Optional[float],
+        typer.Option(
+            help="Share of each halving batch whose input is where the student's own steps stand, from "
+            f"generation's noise, rather than a noised dataset image [default: {_DISTILL.rollout_share}]."
+        ),
+    ] = None,
     text_encoder: TextEncoderOption = None,
     snapshot: Annotated[
         Optional[Path],
@@ -517,6 +524,7 @@ def distill(
             "batch_size": batch_size,
             "step_weighting": step_weighting,
             "x0_loss": x0_loss,
+            "rollout_share": rollout_share,
         }
         changes = {k: v for k, v in given.items() if v is not None}
         config = replace(_DISTILL, **changes) if changes else None

@@ -1,5 +1,6 @@
 """Distillation: the student's start, the guidance target, the progressive target, resume."""
 
+import copy
 import json
 from dataclasses import replace
 
@@ -13,7 +14,7 @@ from glyph_engine.cli import app
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.model import guidance_labels
 from glyph_engine.pipeline import encode_prompts, guided_timesteps, unconditional_text
-from glyph_engine.sampler import dpmpp_step, initial_noise
+from glyph_engine.sampler import dpmpp_step, initial_noise, sample_dpmpp
 from glyph_engine.samplers import get_sampler
 from glyph_engine.schedule import SamplerConfig, StepCoefficients
 from glyph_engine.settings import DEFAULT_STEPS
@@ -269,8 +270,8 @@ def test_settings_saved_before_the_step_weighting_keep_the_snr_weighting():
 
 def test_settings_saved_before_the_x0_loss_keep_the_unclamped_mse():
     saved = json.loads(TINY.to_json())
-    del saved["x0_loss"]
-    assert DistillConfig.from_json(json.dumps(saved)) == replace(TINY, x0_loss="mse")
+    del saved["x0_loss"], saved["rollout_share"]
+    assert DistillConfig.from_json(json.dumps(saved)) == replace(TINY, x0_loss="mse", rollout_share=0.0)
     assert DistillConfig().x0_loss == "clamped"
     with pytest.raises(GlyphEngineError, match="--x0-loss must be one of clamped, mse"):
         replace(TINY, x0_loss="l1").validate()
@@ -304,6 +305,49 @@ def test_the_clamped_x0_loss_drops_only_what_the_clamp_removes(model, glyph_file
     clamping = replace(model, clamp_x0=True)
     assert loss(clamping, "clamped") < loss(clamping, "mse")
     assert loss(model, "clamped") == loss(model, "mse")  # a teacher that does not clamp: no bound
+
+
+def test_a_rollout_stands_where_the_engines_sampler_takes_the_student(model, glyph_file):
+    """Each row at its own step, from generation's centred noise, against `sampler.sample_dpmpp` at order 1."""
+    teacher = replace(model, center_noise=True, clamp_x0=True)
+    distiller = Distiller(teacher, load_glyph_set(glyph_file), TINY, torch.device("cpu"))
+    student = student_unet(model.unet, 0).eval()
+    with torch.no_grad():  # a guidance input that matters
+        student.class_embedding.linear_2.weight.normal_(0, 0.02)
+    b, i = distiller.batch(1, 0), torch.tensor([0, 3, 1, 2])
+    start = torch.from_numpy(copy.deepcopy(b.rng).standard_normal(tuple(b.x0.shape), dtype=np.float32))
+    start -= start.mean(dim=(1, 2, 3), keepdim=True)
+    got = distiller.rollout(student, b, i, 4)
+    coefficients = get_sampler("dpmpp-2m").coefficients(teacher.alphas_cumprod, 4, STUDENT_SAMPLER)
+    labels = guidance_labels(b.guidance, len(b.guidance), "cpu")
+    assert torch.equal(got[0], start[0])  # step 0 is generation's noise itself
+    for row, steps in enumerate(i.tolist()[1:], start=1):
+        r = slice(row, row + 1)
+
+        def predict(x, t, r=r):
+            eps = run_unet(student, x, torch.tensor([t]), b.text[r], b.mask[r], class_labels=labels[r])
+            return eps, None
+
+        with torch.no_grad():
+            expected = sample_dpmpp(predict, start[r], coefficients[:steps], clamp=teacher.pixel_range)
+        torch.testing.assert_close(got[r], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_the_rollout_share_of_a_halving_batch_starts_from_the_students_own_steps(model, glyph_file, monkeypatch):
+    glyphs, student, calls = load_glyph_set(glyph_file), student_unet(model.unet, 0), []
+    real = Distiller.rollout
+
+    def counted(self, student, b, i, steps):
+        calls.append(len(i))
+        return real(self, student, b, i, steps)
+
+    monkeypatch.setattr(Distiller, "rollout", counted)
+    for share, rows in ((0.0, None), (0.5, 2), (1.0, 4)):
+        distiller = Distiller(model, glyphs, replace(TINY, rollout_share=share), torch.device("cpu"))
+        distiller.progressive_loss(student, None, distiller.batch(1, 0), 2)
+        assert calls.pop() == rows if rows else not calls
+    with pytest.raises(GlyphEngineError, match="--rollout-share must be between 0 and 1"):
+        replace(TINY, rollout_share=1.5).validate()
 
 
 def test_stages_need_nested_timesteps():

@@ -98,6 +98,12 @@ class Batch:
     uncond: tuple[Tensor, Tensor]  # the teacher's unconditional (1, L, D) text and (1, L) mask
     rng: np.random.Generator  # this step's, for the stage's own draws (timesteps)
 
+    def rows(self, n: int) -> Batch:
+        """The first n rows (the same generator)."""
+        return Batch(
+            self.x0[:n], self.noise[:n], self.text[:n], self.mask[:n], self.guidance[:n], self.uncond, self.rng
+        )
+
 
 class Distiller:
     """What every training step needs: the teacher, its encoder, the data, the device."""
@@ -183,6 +189,9 @@ class Distiller:
         mine, _ = self.tables(steps)
         i = torch.from_numpy(b.rng.integers(0, steps, len(b.x0))).to(self.device)
         z, sigma = self.noised(b, i, steps)
+        rollouts = round(self.config.rollout_share * len(z))
+        if rollouts:
+            z[:rollouts] = self.rollout(student, b.rows(rollouts), i[:rollouts], steps)
         target = self.target(teacher, b, z, i, steps)
         eps = run_unet(student, z, mine.timestep.to(self.device)[i], b.text, b.mask, **self.labels(b))
         x0 = predicted_x0(z, eps, mine, i, None)
@@ -192,6 +201,22 @@ class Distiller:
             return (sigma.flatten().pow(-2).clamp(min=1.0) * mse).mean()  # SNR = 1 / sigma^2
         update_step_scale(step_scale, i, mse.detach())
         return (mse / step_scale[i].clamp(min=1e-12)).mean()
+
+    @torch.no_grad()
+    def rollout(self, student: UNet2DConditionModel, b: Batch, i: Tensor, steps: int) -> Tensor:
+        """Where the student's own DDIM steps stand at each row's step `i`, from generation's
+        start: plain noise, centred per image where the teacher samples from centred noise."""
+        mine, _ = self.tables(steps)
+        x = torch.from_numpy(b.rng.standard_normal(tuple(b.x0.shape), dtype=np.float32)).to(self.device)
+        if self.teacher.center_noise:
+            x -= x.mean(dim=(1, 2, 3), keepdim=True)
+        labels, timestep = self.labels(b)["class_labels"], mine.timestep.to(self.device)
+        for k in range(int(i.max()) if len(i) else 0):
+            live = i > k  # rows still short of their step
+            at = torch.full((int(live.sum()),), k, device=self.device)
+            eps = run_unet(student, x[live], timestep[at], b.text[live], b.mask[live], class_labels=labels[live])
+            x[live] = ddim_step(x[live], eps, mine, at, self.clamp)[0]
+        return x
 
     def noised(self, b: Batch, i: Tensor, steps: int) -> tuple[Tensor, Tensor]:
         """The batch's images noised to each row's student step `i`: (z = alpha x0 + sigma eps, sigma / alpha)."""

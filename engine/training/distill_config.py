@@ -64,6 +64,14 @@ class DistillConfig:
     # (at least 0.97) against the teacher's 48% on "fire", 26% against 15% light grey (0.85 to
     # 0.97), and its dense glyphs crossed `is_broken`'s speckle line (docs/distill-run2.md).
     x0_loss: str = "clamped"
+    # The share of each halving batch whose noisy input is where the student's own steps stand,
+    # not the dataset image noised: those rows start from generation's noise and take the
+    # student's DDIM steps up to their step (no gradient), and the teacher's target is taken
+    # from there (the student-induced distribution of DDIL, Garrepalli et al. 2024). Trained on
+    # noised data alone, the student meets its own slightly-off inputs only when it samples,
+    # and its errors compound: at 800 halving steps its last four steps broke 2.6% of glyphs
+    # after the teacher's first four, 7.3% after its own (docs/distill-handover-run4.md).
+    rollout_share: float = 0.0
     clause_sampling: float = 0.5  # as `train`: prompts are a word or two, captions several clauses
     # The weights each stage ends with, and so the next stage's teacher and the student
     # written out: the raw weights jitter from step to step.
@@ -81,6 +89,7 @@ class DistillConfig:
         # A state from before a setting trained as the setting's old behaviour.
         values.setdefault("step_weighting", "snr")
         values.setdefault("x0_loss", "mse")
+        values.setdefault("rollout_share", 0.0)
         if values.get("guidance_range") is not None:
             values["guidance_range"] = tuple(values["guidance_range"])
         return cls(**values)
@@ -105,6 +114,8 @@ class DistillConfig:
             raise GlyphEngineError(
                 f"--step-weighting must be one of {', '.join(STEP_WEIGHTINGS)} (got {self.step_weighting})."
             )
+        if not (isinstance(self.rollout_share, int | float) and 0 <= self.rollout_share <= 1):
+            raise GlyphEngineError(f"--rollout-share must be between 0 and 1 (got {self.rollout_share}).")
         if self.x0_loss not in X0_LOSSES:
             raise GlyphEngineError(f"--x0-loss must be one of {', '.join(X0_LOSSES)} (got {self.x0_loss}).")
         if self.guidance_range is not None:
