@@ -71,6 +71,9 @@ class DistillConfig:
     # noised data alone, the student meets its own slightly-off inputs only when it samples,
     # and its errors compound: at 800 halving steps its last four steps broke 2.6% of glyphs
     # after the teacher's first four, 7.3% after its own (docs/distill-handover-run4.md).
+    # Measured (docs/distill-run2.md, run 5): half rollouts from 1,000 to 1,300 halving steps
+    # drew 1.8% broken against 2.0% without, one glyph of 512, for 40-50% more time per step;
+    # no measured gain, so none by default.
     rollout_share: float = 0.0
     clause_sampling: float = 0.5  # as `train`: prompts are a word or two, captions several clauses
     # The weights each stage ends with, and so the next stage's teacher and the student
