@@ -26,7 +26,7 @@ import torch
 from glyph_engine.cpu import cpu_info
 from glyph_engine.model import TEACHER_MODEL, Glyffuser
 from glyph_engine.pipeline import encode_prompts, image_seeds, unconditional_text
-from glyph_engine.sampler import initial_noise
+from glyph_engine.sampler import centred, initial_noise
 from glyph_engine.session import ModelSource, Session
 from glyph_engine.settings import GenerationSettings, reference_steps
 from glyph_engine.training.dataset import GlyphSet, load_glyph_set
@@ -63,7 +63,7 @@ class GuidedPrompt:
 
     def start(self) -> torch.Tensor:
         x = initial_noise(image_seeds(0, len(self.guidance)), self.model.image_shape)
-        return x - x.mean(dim=(1, 2, 3), keepdim=True) if self.model.center_noise else x
+        return centred(x) if self.model.center_noise else x
 
     @property
     def clamp(self) -> tuple[float, float] | None:

@@ -14,7 +14,7 @@ from torch import Tensor
 from glyph_engine.backends.base import Backend
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.model import Glyffuser
-from glyph_engine.sampler import Predictor, initial_noise, sample_dpmpp
+from glyph_engine.sampler import Predictor, centred, initial_noise, sample_dpmpp
 from glyph_engine.schedule import StepCoefficients
 from glyph_engine.settings import GenerationSettings, ResolvedSettings, StepImpl, resolved
 from glyph_engine.step import select_step
@@ -178,7 +178,7 @@ def sample_rows(
     total = len(prompt_index)
     noise = initial_noise(seeds, model.image_shape)
     if settings.center_noise:
-        noise = noise - noise.mean(dim=tuple(range(1, noise.dim())), keepdim=True)
+        noise = centred(noise)
     # A distilled student takes the scale as an input: no unconditional pass at all.
     two_passes = settings.guided and not model.guidance_embedding
     if two_passes:

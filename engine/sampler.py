@@ -80,3 +80,8 @@ def initial_noise(seeds: Sequence[int], shape: tuple[int, ...], dtype: torch.dty
         gen = torch.Generator().manual_seed(seed)
         out[i] = torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype)
     return out
+
+
+def centred(noise: Tensor) -> Tensor:
+    """Each image's noise less its own mean (`GenerationSettings.center_noise`)."""
+    return noise - noise.mean(dim=tuple(range(1, noise.dim())), keepdim=True)

@@ -40,6 +40,7 @@ from glyph_engine.cpu import cpu_info
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.model import Glyffuser, guidance_labels
 from glyph_engine.pipeline import encode_prompts, unconditional_text
+from glyph_engine.sampler import centred
 from glyph_engine.settings import Precision
 from glyph_engine.training.dataset import GlyphSet, load_glyph_set
 from glyph_engine.training.distill_config import DistillConfig, Stage, stages
@@ -209,7 +210,7 @@ class Distiller:
         mine, _ = self.tables(steps)
         x = torch.from_numpy(b.rng.standard_normal(tuple(b.x0.shape), dtype=np.float32)).to(self.device)
         if self.teacher.center_noise:
-            x -= x.mean(dim=(1, 2, 3), keepdim=True)
+            x = centred(x)
         labels, timestep = self.labels(b)["class_labels"], mine.timestep.to(self.device)
         for k in range(int(i.max()) if len(i) else 0):
             live = i > k  # rows still short of their step
