@@ -492,6 +492,13 @@ def distill(
             f"generation's noise, rather than a noised dataset image [default: {_DISTILL.rollout_share}]."
         ),
     ] = None,
+    lr_schedule: Annotated[
+        Optional[str],
+        typer.Option(
+            help="The learning rate after each stage's warm-up: constant, or cosine (falling to 0 at the "
+            f"stage's last step) [default: {_DISTILL.lr_schedule}]."
+        ),
+    ] = None,
     text_encoder: TextEncoderOption = None,
     snapshot: Annotated[
         Optional[Path],
@@ -525,6 +532,7 @@ def distill(
             "step_weighting": step_weighting,
             "x0_loss": x0_loss,
             "rollout_share": rollout_share,
+            "lr_schedule": lr_schedule,
         }
         changes = {k: v for k, v in given.items() if v is not None}
         config = replace(_DISTILL, **changes) if changes else None

@@ -277,6 +277,32 @@ def test_settings_saved_before_the_x0_loss_keep_the_unclamped_mse():
         replace(TINY, x0_loss="l1").validate()
 
 
+def test_settings_saved_before_the_lr_schedule_keep_a_constant_rate():
+    saved = json.loads(TINY.to_json())
+    del saved["lr_schedule"]
+    assert DistillConfig.from_json(json.dumps(saved)) == replace(TINY, lr_schedule="constant")
+    with pytest.raises(GlyphEngineError, match="--lr-schedule must be one of constant, cosine"):
+        replace(TINY, lr_schedule="linear").validate()
+
+
+def test_the_cosine_rate_follows_torchs_cosine_annealing_after_the_warm_up():
+    config = DistillConfig(learning_rate=1e-4, warmup_steps=10, lr_schedule="cosine")
+    stage_steps = 50
+    warm = [config.learning_rate_at(step, stage_steps) for step in range(10)]
+    assert warm == [replace(config, lr_schedule="constant").learning_rate_at(s, stage_steps) for s in range(10)]
+    assert warm[-1] == pytest.approx(1e-4) and warm[0] == pytest.approx(1e-5)
+    # Reference: torch's CosineAnnealingLR over the steps after the warm-up, down to 0.
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-4)
+    reference = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=stage_steps - 10, eta_min=0.0)
+    for step in range(10, stage_steps):
+        assert config.learning_rate_at(step, stage_steps) == pytest.approx(reference.get_last_lr()[0], rel=1e-9)
+        optimizer.step()
+        reference.step()
+    assert 0 < config.learning_rate_at(stage_steps - 1, stage_steps) < 1e-6
+    constant = replace(config, lr_schedule="constant")
+    assert {constant.learning_rate_at(step, stage_steps) for step in range(10, stage_steps)} == {1e-4}
+
+
 def test_the_clamped_error_costs_nothing_where_the_sampler_clamps_x0_onto_the_target():
     # White page (1), ink (0) and a grey (0.5) target; the last target meets the bound up to rounding.
     target = torch.tensor([1.0, 1.0, 0.0, 0.0, 0.5, 0.5, 1.0 - 1e-7])
@@ -393,6 +419,23 @@ def test_a_run_resumed_inside_a_halving_keeps_its_step_weights(ckpt_path, glyph_
     torch.testing.assert_close(part.step_scale, whole.step_scale, rtol=0, atol=0)
     for a, b in zip(whole.student.state_dict().values(), part.student.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_halving_trains_at_the_scheduled_rate(ckpt_path, glyph_file, tmp_path, monkeypatch):
+    config = replace(TINY, stage_steps=4, lr_schedule="cosine")
+    rates = []
+    step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        rates.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    distill(ckpt_path, glyph_file, tmp_path / "run", config, max_steps=6)
+    # Two guidance steps, then four of the halving: one of warm-up, then down the cosine.
+    expected = [config.learning_rate_at(s, 2) for s in range(2)] + [config.learning_rate_at(s, 4) for s in range(4)]
+    assert rates == pytest.approx(expected, rel=1e-12)
+    assert rates[2] == rates[3] == config.learning_rate and rates[3] > rates[4] > rates[5] > 0
 
 
 def cli_distill(*args):

@@ -284,7 +284,7 @@ def update_step_scale(scale: Tensor, i: Tensor, mse: Tensor, decay: float = STEP
 def _train_step(state: DistillState, distiller: Distiller, stage: Stage) -> float:
     config = state.config
     for group in state.optimizer.param_groups:
-        group["lr"] = config.learning_rate * min(1.0, (state.step + 1) / config.warmup_steps)
+        group["lr"] = config.learning_rate_at(state.step, stage.steps)
     b = distiller.batch(state.stage, state.step)
     if stage.student_steps is None:
         loss = distiller.guidance_loss(state.student, b)

@@ -12,6 +12,7 @@ from glyph_engine.settings import check_guidance
 
 STEP_WEIGHTINGS = ("balanced", "snr")
 X0_LOSSES = ("clamped", "mse")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,11 @@ class DistillConfig:
     batch_size: int = 64  # as `train`: the tens of images/s a 2-core CPU trains at
     learning_rate: float = 1e-4  # fine-tuning a trained model: a sixth of `train`'s rate
     warmup_steps: int = 100  # per stage: each stage starts with a fresh optimizer
+    # The learning rate after each stage's warm-up: "constant", or "cosine", falling along half a
+    # cosine to 0 at the stage's last step (the gradient noise that a constant rate leaves in
+    # the weights shrinks with the step size; the weight average alone smooths it over its
+    # ~1,000-step span).
+    lr_schedule: str = "constant"
     # Optimizer steps of a first stage of guidance distillation alone (0: none): the student,
     # started as the teacher's conditional prediction, learns in one pass the teacher's guided
     # eps (Meng et al.'s first stage). The halvings learn from the guided teacher itself, so
@@ -93,6 +99,7 @@ class DistillConfig:
         values.setdefault("step_weighting", "snr")
         values.setdefault("x0_loss", "mse")
         values.setdefault("rollout_share", 0.0)
+        values.setdefault("lr_schedule", "constant")
         if values.get("guidance_range") is not None:
             values["guidance_range"] = tuple(values["guidance_range"])
         return cls(**values)
@@ -119,6 +126,10 @@ class DistillConfig:
             )
         if not (isinstance(self.rollout_share, int | float) and 0 <= self.rollout_share <= 1):
             raise GlyphEngineError(f"--rollout-share must be between 0 and 1 (got {self.rollout_share}).")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise GlyphEngineError(
+                f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)} (got {self.lr_schedule})."
+            )
         if self.x0_loss not in X0_LOSSES:
             raise GlyphEngineError(f"--x0-loss must be one of {', '.join(X0_LOSSES)} (got {self.x0_loss}).")
         if self.guidance_range is not None:
@@ -127,6 +138,14 @@ class DistillConfig:
             check_guidance(high, "the upper guidance of the range")
             if low > high:
                 raise GlyphEngineError(f"the guidance range must be low <= high (got {low} {high}).")
+
+    def learning_rate_at(self, step: int, stage_steps: int) -> float:
+        """The rate of a stage's optimizer step `step` (0-based) of `stage_steps`."""
+        rate = self.learning_rate * min(1.0, (step + 1) / self.warmup_steps)
+        if self.lr_schedule == "cosine" and step >= self.warmup_steps:
+            done = (step - self.warmup_steps) / max(1, stage_steps - self.warmup_steps)
+            rate *= 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
+        return rate
 
     def guidance_bounds(self, teacher_default: float) -> tuple[float, float]:
         return self.guidance_range or (1.0, max(1.0, 2.0 * teacher_default))
