@@ -132,14 +132,31 @@ class Server:
                 return counted, after.get(key, 0) - before.get(key, 0)
             time.sleep(1)
 
-    def wait_sampling(self, images: int, timeout: float = 30) -> None:
-        """Returns once the server reports a sampling run of at least `images` images running
-        (metrics lag about 1 s; a smaller earlier run may still show)."""
+    def wait_sampling(self, images: int, timeout: float = 30, at_most: bool = False) -> None:
+        """Returns once the server reports a sampling run of at least `images` images running,
+        or with `at_most`, no more than `images` (metrics lag about 1 s; an earlier run may
+        still show)."""
         deadline = time.monotonic() + timeout
-        while self.metrics().get("ray_glyph_engine_sampling_images", 0.0) < images:
+        while True:
+            reported = self.metrics().get("ray_glyph_engine_sampling_images", 0.0)
+            if reported <= images if at_most else reported >= images:
+                return
             if time.monotonic() > deadline:
-                raise AssertionError(f"no sampling run of {images} images reported within {timeout} s")
+                bound = "at most" if at_most else "at least"
+                raise AssertionError(f"no sampling run of {bound} {images} images reported within {timeout} s")
             time.sleep(0.1)
+
+    def wait_answering(self, timeout: float) -> None:
+        """Returns once a small request succeeds: a replica is up and serving."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if self.post({"prompt": "metal", "steps": 2}, timeout=30).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        raise AssertionError(f"the service did not answer a request within {timeout} s")
 
     def stop(self, timeout: float = 60) -> None:
         if self.process.poll() is None:
