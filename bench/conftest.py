@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from glyph_engine.checkpoint import load_model
-from glyph_engine.model import DEFAULT_CHECKPOINT, GLYFFUSER_UNET_CONFIG
+from glyph_engine.model import GLYFFUSER_UNET_CONFIG, TEACHER_CHECKPOINT
 from glyph_engine.session import ModelSource, Session
 
 from factories import (
@@ -44,12 +44,12 @@ def bench_model(tmp_path_factory, bench_device):
     built = {}
 
     def get(size: str):
-        if size == "small" and not DEFAULT_CHECKPOINT.is_file():
+        if size == "small" and not TEACHER_CHECKPOINT.is_file():
             size = "tiny"
         if size not in built:
             root = tmp_path_factory.mktemp(f"bench-{size}")
             if size == "small":
-                ckpt, text_encoder = DEFAULT_CHECKPOINT, None
+                ckpt, text_encoder = TEACHER_CHECKPOINT, None
             else:
                 unet_config, t5_config = SIZES[size]
                 ckpt = make_glyffuser_folder(root / "glyffuser", unet_config)

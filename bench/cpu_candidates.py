@@ -31,7 +31,7 @@ import torch
 from glyph_engine.benchmark import unet_flops_per_image
 from glyph_engine.checkpoint import load_model
 from glyph_engine.cpu import cpu_info
-from glyph_engine.model import DEFAULT_CHECKPOINT
+from glyph_engine.model import TEACHER_CHECKPOINT
 from glyph_engine.quality import (
     CALIBRATION_PROMPTS,
     GATE_PROMPTS,
@@ -197,7 +197,7 @@ def main() -> None:
     args = parser.parse_args()
 
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # CPU candidates: a GPU machine's GPU stays out of every one
-    model = load_model(DEFAULT_CHECKPOINT)
+    model = load_model(TEACHER_CHECKPOINT)
     eager = Session.load(ModelSource(backend="torch", precision="fp32"), model=model).backend
     print("recording trajectories", file=sys.stderr)
     calibration = trajectory_calls(model, eager, CALIBRATION_PROMPTS, 2, seed=1)
@@ -205,7 +205,7 @@ def main() -> None:
     timed = {n: c for n, c in ((c.sample.shape[0], c) for c in trajectory_calls(model, eager, ["metal"], 64, seed=0))}
     unet = model.unet.eval()
     reference = torch_candidate(unet)
-    unet_onnx = exported_unet(DEFAULT_CHECKPOINT)
+    unet_onnx = exported_unet(TEACHER_CHECKPOINT)
 
     native = "bf16" if cpu_info().has_bf16 else "fp32"  # what `auto` runs here
     native_hint = {"bf16": "bf16", "fp32": "f32"}[native]

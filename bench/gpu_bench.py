@@ -19,7 +19,7 @@ from gpu_results import one_line
 from glyph_engine.backends.base import Backend
 from glyph_engine.benchmark import BenchConfig, CountedBackend, timed, unet_flops_per_image
 from glyph_engine.checkpoint import load_model
-from glyph_engine.model import DEFAULT_CHECKPOINT, GLYFFUSER_UNET_CONFIG, Glyffuser, unet_parameter_count
+from glyph_engine.model import GLYFFUSER_UNET_CONFIG, TEACHER_CHECKPOINT, Glyffuser, unet_parameter_count
 from glyph_engine.peer import Peer
 from glyph_engine.session import ModelSource, Session
 from glyph_engine.settings import DEFAULT_STEPS, GenerationSettings, StepImpl
@@ -181,7 +181,7 @@ def workloads(folder: Path) -> Iterator[tuple[str, Glyffuser, int, float | None]
         FULL_SIZE_GLYPHS,
         FULL_SIZE_GUIDANCE,
     )
-    embedded = load_model(DEFAULT_CHECKPOINT)
+    embedded = load_model(TEACHER_CHECKPOINT)
     for batch in EMBEDDED_BATCHES:
         yield f"{described(embedded, 'embedded model')}, batch {batch}", embedded, batch, None
 

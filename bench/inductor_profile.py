@@ -27,7 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 from glyph_engine.checkpoint import load_model
 from glyph_engine.cpu import cpu_info
 from glyph_engine.inductor_build import at_precision, unet_module
-from glyph_engine.model import DEFAULT_CHECKPOINT
+from glyph_engine.model import TEACHER_CHECKPOINT
 from glyph_engine.settings import Precision
 from glyph_engine.to_onnx import UNetForExport
 
@@ -80,7 +80,7 @@ def main() -> None:
 
     torch._inductor.config.cpp.enable_kernel_profile = True
     torch._inductor.config.freezing = True  # as inductor_build.compile_package compiles
-    model = load_model(DEFAULT_CHECKPOINT)
+    model = load_model(TEACHER_CHECKPOINT)
     precision = Precision(args.precision)
     modules = {
         # The model's own modules: diffusers' attention processors, torch's GroupNorm.

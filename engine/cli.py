@@ -602,7 +602,8 @@ def bench(
         Optional[str],
         typer.Option(
             help="Comma-separated checkpoints (.pt) or glyffuser diffusers folders measured side by side, e.g. "
-            "teacher.pt,student.pt; the peer runs the first teacher [default: the embedded model]."
+            "teacher.pt,student.pt; the peer runs the first teacher [default: the embedded default model and its "
+            "teacher]."
         ),
     ] = None,
     text_encoder: TextEncoderOption = None,

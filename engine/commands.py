@@ -21,7 +21,7 @@ from glyph_engine.cpu import cpu_info
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.files import check_writable_file
 from glyph_engine.images import check_folder_targets, grid, save_folder, save_png, to_uint8
-from glyph_engine.model import DEFAULT_MODEL, EMBEDDED_MODELS, Glyffuser, unet_parameter_count
+from glyph_engine.model import DEFAULT_MODEL, EMBEDDED_MODELS, TEACHER_MODEL, Glyffuser, unet_parameter_count
 from glyph_engine.pipeline import Generation
 from glyph_engine.schedule import SamplerConfig
 from glyph_engine.session import ModelSource, Session
@@ -223,8 +223,9 @@ def run_bench(
 ) -> list[str]:
     """Measures and writes results.json, .csv, .md and throughput.png into `out`.
 
-    `ckpts`: comma-separated checkpoints measured side by side (None: `source`'s model), the
-    peer on the first teacher among them. Each model and each backend load as `generate`
+    `ckpts`: comma-separated checkpoints measured side by side (None: `source`'s model, and
+    where that is the embedded default student, its teacher too), the peer on the first
+    teacher among them. Each model and each backend load as `generate`
     loads them (`source`, with its checkpoint and backend replaced by each benchmarked one),
     so ONNX Runtime and TensorRT read the same export. `fixed_cost`: also time whole `generate`
     processes (imports, loading, compiling; `glyph_engine.startup`) on the first model.
@@ -285,7 +286,13 @@ def _bench_sources(source: ModelSource, ckpts: str | None) -> dict[str, ModelSou
     """Each benchmarked model's source by its label: `source` alone, or one per --ckpt."""
     from glyph_engine.benchmark import model_labels
 
-    sources = [source] if ckpts is None else [replace(source, ckpt=Path(c)) for c in _names(ckpts, "--ckpt")]
+    if ckpts is not None:
+        sources = [replace(source, ckpt=Path(c)) for c in _names(ckpts, "--ckpt")]
+    elif source.ckpt is None and DEFAULT_MODEL != TEACHER_MODEL:
+        # The embedded default is a distilled student: its teacher joins it, as the peer's weights.
+        sources = [source, replace(source, ckpt=Path(TEACHER_MODEL))]
+    else:
+        sources = [source]
     if len(sources) > 1 and source.export_dir is not None:
         raise GlyphEngineError(
             "--export-dir holds one model's export; with several --ckpt leave it out, and each model's "

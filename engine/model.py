@@ -50,11 +50,18 @@ GLYFFUSER_SCHEDULER_CONFIG: dict[str, Any] = {
 
 DEFAULT_TEXT_ENCODER = "google-t5/t5-small"
 # The models shipped inside the package, by the short name `--ckpt` also takes. glyffuser-small:
-# the small glyffuser trained on this project's machines.
-EMBEDDED_MODELS: dict[str, Path] = {"glyffuser-small": Path(__file__).parent / "models" / "glyffuser-small.pt"}
-DEFAULT_MODEL = "glyffuser-small"
+# the small glyffuser trained on this project's machines; glyffuser-small-distilled: its 8-step
+# student with guidance built in (`glyph-engine distill`), the default since it passed the
+# quality gate against it (engine/models/MODEL_CARD.md).
+_MODELS = Path(__file__).parent / "models"
+EMBEDDED_MODELS: dict[str, Path] = {
+    "glyffuser-small-distilled": _MODELS / "glyffuser-small-distilled.pt",
+    "glyffuser-small": _MODELS / "glyffuser-small.pt",
+}
+DEFAULT_MODEL = "glyffuser-small-distilled"
 TEACHER_MODEL = "glyffuser-small"  # what every embedded student was distilled from: the peer's weights
 DEFAULT_CHECKPOINT = EMBEDDED_MODELS[DEFAULT_MODEL]
+TEACHER_CHECKPOINT = EMBEDDED_MODELS[TEACHER_MODEL]
 MAX_TEXT_LENGTH = 256  # the glyffuser's tokenizer max_length
 
 

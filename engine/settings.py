@@ -102,15 +102,15 @@ class GenerationSettings:
         if steps > max_steps:
             raise GlyphEngineError(f"--steps must be at most {max_steps}, the model's training timesteps.")
         sampler = get_sampler(self.sampler.name)
-        # A student's own order (DDIM for one trained by progressive distillation) applies to
-        # the sampler it was trained for.
+        # A student's own order (the one its gate measured; its steps were trained at order 1)
+        # applies to the sampler it was trained for.
         own_order = model.default_order if model.default_sampler in (None, sampler.name) else None
-        # Only a student records the order it was trained for; a teacher's recorded steps are a
-        # gated default (fewer steps that draw as well), not a condition of its training.
+        # Only a student records an order; a teacher's recorded steps are a gated default
+        # (fewer steps that draw as well), not a condition of its training.
         if model.default_order is not None and _off_its_training(self, model, own_order):
             logger.warning(
-                "this student was trained for %d %s steps at order %s with linspace spacing; other sampling "
-                "settings run outside what it learnt",
+                "this student was distilled for %d %s steps with linspace spacing and is meant to sample them at "
+                "order %s; other sampling settings run outside what it learnt",
                 model.default_steps,
                 model.default_sampler or sampler.name,
                 model.default_order,

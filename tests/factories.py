@@ -23,6 +23,7 @@ from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
 from glyph_engine.model import GLYFFUSER_SCHEDULER_CONFIG, GLYFFUSER_UNET_CONFIG
 from glyph_engine.text import train_tokenizer
+from glyph_engine.training.distill_targets import STUDENT_SAMPLING_ORDER
 
 DEFINITIONS = [
     "metal; gold; money",
@@ -123,7 +124,7 @@ def student_of(teacher, class_embedding_zero: bool = True):
         guidance_embedding=True,
         default_steps=STUDENT_STEPS,
         default_sampler="dpmpp-2m",
-        default_order=1,
+        default_order=STUDENT_SAMPLING_ORDER,  # as `distill` writes it
     )
 
 

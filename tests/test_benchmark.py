@@ -172,6 +172,17 @@ def test_bench_of_students_alone_is_refused_in_one_line(student_path, tmp_path):
     assert not out.exists()
 
 
+def test_bench_without_ckpt_measures_the_default_student_and_its_teacher_for_the_peer():
+    from glyph_engine.commands import _bench_sources
+    from glyph_engine.model import DEFAULT_CHECKPOINT, TEACHER_CHECKPOINT
+    from glyph_engine.session import ModelSource
+
+    sources = _bench_sources(ModelSource(), None)
+    assert [each.checkpoint for each in sources.values()] == [DEFAULT_CHECKPOINT, TEACHER_CHECKPOINT]
+    models = {label: each.load_model() for label, each in sources.items()}
+    assert benchmark.peer_model(models) == list(sources)[1]  # the student's teacher runs the peer
+
+
 def test_models_are_labelled_uniquely_and_must_draw_one_image_size(tmp_path):
     folder = tmp_path / "glyffuser"
     folder.mkdir()

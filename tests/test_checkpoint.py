@@ -245,11 +245,11 @@ def test_flipped_tensor_bytes_are_caught(ckpt_path, tmp_path):
         load_model(copy)
 
 
-def test_the_embedded_checkpoint_passes_its_checksums():
+def test_the_embedded_checkpoints_pass_their_checksums():
     from glyph_engine.files import zip_damage
-    from glyph_engine.model import DEFAULT_CHECKPOINT
+    from glyph_engine.model import EMBEDDED_MODELS
 
-    assert zip_damage(DEFAULT_CHECKPOINT) is None
+    assert [zip_damage(path) for path in EMBEDDED_MODELS.values()] == [None] * len(EMBEDDED_MODELS)
 
 
 def test_an_embedded_model_loads_by_its_short_name_unless_a_file_has_that_name(ckpt_path, tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from glyph_engine.checkpoint import load_model
 from glyph_engine.cross_attention import EinsumCrossAttention, use_einsum_cross_attention
 from glyph_engine.inductor_build import unet_module
-from glyph_engine.model import DEFAULT_CHECKPOINT
+from glyph_engine.model import TEACHER_CHECKPOINT
 from glyph_engine.settings import Precision
 from glyph_engine.to_onnx import UNetForExport
 
@@ -30,7 +30,7 @@ def padded_prompts(batch, length, width, seed=0):
 
 @pytest.mark.parametrize("length", [1, 3, 9])
 def test_embedded_unet_with_einsum_cross_attention_matches_diffusers(length):
-    model = load_model(DEFAULT_CHECKPOINT)
+    model = load_model(TEACHER_CHECKPOINT)
     reference, compiled = UNetForExport(model.unet).eval(), unet_module(model, Precision.fp32).eval()
     generator = torch.Generator().manual_seed(length)
     sample = torch.randn(4, *model.image_shape, generator=generator)
@@ -46,7 +46,7 @@ def test_embedded_unet_with_einsum_cross_attention_matches_diffusers(length):
 
 
 def test_only_the_cross_attentions_are_replaced_and_the_model_keeps_its_own():
-    model = load_model(DEFAULT_CHECKPOINT)
+    model = load_model(TEACHER_CHECKPOINT)
     before = [type(p) for p in processors(model.unet)]
     compiled = unet_module(model, Precision.fp32).unet
     crosses = [m for m in compiled.modules() if isinstance(m, Attention) and m.is_cross_attention]

@@ -124,9 +124,9 @@ def test_cuda_fast_path_against_fp32_on_the_same_gpu():
     """The issue's bar: at least 40 dB PSNR against eager FP32 on the same noise and GPU.
     (Graphs replay the same kernels, so the FP32 reference may use them too.)"""
     from glyph_engine.checkpoint import load_model
-    from glyph_engine.model import DEFAULT_CHECKPOINT
+    from glyph_engine.model import TEACHER_CHECKPOINT
 
-    model = load_model(DEFAULT_CHECKPOINT)
+    model = load_model(TEACHER_CHECKPOINT)
     fast = TorchBackend(model, device="cuda")
     reference = TorchBackend(model, device="cuda", precision="fp32")
     settings = GenerationSettings(seed=3)

@@ -70,9 +70,9 @@ def test_shallow_path_with_its_own_cache_is_the_full_forward(name):
 
 def test_shallow_path_is_a_small_share_of_the_embedded_models_work():
     from glyph_engine.checkpoint import load_model
-    from glyph_engine.model import DEFAULT_CHECKPOINT
+    from glyph_engine.model import TEACHER_CHECKPOINT
 
-    unet = load_model(DEFAULT_CHECKPOINT).unet.eval()
+    unet = load_model(TEACHER_CHECKPOINT).unet.eval()
     share = flop_share(unet, *_inputs(unet))
     assert 0.1 < share < 0.2  # 16%: its 32x32 level is one resnet down, two up
 

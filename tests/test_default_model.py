@@ -7,15 +7,18 @@ from typer.testing import CliRunner
 
 from glyph_engine.checkpoint import load_model
 from glyph_engine.cli import app
-from glyph_engine.model import DEFAULT_CHECKPOINT
+from glyph_engine.model import DEFAULT_CHECKPOINT, EMBEDDED_MODELS, TEACHER_CHECKPOINT, TEACHER_MODEL
 from glyph_engine.training.evaluate import is_broken
 
 
-def test_embedded_checkpoint_ships_within_budget():
-    assert DEFAULT_CHECKPOINT.is_file()
-    assert DEFAULT_CHECKPOINT.stat().st_size <= 25 * 2**20
+def test_embedded_checkpoints_ship_within_budget():
+    assert DEFAULT_CHECKPOINT in EMBEDDED_MODELS.values() and TEACHER_CHECKPOINT in EMBEDDED_MODELS.values()
+    assert sum(path.stat().st_size for path in EMBEDDED_MODELS.values()) <= 25 * 2**20
     assert (DEFAULT_CHECKPOINT.parent / "MODEL_CARD.md").is_file()
-    model = load_model(DEFAULT_CHECKPOINT)
+
+
+def test_the_teachers_defaults():
+    model = load_model(TEACHER_CHECKPOINT)
     assert model.default_guidance > 1.0  # trained with condition dropout for guidance
     # Chosen by eval (docs/guidance-interval.md): the radical lifts hold at 0.83x the time.
     assert model.guidance_interval == (0.5, 20.0)
@@ -23,6 +26,18 @@ def test_embedded_checkpoint_ships_within_budget():
     # Chosen by the gate against its own 20 steps, on the gate's and on held-out prompts
     # (docs/fewer-steps.md); a default, not a training condition (no order recorded).
     assert (model.default_steps, model.default_order) == (14, None)
+
+
+def test_the_default_is_the_teachers_distilled_student():
+    """An 8-step student with the guidance input, distilled from the embedded teacher (its
+    card names the teacher's hash), sampled at DPM-Solver++(2M) over its trained steps: the
+    settings that passed the quality gate against the teacher (engine/models/MODEL_CARD.md)."""
+    student, teacher = load_model(DEFAULT_CHECKPOINT), load_model(TEACHER_CHECKPOINT)
+    assert student.guidance_embedding and not teacher.guidance_embedding
+    assert (student.default_steps, student.default_sampler, student.default_order) == (8, "dpmpp-2m", 2)
+    assert (student.default_guidance, student.guidance_interval) == (teacher.default_guidance, None)
+    assert (student.clamp_x0, student.center_noise) == (teacher.clamp_x0, teacher.center_noise)
+    assert student.metadata["teacher"] == f"{TEACHER_MODEL} (sha256 {teacher.sha256})"
 
 
 @pytest.mark.slow  # about 25 s (64 glyphs of the embedded model): in `make test-slow`, which CI runs too
@@ -34,7 +49,7 @@ def test_centered_noise_draws_no_broken_samples():
     from glyph_engine.pipeline import generate
     from glyph_engine.settings import GenerationSettings
 
-    model = load_model(DEFAULT_CHECKPOINT)
+    model = load_model(TEACHER_CHECKPOINT)
     backend = TorchBackend(model, device="cpu")
     runs = {
         center: generate(model, backend, ["metal"], 32, GenerationSettings(center_noise=center)).images[:, 0].numpy()

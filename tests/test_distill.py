@@ -459,7 +459,7 @@ def test_the_cli_writes_a_student_that_loads_with_its_sampling_defaults(ckpt_pat
     assert "a 1-step student" in result.output
     student, teacher = load_model(out), load_model(ckpt_path)
     assert student.guidance_embedding and not teacher.guidance_embedding
-    assert (student.default_steps, student.default_sampler, student.default_order) == (1, "dpmpp-2m", 1)
+    assert (student.default_steps, student.default_sampler, student.default_order) == (1, "dpmpp-2m", 2)
     assert student.default_guidance == teacher.default_guidance and student.guidance_interval is None
     assert (student.clamp_x0, student.center_noise) == (teacher.clamp_x0, teacher.center_noise)
     card = json.loads(out.with_suffix(".card.json").read_text())
@@ -472,7 +472,7 @@ def test_the_cli_writes_a_student_that_loads_with_its_sampling_defaults(ckpt_pat
         app, ["eval", "--data", str(glyph_file), "--ckpt", str(out), "--against", str(ckpt_path), "-n", "2"]
     )
     assert gated.exit_code == (0 if "the student passes the gate" in gated.output else 1), gated.output
-    assert "dpmpp-2m order 1, linspace, 1 steps" in gated.output  # the student's defaults
+    assert "dpmpp-2m order 2, linspace, 1 steps" in gated.output  # the student's defaults
     assert f"dpmpp-2m order 2, linspace, {DEFAULT_STEPS} steps" in gated.output  # the teacher's
     assert gated.output.count("\n- ") == 4 and "Caption gain" in gated.output
 

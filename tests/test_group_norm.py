@@ -10,7 +10,7 @@ import torch
 from glyph_engine.checkpoint import load_model
 from glyph_engine.group_norm import SumsGroupNorm, use_sums_group_norm
 from glyph_engine.inductor_build import unet_module
-from glyph_engine.model import DEFAULT_CHECKPOINT
+from glyph_engine.model import TEACHER_CHECKPOINT
 from glyph_engine.settings import Precision
 
 
@@ -57,7 +57,7 @@ def test_bf16_keeps_float32_statistics():
 
 
 def test_replaces_every_group_norm_sharing_its_parameters():
-    model = load_model(DEFAULT_CHECKPOINT)
+    model = load_model(TEACHER_CHECKPOINT)
     compiled = unet_module(model, Precision.fp32)
     assert not any(type(m) is torch.nn.GroupNorm for m in compiled.modules())
     sums = [m for m in compiled.modules() if isinstance(m, SumsGroupNorm)]

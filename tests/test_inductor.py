@@ -25,7 +25,7 @@ from glyph_engine.cache import ArtifactCache
 from glyph_engine.checkpoint import load_model
 from glyph_engine.cli import app
 from glyph_engine.errors import GlyphEngineError
-from glyph_engine.model import DEFAULT_CHECKPOINT
+from glyph_engine.model import TEACHER_CHECKPOINT
 from glyph_engine.quality import GATE_PROMPTS, MAX_UNET_RELATIVE_ERROR, relative_errors, torch_unet, trajectory_calls
 from glyph_engine.settings import Precision
 
@@ -77,7 +77,7 @@ def test_bf16_passes_the_quality_gate_on_real_trajectories(artifact_cache, build
     """The embedded model's bf16 U-Net against eager FP32 on what the sampler really feeds it
     (as tests/test_openvino.py holds OpenVINO's): within the 1% gate, and above FP32's error,
     or the path ran in FP32."""
-    model = load_model(DEFAULT_CHECKPOINT)
+    model = load_model(TEACHER_CHECKPOINT)
     calls = trajectory_calls(model, TorchBackend(model, device="cpu"), GATE_PROMPTS, 1, seed=2)
     backend = create_backend("inductor", model, precision="bf16", cache=ArtifactCache(artifact_cache))
     assert backend.precision == "bf16"

@@ -28,7 +28,7 @@ from glyph_engine.cli import app
 from glyph_engine.cpu import CpuInfo
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.images import to_uint8
-from glyph_engine.model import DEFAULT_CHECKPOINT
+from glyph_engine.model import DEFAULT_CHECKPOINT, EMBEDDED_MODELS
 from glyph_engine.pipeline import generate
 from glyph_engine.quality import GATE_PROMPTS, MAX_UNET_RELATIVE_ERROR, relative_errors, torch_unet, trajectory_calls
 from glyph_engine.settings import GenerationSettings, Precision
@@ -149,17 +149,18 @@ def test_fp16_is_refused_before_anything_is_built(model, tmp_path, monkeypatch):
 
 
 def test_generate_default_is_openvino_and_records_it(tmp_path, default_precision):
-    """The default on a CPU, on the embedded (trained) model: OpenVINO at the precision this
-    CPU kind suits (expected from the flags the test reads itself), and images within that
-    precision's tolerance of eager PyTorch FP32. A fresh cache: no int8 build to prefer."""
+    """The default on a CPU, on the embedded default model at its own defaults: OpenVINO at
+    the precision this CPU kind suits (expected from the flags the test reads itself), and
+    images within that precision's tolerance of eager PyTorch FP32. A fresh cache: no int8
+    build to prefer."""
     png = tmp_path / "g.png"
-    args = ["generate", "metal", "water", "-n", "2", "--steps", "10", "--seed", "3", "--ckpt", str(DEFAULT_CHECKPOINT)]
+    args = ["generate", "metal", "water", "-n", "2", "--seed", "3", "--ckpt", str(DEFAULT_CHECKPOINT)]
     result = runner.invoke(app, [*args, "-o", str(png), "--out-dir", str(tmp_path / "each")])
     assert result.exit_code == 0, result.output
     assert (Image.open(png).text["backend"], Image.open(png).text["precision"]) == ("openvino", default_precision)
 
     model = load_model(DEFAULT_CHECKPOINT)
-    settings = GenerationSettings(steps=10, seed=3)
+    settings = GenerationSettings(seed=3)
     reference = to_uint8(generate(model, TorchBackend(model, device="cpu"), ["metal", "water"], 2, settings).images)
     ours = np.stack([np.asarray(Image.open(f)) for f in sorted((tmp_path / "each").iterdir())])
     error = np.abs(ours.astype(int) - reference.astype(int))
@@ -197,25 +198,25 @@ def test_cache_dir_flag_wins_over_the_environment(ckpt_path, tmp_path):
     assert any(p.name.startswith("openvino-") for p in folder.iterdir())
 
 
-@pytest.fixture(scope="module")
-def embedded():
-    model = load_model(DEFAULT_CHECKPOINT)
+@pytest.fixture(scope="module", params=list(EMBEDDED_MODELS))
+def embedded(request):
+    model = load_model(EMBEDDED_MODELS[request.param])
     calls = trajectory_calls(model, TorchBackend(model, device="cpu"), GATE_PROMPTS, 1, seed=2)
     return model, calls
 
 
 @pytest.mark.parametrize("precision, low, limit", [("fp32", 0, 1e-4), ("bf16", 1e-4, MAX_UNET_RELATIVE_ERROR)])
 def test_quality_gate_unet_error_on_real_trajectories(embedded, artifact_cache, precision, low, limit):
-    """The embedded model's U-Net against eager FP32 on what the sampler really feeds it.
-    bf16 runs emulated (slowly) on CPUs without BF16 units, with the same rounding; its error
-    must also be above FP32's, or the path ran in FP32 (as a blob imported without its
-    precision hint once did)."""
+    """Each embedded model's U-Net against eager FP32 on what the sampler really feeds it (a
+    student's guidance input included). bf16 runs emulated (slowly) on CPUs without BF16
+    units, with the same rounding; its error must also be above FP32's, or the path ran in
+    FP32 (as a blob imported without its precision hint once did)."""
     model, calls = embedded
     backend = create_backend("openvino", model, precision=precision, cache=ArtifactCache(artifact_cache))
     assert backend.precision == precision
 
     def candidate(call):
-        return backend.denoise(call.sample, call.timestep, call.text, call.mask)
+        return backend.denoise(call.sample, call.timestep, call.text, call.mask, call.guidance)
 
     errors = relative_errors(candidate, torch_unet(model), calls)
     steps = GenerationSettings().resolve(model).steps  # one call per step of the model's default run

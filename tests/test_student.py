@@ -57,9 +57,9 @@ class Counting:
 def test_a_student_round_trips_its_guidance_input_and_defaults(student_path):
     student = load_model(student_path)
     assert student.guidance_embedding
-    assert (student.default_steps, student.default_sampler, student.default_order) == (STUDENT_STEPS, "dpmpp-2m", 1)
+    assert (student.default_steps, student.default_sampler, student.default_order) == (STUDENT_STEPS, "dpmpp-2m", 2)
     resolved = GenerationSettings().resolve(student)
-    assert (resolved.steps, resolved.schedule.order) == (STUDENT_STEPS, 1)
+    assert (resolved.steps, resolved.schedule.order) == (STUDENT_STEPS, 2)
 
 
 def test_a_student_runs_one_pass_per_step_fed_its_guidance(student_path, model):
@@ -74,7 +74,7 @@ def test_a_student_runs_one_pass_per_step_fed_its_guidance(student_path, model):
         TorchBackend(model, device="cpu"),
         ["metal"],
         3,
-        GenerationSettings(steps=STUDENT_STEPS, guidance=1.0, seed=2, sampler=SamplerConfig(order=1)),
+        GenerationSettings(steps=STUDENT_STEPS, guidance=1.0, seed=2, sampler=SamplerConfig(order=2)),
     )
     torch.testing.assert_close(ours.images, teacher.images, rtol=0, atol=1e-5)
 
@@ -103,7 +103,7 @@ def test_generate_records_the_students_defaults(student_path, tmp_path):
     result = CliRunner().invoke(app, [*args, "--out-dir", str(out)])
     assert result.exit_code == 0, result.output
     meta = Image.open(out / "0000.png").text
-    assert (meta["steps"], meta["sampler"]) == (str(STUDENT_STEPS), "dpmpp-2m order 1, linspace")
+    assert (meta["steps"], meta["sampler"]) == (str(STUDENT_STEPS), "dpmpp-2m order 2, linspace")
     assert np.asarray(Image.open(out / "0000.png")).std() > 0
 
 
@@ -135,8 +135,9 @@ def test_a_checkpoint_with_unusable_sampling_defaults_is_refused(model, tmp_path
 @pytest.mark.skipif(not cpp_ext.available("cpu"), reason=f"fused op not built: {cpp_ext.status()}")
 def test_a_students_default_path_runs_the_fused_step(live_student_path, tmp_path):
     """`generate --ckpt student.pt` with no sampling options, on the CPU default backend: the
-    student's steps (order 1) each dispatch the fused op once, as a glyffuser's do. (fp32:
-    the OpenVINO build the test above made; the step does not depend on the precision.)"""
+    student's steps (DPM-Solver++(2M) over its trained timesteps) each dispatch the fused op
+    once, as a glyffuser's do. (fp32: the OpenVINO build the test above made; the step does
+    not depend on the precision.)"""
     args = ["generate", "metal", "-n", "2", "--ckpt", str(live_student_path), "--precision", "fp32"]
     args += ["-o", str(tmp_path / "g.png")]
     result = {}
@@ -150,9 +151,9 @@ def test_a_students_default_path_runs_the_fused_step(live_student_path, tmp_path
     "settings, warned",
     [
         (GenerationSettings(), False),
-        (GenerationSettings(steps=STUDENT_STEPS, sampler=SamplerConfig(order=1)), False),
+        (GenerationSettings(steps=STUDENT_STEPS, sampler=SamplerConfig(order=2)), False),
         (GenerationSettings(steps=8), True),
-        (GenerationSettings(sampler=SamplerConfig(order=2)), True),
+        (GenerationSettings(sampler=SamplerConfig(order=1)), True),
         (GenerationSettings(sampler=SamplerConfig(spacing="trailing")), True),
         (GenerationSettings(sampler=SamplerConfig(name="dpmpp-3m")), True),
     ],

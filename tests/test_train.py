@@ -114,9 +114,9 @@ def test_train_and_eval_cli(glyph_file, tmp_path):
     wrong = runner.invoke(app, ["train", "--data", str(glyph_file), "--workdir", str(workdir), "--steps", "1"])
     assert wrong.exit_code == 2 and "--resolution 32" in wrong.output
     # Going on from the embedded (32px) model: the same check, through --init.
-    from glyph_engine.model import DEFAULT_CHECKPOINT
+    from glyph_engine.model import TEACHER_CHECKPOINT
 
-    init = ["--init", str(DEFAULT_CHECKPOINT), "--steps", "1"]
+    init = ["--init", str(TEACHER_CHECKPOINT), "--steps", "1"]
     wrong = runner.invoke(app, ["train", "--data", str(glyph_file), "--workdir", str(workdir), *init])
     assert wrong.exit_code == 2 and "--resolution 32" in wrong.output
     assert not workdir.exists()

@@ -129,9 +129,7 @@ class DistillConfig:
         if not (isinstance(self.rollout_share, int | float) and 0 <= self.rollout_share <= 1):
             raise GlyphEngineError(f"--rollout-share must be between 0 and 1 (got {self.rollout_share}).")
         if self.lr_schedule not in LR_SCHEDULES:
-            raise GlyphEngineError(
-                f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)} (got {self.lr_schedule})."
-            )
+            raise GlyphEngineError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)} (got {self.lr_schedule}).")
         if self.x0_loss not in X0_LOSSES:
             raise GlyphEngineError(f"--x0-loss must be one of {', '.join(X0_LOSSES)} (got {self.x0_loss}).")
         if self.guidance_range is not None:
