@@ -123,7 +123,7 @@ OrderOption = Annotated[
 StepsOption = Annotated[
     Optional[int],
     typer.Option(
-        help="Sampler steps [default: the checkpoint's: the embedded model's 14, a student's few; "
+        help="Sampler steps [default: the checkpoint's: the embedded default's 8, glyffuser-small's 14; "
         f"{DEFAULT_STEPS} for a glyffuser, where 10 is usable]."
     ),
 ]

@@ -14,7 +14,9 @@ from typer.testing import CliRunner
 
 import glyph_engine
 from glyph_engine import api
+from glyph_engine.checkpoint import load_model
 from glyph_engine.cli import app
+from glyph_engine.model import DEFAULT_CHECKPOINT
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -131,4 +133,5 @@ def test_the_readmes_python_example_runs_as_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md", "exec"), {})
     with Image.open(tmp_path / "metal.png") as written:
-        assert written.size[0] > 32 and written.text["steps"] == "10"
+        # The embedded default model at its own steps.
+        assert written.size[0] > 32 and written.text["steps"] == str(load_model(DEFAULT_CHECKPOINT).default_steps)

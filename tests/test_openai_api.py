@@ -106,6 +106,7 @@ def test_a_wrong_key_is_401_an_overload_503_and_too_strong_guidance_400(fake):
 @pytest.mark.parametrize("which", ["embedded", "diffusers-folder"])
 def test_the_openai_client_draws_what_the_python_api_draws(which, glyffuser_folder, t5_folder):
     import glyph_engine
+    from glyph_engine.model import DEFAULT_MODEL
     from glyph_engine.serve.service import ModelService, ReplicaConfig
     from glyph_engine.session import ModelSource
 
@@ -116,7 +117,7 @@ def test_the_openai_client_draws_what_the_python_api_draws(which, glyffuser_fold
     service = ModelService(ReplicaConfig(ModelSource(**options), BatchConfig(), token=None), NoMetrics())
     with in_process(service, None) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
-        name = "glyffuser-small" if which == "embedded" else glyffuser_folder.name
+        name = DEFAULT_MODEL if which == "embedded" else glyffuser_folder.name
         assert client.models.list().data[0].id == name
         reply = client.images.generate(model=name, prompt="water", n=2, extra_body={"steps": 3, "seed": 9})
     expected = glyph_engine.load(**options)("water", n=2, steps=3, seed=9).array

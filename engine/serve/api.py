@@ -56,8 +56,8 @@ class GenerateBody(BaseModel):
     steps: int | None = Field(
         None,
         ge=1,
-        description="Sampler steps; null: the model's (the embedded model's 14, 20 for a glyffuser, "
-        "a distilled student's few).",
+        description="Sampler steps; null: the model's (the embedded default's 8, glyffuser-small's 14, "
+        "20 for a glyffuser, a distilled student's few).",
     )
     guidance: float | None = Field(
         None,

@@ -32,7 +32,7 @@ class ModelService:
         self._config = config
         self._batcher = Batcher(self._run, config.batch, metrics)
         self.max_steps = self._session.max_steps
-        # A request without steps takes the model's (the embedded model's 14, a student's few), as generate does.
+        # A request without steps takes the model's (the embedded default's 8, glyffuser-small's 14), as generate does.
         self.default_steps = config.settings.resolve(self._session.model).steps
         self.model_id = config.source.name
         _, height, width = self._session.model.image_shape
