@@ -1,5 +1,7 @@
 """Training from scratch: a few steps, resume, the final checkpoint, the radical evaluation."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -270,3 +272,14 @@ def test_a_damaged_training_state_is_refused(glyph_file, tmp_path, damage):
     assert_one_line_error(result, f"{workdir / STATE} is damaged or incomplete")
     assert "Delete it to start this --workdir from scratch" in result.output
     assert {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == before
+
+
+def test_the_learning_rate_warms_up_linearly(glyph_file, tmp_path):
+    """Step 0 runs at 1/warmup_steps of the rate, step warmup_steps - 1 and later at the rate."""
+    from glyph_engine.training.rates import warmed_up
+
+    config = dataclasses.replace(TINY, warmup_steps=4)
+    assert [warmed_up(2.0, step, 4) for step in range(6)] == [0.5, 1.0, 1.5, 2.0, 2.0, 2.0]
+    train(glyph_file, tmp_path / "run", config, max_steps=2)  # the last step taken: step 1
+    saved = torch.load(tmp_path / "run" / STATE, weights_only=True)
+    assert saved["optimizer"]["param_groups"][0]["lr"] == pytest.approx(config.learning_rate * 2 / 4)

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.settings import check_guidance
+from glyph_engine.training.rates import warmed_up
 
 STEP_WEIGHTINGS = ("balanced", "snr")
 X0_LOSSES = ("clamped", "mse")
@@ -141,7 +142,7 @@ class DistillConfig:
 
     def learning_rate_at(self, step: int, stage_steps: int) -> float:
         """The rate of a stage's optimizer step `step` (0-based) of `stage_steps`."""
-        rate = self.learning_rate * min(1.0, (step + 1) / self.warmup_steps)
+        rate = warmed_up(self.learning_rate, step, self.warmup_steps)
         if self.lr_schedule == "cosine" and step >= self.warmup_steps:
             done = (step - self.warmup_steps) / max(1, stage_steps - self.warmup_steps)
             rate *= 0.5 * (1 + math.cos(math.pi * min(1.0, done)))

@@ -35,6 +35,7 @@ from glyph_engine.files import atomic_path, zip_damage
 from glyph_engine.model import GLYFFUSER_SCHEDULER_CONFIG, MAX_TEXT_LENGTH, Glyffuser, image_shape_of
 from glyph_engine.text import train_tokenizer
 from glyph_engine.training.dataset import RADICALS, GlyphSet, load_glyph_set
+from glyph_engine.training.rates import warmed_up
 
 logger = logging.getLogger(__name__)
 
@@ -406,7 +407,7 @@ def _train_step(
     """One optimizer step; returns the diffusion loss and the radical loss."""
     config = state.config
     for group in state.optimizer.param_groups:
-        group["lr"] = config.learning_rate * min(1.0, (state.step + 1) / config.warmup_steps)
+        group["lr"] = warmed_up(config.learning_rate, state.step, config.warmup_steps)
     tokens = state.tokenizer(
         captions, padding="longest", max_length=MAX_TEXT_LENGTH, truncation=True, return_tensors="pt"
     )
