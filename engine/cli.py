@@ -118,7 +118,11 @@ SamplerOption = Annotated[
     ),
 ]
 OrderOption = Annotated[
-    Optional[int], typer.Option(help="Lower the solver order (1 is DDIM-like) [default: the sampler's own].")
+    Optional[int],
+    typer.Option(
+        help="Lower the solver order (1 is DDIM-like) [default: a distilled student's recorded order (the "
+        "embedded default's 2), else the sampler's own]."
+    ),
 ]
 StepsOption = Annotated[
     Optional[int],
