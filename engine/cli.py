@@ -332,7 +332,13 @@ def convert(
 
 @app.command("export")
 def export_(
-    ckpt: Annotated[Path, typer.Argument(help="glyph-engine checkpoint (.pt) or glyffuser diffusers folder.")],
+    ckpt: Annotated[
+        Path,
+        typer.Argument(
+            help="glyph-engine checkpoint (.pt), glyffuser diffusers folder or embedded model's name "
+            "(`glyph-engine info` lists them)."
+        ),
+    ],
     out: Annotated[
         Optional[Path],
         typer.Option("--out", "-o", help="Export folder [default: beside the checkpoint, NAME-export/]."),

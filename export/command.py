@@ -11,6 +11,7 @@ from glyph_engine.checkpoint import load_model, source_sha256
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.export.engine_build import EngineOptions, engine_options, ensure_engines
 from glyph_engine.export_manifest import default_export_dir
+from glyph_engine.model import checkpoint_path, missing_checkpoint
 
 
 @dataclass(frozen=True)
@@ -45,12 +46,15 @@ def run_export(request: ExportRequest, report: Callable[[str], None]) -> list[st
     )
     options.validate()
     engines = _tensorrt_target(request)  # checked before minutes of ONNX export
-    out = request.out or default_export_dir(request.ckpt)
-    if not request.ckpt.exists():
-        raise GlyphEngineError(f"checkpoint {request.ckpt} does not exist.")
+    # An embedded model's name stands for its file, as everywhere else; its export goes beside
+    # that file, where generate's other backends look for it.
+    ckpt = checkpoint_path(request.ckpt)
+    out = request.out or default_export_dir(ckpt)
+    if not ckpt.exists():
+        raise GlyphEngineError(missing_checkpoint(ckpt))
     manifest, reused = export_model(
-        source_sha256(request.ckpt, request.text_encoder),
-        lambda: load_model(request.ckpt, request.text_encoder),
+        source_sha256(ckpt, request.text_encoder),
+        lambda: load_model(ckpt, request.text_encoder),
         out,
         options,
         force=request.force,

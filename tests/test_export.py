@@ -374,6 +374,18 @@ def test_export_cli(ckpt_path, tmp_path, exported):
     assert "unet          fp16  max abs error" in result.output
 
 
+def test_export_takes_an_embedded_models_name(ckpt_path, tmp_path, exported, monkeypatch):
+    """As every command's --ckpt does; the export goes beside the model's file, where
+    generate's ONNX Runtime and TensorRT backends look for it."""
+    from glyph_engine.model import EMBEDDED_MODELS
+
+    monkeypatch.setitem(EMBEDDED_MODELS, "tiny-embedded", ckpt_path)
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["export", "tiny-embedded"])
+    assert result.exit_code == 0, result.output
+    assert f"reused {default_export_dir(ckpt_path)}" in result.output
+
+
 def test_generate_cli_onnxruntime(ckpt_path, tmp_path, exported):
     result = runner.invoke(
         app, ["generate", "fire", "-n", "2", "--steps", "3", "--ckpt", str(ckpt_path), "--backend", "onnxruntime",
