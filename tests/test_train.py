@@ -283,3 +283,14 @@ def test_the_learning_rate_warms_up_linearly(glyph_file, tmp_path):
     train(glyph_file, tmp_path / "run", config, max_steps=2)  # the last step taken: step 1
     saved = torch.load(tmp_path / "run" / STATE, weights_only=True)
     assert saved["optimizer"]["param_groups"][0]["lr"] == pytest.approx(config.learning_rate * 2 / 4)
+
+
+def test_init_from_a_distilled_student_is_refused_in_one_line(glyph_file, tmp_path):
+    from glyph_engine.model import DEFAULT_CHECKPOINT
+
+    workdir = tmp_path / "run"
+    args = ["train", "--data", str(glyph_file), "--workdir", str(workdir), "--init", str(DEFAULT_CHECKPOINT)]
+    result = CliRunner().invoke(app, [*args, "--steps", "1"])
+    assert result.exit_code == 2, result.output
+    assert "not written by `glyph-engine train`" in result.output and "a distilled student is not one" in result.output
+    assert result.output.strip().count("\n") == 0 and not workdir.exists()

@@ -168,7 +168,8 @@ def state_from_checkpoint(path: Path) -> TrainState:
     except (KeyError, TypeError, ValueError):
         raise GlyphEngineError(
             f"{path} was not written by `glyph-engine train` (no training settings in it); "
-            "--init takes a checkpoint from `glyph-engine train`, such as the embedded model."
+            "--init takes a checkpoint from `glyph-engine train`, such as the embedded glyffuser-small (a distilled "
+            "student is not one)."
         ) from None
     state = _state(config, model.unet.float().train(), model.text_encoder.float().train(), model.tokenizer)
     for param in _parameters(state):
