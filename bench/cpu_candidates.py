@@ -125,6 +125,24 @@ def openvino_candidate(ov_model, hint: str, **config: str) -> Run:
     return lambda feed: request.infer(feed)[0]
 
 
+def openvino_sized(ov_model, hint: str) -> Run:
+    """As the backend runs it: compiled for each input size met (no size is compiled in setup)."""
+    import openvino as ov
+
+    settings = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": hint}
+    requests = {}
+
+    def run(feed: dict[str, np.ndarray]) -> np.ndarray:
+        size = tuple(value.shape for value in feed.values())
+        if size not in requests:
+            sized = ov_model.clone()
+            sized.reshape({name: list(value.shape) for name, value in feed.items()})
+            requests[size] = ov.Core().compile_model(sized, "CPU", settings).create_infer_request()
+        return requests[size].infer(feed)[0]
+
+    return run
+
+
 def openvino_split(ov_model, hint: str, parts: int = 2) -> Run:
     """The batch split into `parts` requests run at once, one stream (and its cores) each."""
     import openvino as ov
@@ -217,6 +235,8 @@ def main() -> None:
         ("onnxruntime static QDQ", "int8", lambda: onnxruntime_candidate(onnxruntime_int8(unet_onnx, calibration))),
         ("openvino", "fp32", lambda: openvino_candidate(unet_onnx_model(unet_onnx), "f32")),
         ("openvino hint", "bf16", lambda: openvino_candidate(unet_onnx_model(unet_onnx), "bf16")),
+        ("openvino static sizes", "fp32", lambda: openvino_sized(unet_onnx_model(unet_onnx), "f32")),
+        ("openvino hint static sizes", "bf16", lambda: openvino_sized(unet_onnx_model(unet_onnx), "bf16")),
         ("openvino NNCF", "int8", lambda: openvino_candidate(openvino_int8(unet_onnx, calibration), "f32")),
         (
             "openvino NNCF accuracy control",

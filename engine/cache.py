@@ -8,7 +8,9 @@ features. An entry appears by renaming a finished staging folder, so readers nev
 of one; it never changes afterwards.
 
 Two processes: the builder of an entry holds an flock on ``ROOT/.locks/NAME``; a second
-process waits for it and then reads what it built. A damaged entry (a file that fails its
+process waits for it and then reads what it built. Reading an entry marks it used (its
+folder's mtime), so that `prune` can bound a kind that has many entries by removing the least
+recently used. A damaged entry (a file that fails its
 hash, or an entry path that is not a folder) is removed and rebuilt, never used; a symlink is
 removed itself, never followed. Where the cache cannot be written (read-only, full,
 no permission), the artifact is built in memory for this run, with one warning.
@@ -103,6 +105,32 @@ class ArtifactCache:
         found = self._read(key, remove_damaged=False, quiet=True)
         return found.meta if found is not None else None
 
+    def prune(self, prefix: str, keep: int) -> None:
+        """Removes the least recently used entries whose names start with `prefix` beyond the
+        `keep` most recent. One being built (its lock held) is left alone; a process reading
+        one as it goes finds it missing and builds it again."""
+        if self.root is None:
+            return
+        entries = []
+        with contextlib.suppress(OSError):
+            for path in self.root.iterdir():
+                if path.name.startswith(prefix) and kind_of(path) == FOLDER:
+                    with contextlib.suppress(OSError):
+                        entries.append((path.stat().st_mtime, path))
+        entries.sort(reverse=True)
+        for _, path in entries[keep:]:
+            try:
+                fd = _open_lock_file(self.root / ".locks" / path.name)
+            except OSError:
+                return  # the cache cannot be written: nothing can be removed either
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                _remove(path)
+            except BlockingIOError:
+                pass
+            finally:
+                os.close(fd)
+
     def _cannot_write(self, error: OSError) -> None:
         if not self._warned:  # one line per run, however many artifacts
             logger.warning(
@@ -153,6 +181,8 @@ class ArtifactCache:
             if remove_damaged:
                 _remove(folder)
             return None
+        with contextlib.suppress(OSError):  # marked used, for `prune`; a read-only cache is still read
+            os.utime(folder)
         return artifact
 
     def _store(self, key: ArtifactKey, artifact: Artifact) -> None:

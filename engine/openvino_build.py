@@ -1,6 +1,11 @@
-"""OpenVINO models built for this CPU on first use: the U-Net and T5 encoder traced to ONNX,
-compiled, and kept in the artifact cache as compiled blobs (a warm start imports them into
-`glyph_engine.backends.openvino`).
+"""OpenVINO models built for this CPU on first use, kept in the artifact cache (a warm start
+imports them into `glyph_engine.backends.openvino`):
+- the model's entry: the U-Net traced to ONNX (its graph for any input size) and the T5
+  encoder compiled for this CPU;
+- one entry per U-Net input size met (rows, text length) and precision: the graph compiled
+  for exactly that size, which runs 1.2-1.5x faster than one compiled for any size
+  (docs/bench-cpu.md). Compiling one takes under a second and never needs torch's model;
+  the least recently used of these entries beyond `KEPT_SIZES` are removed.
 
 An int8 U-Net is quantized by NNCF post-training quantization, calibrated on real sampling
 trajectories, and used only when it passes the quality gate (`glyph_engine.quality`); the
@@ -13,6 +18,7 @@ from __future__ import annotations
 import io
 import logging
 import sys
+from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 
 import openvino as ov
@@ -21,7 +27,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from glyph_engine import __version__
-from glyph_engine.backends.openvino import OpenVINOBackend, compile_config, load_openvino
+from glyph_engine.backends.openvino import OpenVINOBackend, UNetForSize, compile_config, import_blob
 from glyph_engine.cache import Artifact, ArtifactCache, ArtifactKey
 from glyph_engine.cpu import cpu_info
 from glyph_engine.errors import GlyphEngineError
@@ -42,8 +48,12 @@ from glyph_engine.to_onnx import TextEncoderForExport, UNetForExport, export_onn
 logger = logging.getLogger(__name__)
 
 KIND = "openvino"
-BUILD_FORMAT = 1  # bump when what a build does changes: older entries are then not used
-UNET, TEXT_ENCODER = "unet.blob", "text_encoder.blob"
+SIZED_KIND = "openvino-unet"  # entries of the U-Net compiled for one input size
+BUILD_FORMAT = 2  # bump when what a build does changes: older entries are then not used
+UNET_GRAPH, UNET, TEXT_ENCODER = "unet.onnx", "unet.blob", "text_encoder.blob"
+# Sized U-Net entries kept in a cache (about 19 MB each for the embedded model): generate's
+# sizes and a serve replica's batch sizes, for a few prompt lengths.
+KEPT_SIZES = 24
 
 
 def artifact_key(model: Glyffuser, precision: Precision) -> ArtifactKey:
@@ -64,45 +74,83 @@ def _version(name: str) -> str:
         return "none"
 
 
+def sized_key(model: Glyffuser, precision: Precision, size: tuple[int, int]) -> ArtifactKey:
+    """The entry of the U-Net compiled for `size` = (rows, text length) at `precision`."""
+    rows, length = size
+    return replace(artifact_key(model, precision), kind=f"{SIZED_KIND}-{rows}x{length}")
+
+
 def open_openvino(
     model: Glyffuser, cache: ArtifactCache, precision: Precision, progress: bool = False
 ) -> tuple[OpenVINOBackend, list[Artifact]]:
     """The backend at `precision` (not auto), from the cache or built into it; also the
-    artifacts used, so callers can tell a cold start ("built") from a warm one ("cache")."""
+    artifacts used, so callers can tell a cold start ("built") from a warm one ("cache").
+    U-Nets compiled for one input size are opened when a call first needs them."""
     core = ov.Core()
-    fp32 = cache.get(artifact_key(model, Precision.fp32), lambda: _build(core, model, Precision.fp32, progress))
-    used = [fp32]
-    if precision is Precision.fp32:
-        unet = fp32
-    elif precision is Precision.bf16:
-        unet = cache.get(artifact_key(model, Precision.bf16), lambda: _build(core, model, Precision.bf16, progress))
-        used.append(unet)
-    else:
-        # The FP32 reference samples the calibration trajectories: imported only for a build.
-        unet = cache.get(
-            artifact_key(model, Precision.int8),
-            lambda: _build_int8(core, model, _load(core, fp32, fp32, Precision.fp32), progress),
+    source = cache.get(artifact_key(model, Precision.fp32), lambda: _build(core, model, progress))
+    text_encoder = import_blob(core, source.files[TEXT_ENCODER], Precision.fp32)
+    used = [source]
+    if precision is not Precision.int8:
+        return OpenVINOBackend(_sized_unets(core, model, cache, source, precision), text_encoder, precision), used
+
+    def build_int8() -> Artifact:
+        # The FP32 backend samples the calibration trajectories.
+        reference = OpenVINOBackend(_sized_unets(core, model, cache, source, Precision.fp32), text_encoder, Precision.fp32)
+        return _build_int8(core, model, source, reference, progress)
+
+    unet = cache.get(artifact_key(model, Precision.int8), build_int8)
+    used.append(unet)
+    gate = unet.meta["gate"]
+    if not gate["passed"]:
+        raise GlyphEngineError(
+            f"int8 fails the quality gate for this model on this CPU: the U-Net's relative error against "
+            f"FP32 reaches {gate['max_relative_error']:.1%} on sampling trajectories (limit "
+            f"{gate['limit']:.0%}); use --precision fp32, or auto."
         )
-        used.append(unet)
-        gate = unet.meta["gate"]
-        if not gate["passed"]:
-            raise GlyphEngineError(
-                f"int8 fails the quality gate for this model on this CPU: the U-Net's relative error against "
-                f"FP32 reaches {gate['max_relative_error']:.1%} on sampling trajectories (limit "
-                f"{gate['limit']:.0%}); use --precision fp32, or auto."
-            )
-    return _load(core, unet, fp32, precision), used
+    # NNCF's int8 model stays compiled for any size: it runs only where it passed its gate.
+    quantized = import_blob(core, unet.files[UNET], Precision.int8)
+    return OpenVINOBackend(lambda size: quantized, text_encoder, precision), used
+
+
+def _sized_unets(
+    core: ov.Core, model: Glyffuser, cache: ArtifactCache, source: Artifact, precision: Precision
+) -> UNetForSize:
+    """The backend's `unet_for`: each size's compiled U-Net from the cache, compiled into it
+    from the model entry's graph when missing."""
+    graph: list[ov.Model] = []  # read once, when the first size is compiled
+
+    def compile_for(size: tuple[int, int]) -> Artifact:
+        if not graph:
+            graph.append(core.read_model(source.files[UNET_GRAPH]))
+        logger.info("compiling the %s U-Net for %d rows, text length %d (once per size)", precision.value, *size)
+        return _compile_sized(core, graph[0], precision, size)
+
+    def unet_for(size: tuple[int, int]) -> ov.CompiledModel:
+        entry = cache.get(sized_key(model, precision, size), lambda: compile_for(size))
+        if entry.source == "built":
+            cache.prune(f"{SIZED_KIND}-", KEPT_SIZES)
+        return import_blob(core, entry.files[UNET], precision)
+
+    return unet_for
+
+
+def _compile_sized(core: ov.Core, graph: ov.Model, precision: Precision, size: tuple[int, int]) -> Artifact:
+    """The U-Net graph compiled for `size`: the batch axis set to its rows, the text axes to its length."""
+    rows, length = size
+    model = graph.clone()
+    shapes = {}
+    for node in model.inputs:
+        dims = list(node.get_partial_shape())
+        shapes[node.get_any_name()] = [rows, *(length if d.is_dynamic else d.get_length() for d in dims[1:])]
+    model.reshape(shapes)
+    compiled = core.compile_model(model, "CPU", compile_config(precision))
+    return Artifact(files={UNET: _blob(compiled)}, meta={"precision": precision.value, "rows": rows, "text_length": length})
 
 
 def int8_gate(model: Glyffuser, cache: ArtifactCache) -> dict | None:
     """The recorded gate result of an int8 build of `model` on this CPU, if one exists."""
     meta = cache.peek(artifact_key(model, Precision.int8))
     return meta.get("gate") if meta else None
-
-
-def _load(core: ov.Core, unet: Artifact, text_encoder: Artifact, precision: Precision) -> OpenVINOBackend:
-    """The backend of cached entries (the text encoder's entry is always the FP32 one)."""
-    return load_openvino(core, unet.files[UNET], text_encoder.files[TEXT_ENCODER], precision)
 
 
 def onnx_bytes(model: Glyffuser, component: str) -> bytes:
@@ -120,31 +168,32 @@ def _blob(compiled: ov.CompiledModel) -> bytes:
     return compiled.export_model().getvalue()
 
 
-def _stages(precision: Precision, total: int, progress: bool) -> tqdm:
+def _stages(what: str, total: int, progress: bool) -> tqdm:
     return tqdm(
         total=total,
-        desc=f"first run: building the OpenVINO {precision.value} model for this CPU",
+        desc=f"first run: building the OpenVINO {what} for this CPU",
         unit="stage",
         file=sys.stderr,
         disable=not progress,
     )
 
 
-def _build(core: ov.Core, model: Glyffuser, precision: Precision, progress: bool) -> Artifact:
-    # The text encoder is built once, in the FP32 entry; other precisions hold only a U-Net.
-    components = (("unet", UNET), ("text_encoder", TEXT_ENCODER)) if precision is Precision.fp32 else (("unet", UNET),)
-    with _stages(precision, len(components), progress) as bar:
-        files = {}
-        for component, name in components:
-            bar.set_postfix_str(component)
-            hint = precision if component == "unet" else Precision.fp32
-            onnx = core.read_model(onnx_bytes(model, component))
-            files[name] = _blob(core.compile_model(onnx, "CPU", compile_config(hint)))
-            bar.update()
-    return Artifact(files=files, meta={"precision": precision.value})
+def _build(core: ov.Core, model: Glyffuser, progress: bool) -> Artifact:
+    """The model's entry: the U-Net's graph (compiled per input size later) and the FP32 T5 encoder."""
+    with _stages("model", 2, progress) as bar:
+        bar.set_postfix_str("unet")
+        files = {UNET_GRAPH: onnx_bytes(model, "unet")}
+        bar.update()
+        bar.set_postfix_str("text_encoder")
+        onnx = core.read_model(onnx_bytes(model, "text_encoder"))
+        files[TEXT_ENCODER] = _blob(core.compile_model(onnx, "CPU", compile_config(Precision.fp32)))
+        bar.update()
+    return Artifact(files=files, meta={"precision": Precision.fp32.value})
 
 
-def _build_int8(core: ov.Core, model: Glyffuser, reference: OpenVINOBackend, progress: bool) -> Artifact:
+def _build_int8(
+    core: ov.Core, model: Glyffuser, source: Artifact, reference: OpenVINOBackend, progress: bool
+) -> Artifact:
     """Quantizes the U-Net with NNCF, calibrated on trajectories the FP32 model samples, then
     measures the gate on other prompts and seeds. The verdict is kept with the entry, so a
     failing model is refused at once on later runs."""
@@ -153,13 +202,13 @@ def _build_int8(core: ov.Core, model: Glyffuser, reference: OpenVINOBackend, pro
     except ImportError:
         raise GlyphEngineError("--precision int8 needs NNCF: pip install 'glyph-engine[int8]'.") from None
     nncf.set_log_level(logging.ERROR)
-    with _stages(Precision.int8, 4, progress) as bar:
+    with _stages("int8 U-Net", 4, progress) as bar:
         bar.set_postfix_str("calibration trajectories")
         calibration = trajectory_calls(model, reference, CALIBRATION_PROMPTS, 2, seed=1)
         bar.update()
         bar.set_postfix_str("quantizing")
         quantized = nncf.quantize(
-            core.read_model(onnx_bytes(model, "unet")),
+            core.read_model(source.files[UNET_GRAPH]),
             nncf.Dataset([call.as_numpy() for call in calibration]),
             subset_size=len(calibration),
             model_type=nncf.ModelType.TRANSFORMER,  # SmoothQuant for the attention matmuls: the most accurate here

@@ -128,16 +128,17 @@ def student_of(teacher, class_embedding_zero: bool = True):
     )
 
 
-def record_builds(monkeypatch, module, describe) -> list:
-    """Records `describe(*args)` for each call of `module._build` (an artifact cache miss)."""
-    calls = []
-    original = module._build
+def record_builds(monkeypatch, module, describe, builder: str = "_build", calls: list | None = None) -> list:
+    """Records `describe(*args)` for each call of `module.<builder>` (an artifact cache miss),
+    in `calls` (a new list by default, so that two builders can share one)."""
+    calls = [] if calls is None else calls
+    original = getattr(module, builder)
 
     def recording(*args):
         calls.append(describe(*args))
         return original(*args)
 
-    monkeypatch.setattr(module, "_build", recording)
+    monkeypatch.setattr(module, builder, recording)
     return calls
 
 

@@ -146,6 +146,37 @@ def test_no_root_keeps_nothing(tmp_path):
     assert build.calls == 2 and cache.peek(KEY) is None
 
 
+def _sized(rows: int) -> ArtifactKey:
+    return ArtifactKey(KEY.model_sha256, f"openvino-unet-{rows}x3", "bf16", KEY.versions, KEY.cpu_flags)
+
+
+def test_prune_keeps_the_most_recently_used_of_a_kind(tmp_path):
+    cache, build = ArtifactCache(tmp_path), Builder()
+    cache.get(KEY, build)  # another kind: never pruned by the sized entries' prefix
+    for age, rows in enumerate((1, 2, 3, 4)):
+        cache.get(_sized(rows), build)
+        os.utime(tmp_path / _sized(rows).name, (1000 + age, 1000 + age))  # built in this order
+    cache.get(_sized(1), build)  # read again: now the most recently used
+    cache.prune("openvino-unet-", 2)
+    left = {p.name for p in tmp_path.iterdir() if not p.name.startswith(".")}
+    assert left == {KEY.name, _sized(1).name, _sized(4).name} and build.calls == 5
+
+
+def test_prune_leaves_an_entry_being_built(tmp_path):
+    cache, build = ArtifactCache(tmp_path), Builder()
+    for rows in (1, 2):
+        cache.get(_sized(rows), build)
+        os.utime(tmp_path / _sized(rows).name, (1000 + rows, 1000 + rows))
+    held = cache._lock(_sized(1).name)  # as a process rebuilding the older one holds it
+    try:
+        cache.prune("openvino-unet-", 1)
+    finally:
+        os.close(held)
+    assert (tmp_path / _sized(1).name).is_dir() and (tmp_path / _sized(2).name).is_dir()
+    cache.prune("openvino-unet-", 1)
+    assert not (tmp_path / _sized(1).name).exists() and (tmp_path / _sized(2).name).is_dir()
+
+
 CONCURRENT = textwrap.dedent(
     """
     import sys, time

@@ -17,6 +17,7 @@ from factories import record_builds
 
 pytest.importorskip("openvino", reason="the CPU default needs OpenVINO (not on the GPU machines)")
 
+import openvino as ov  # noqa: E402 - after the skip
 import glyph_engine.backend_factory  # noqa: E402 - after the skip: these import OpenVINO
 import glyph_engine.openvino_build as openvino_build
 import glyph_engine.precision
@@ -38,8 +39,16 @@ runner = CliRunner()
 
 @pytest.fixture
 def build_count(monkeypatch):
-    """The precision of each OpenVINO model compiled from PyTorch (cache misses)."""
-    return record_builds(monkeypatch, openvino_build, lambda core, model, precision, progress: precision.value)
+    """What each cache miss built: "model" (the U-Net's graph traced from PyTorch and the T5
+    encoder), or (precision, rows, text length) for a U-Net compiled for one input size."""
+    calls = record_builds(monkeypatch, openvino_build, lambda core, model, progress: "model")
+    return record_builds(
+        monkeypatch,
+        openvino_build,
+        lambda core, graph, precision, size: (precision.value, *size),
+        builder="_compile_sized",
+        calls=calls,
+    )
 
 
 def fake_cpu(monkeypatch, *flags):
@@ -59,24 +68,64 @@ def test_first_run_builds_later_runs_read(model, tmp_path, build_count):
     images = []
     for _ in range(2):
         backend = create_backend("openvino", model, precision="fp32", cache=cache)
-        images.append(generate(model, backend, ["metal"], 2, GenerationSettings(steps=3)).images)
-    assert build_count == ["fp32"]
+        images.append(generate(model, backend, ["metal"], 2, GenerationSettings(steps=3, guidance=1.0)).images)
+    length = model.prompt_tokenizer(["metal"])[1].shape[1]
+    assert build_count == ["model", ("fp32", 2, length)]  # the second start compiled nothing
     torch.testing.assert_close(images[0], images[1], atol=0, rtol=0)
+
+
+def test_the_unet_is_compiled_for_each_input_size_it_meets(model, tmp_path, build_count):
+    """A guided step runs [unconditional; conditional] rows, the others the conditional alone:
+    two sizes, each compiled once and run at exactly that size."""
+    backend = create_backend("openvino", model, precision="fp32", cache=ArtifactCache(tmp_path))
+    settings = GenerationSettings(steps=4, guidance=3.0, guidance_interval=(0.0, 5.0))
+    generate(model, backend, ["metal", "water"], 3, settings)
+    length = model.prompt_tokenizer(["metal", "water"])[1].shape[1]
+    assert sorted(build_count[1:]) == [("fp32", 6, length), ("fp32", 12, length)] and build_count[0] == "model"
+    compiled = ov.Core().import_model(
+        (tmp_path / openvino_build.sized_key(model, Precision.fp32, (6, length)).name / openvino_build.UNET).read_bytes(),
+        "CPU",
+    )
+    expected = {
+        "sample": [6, *model.image_shape],
+        "timestep": [6],
+        "encoder_hidden_states": [6, length, model.text_encoder.config.d_model],
+        "encoder_attention_mask": [6, length],
+    }
+    shapes = {(i.get_names() & expected.keys()).pop(): list(i.get_partial_shape().to_shape()) for i in compiled.inputs}
+    assert shapes == expected
+
+
+def test_sizes_beyond_those_kept_leave_the_cache(model, tmp_path, build_count, monkeypatch):
+    monkeypatch.setattr(openvino_build, "KEPT_SIZES", 2)
+    backend = create_backend("openvino", model, precision="fp32", cache=ArtifactCache(tmp_path))
+    mask = torch.ones(1, 3, dtype=torch.long)
+    text = backend.encode_text(torch.tensor([[5, 9, 1]]), mask)
+    for rows in (1, 2, 3):
+        x = torch.randn(rows, *model.image_shape)
+        backend.denoise(x, 500, text.expand(rows, -1, -1), mask.expand(rows, -1))
+    sized = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(openvino_build.SIZED_KIND))
+    kept = [openvino_build.sized_key(model, Precision.fp32, (rows, 3)).name for rows in (2, 3)]
+    assert sized == sorted(kept) and len(build_count) == 4
 
 
 @pytest.mark.slow  # about 12 s (two OpenVINO builds); the cache's damage handling is unit-tested in test_cache
 def test_damaged_entry_is_rebuilt(model, tmp_path, build_count, caplog):
     cache = ArtifactCache(tmp_path)
-    create_backend("openvino", model, precision="fp32", cache=cache)
-    entry = tmp_path / openvino_build.artifact_key(model, Precision.fp32).name
-    blob = entry / openvino_build.UNET
-    data = bytearray(blob.read_bytes())
-    data[len(data) // 3] ^= 0x55
-    blob.write_bytes(bytes(data))
+    assert_matches_pytorch(model, create_backend("openvino", model, precision="fp32", cache=cache))
+    for entry, name in (
+        (openvino_build.artifact_key(model, Precision.fp32), openvino_build.TEXT_ENCODER),
+        (openvino_build.sized_key(model, Precision.fp32, (2, 4)), openvino_build.UNET),
+    ):
+        blob = tmp_path / entry.name / name
+        data = bytearray(blob.read_bytes())
+        data[len(data) // 3] ^= 0x55
+        blob.write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING):
         backend = create_backend("openvino", model, precision="fp32", cache=cache)
-    assert build_count == ["fp32", "fp32"] and "damaged" in caplog.text
-    assert_matches_pytorch(model, backend)
+        assert_matches_pytorch(model, backend)
+    damaged = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+    assert build_count == ["model", ("fp32", 2, 4)] * 2 and len(damaged) == 2, damaged
 
 
 def assert_matches_pytorch(model, backend):
@@ -183,10 +232,15 @@ def test_a_masked_bf16_cpu_runs_fp32(ckpt_path, tmp_path, monkeypatch, kind, exp
     result = runner.invoke(app, [*args, "-o", str(png)])
     assert result.exit_code == 0, result.output
     assert Image.open(png).text["precision"] == expected
-    key = openvino_build.artifact_key(load_model(ckpt_path), Precision.fp32)
-    assert [e.name for e in cache.iterdir() if e.name.startswith("openvino-")] == [
-        dataclasses.replace(key, cpu_flags=tuple(kind.split(","))).name
-    ]
+    model = load_model(ckpt_path)
+    masked = tuple(kind.split(","))
+    entries = {e.name for e in cache.iterdir() if e.name.startswith("openvino-")}
+    model_entry = dataclasses.replace(openvino_build.artifact_key(model, Precision.fp32), cpu_flags=masked).name
+    sized = {
+        dataclasses.replace(openvino_build.sized_key(model, Precision(expected), size), cpu_flags=masked).name
+        for size in [(rows, length) for rows in (1, 2) for length in range(1, 8)]
+    }
+    assert model_entry in entries and entries - {model_entry} and entries - {model_entry} <= sized
 
 
 @pytest.mark.slow  # about 11 s (two OpenVINO builds): in `make test-slow`, which CI runs too
@@ -235,3 +289,30 @@ def test_unwritable_cache_generates_with_one_warning(ckpt_path, tmp_path, caplog
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "building in memory" in warnings[0]
     assert Image.open(png).text["backend"] == "openvino"
+
+
+def test_a_backend_holds_the_last_sizes_it_used(monkeypatch):
+    """Each size's U-Net is opened once while held; beyond HELD_SIZES the least recently used goes."""
+    from glyph_engine.backends import openvino as backend_module
+
+    monkeypatch.setattr(backend_module, "HELD_SIZES", 2)
+    opened = []
+
+    class Compiled:
+        def __init__(self, size):
+            self.size = size
+
+        def create_infer_request(self):
+            size = self.size
+            return type("Request", (), {"infer": lambda _, feed: [np.full(feed["sample"].shape, size[0], np.float32)]})()
+
+    def unet_for(size):
+        opened.append(size)
+        return Compiled(size)
+
+    backend = backend_module.OpenVINOBackend(unet_for, Compiled(None), Precision.fp32)
+    text, mask = torch.zeros(1, 3, 8), torch.ones(1, 3, dtype=torch.long)
+    for rows in (1, 2, 1, 3, 1, 2):
+        eps = backend.denoise(torch.zeros(rows, 1, 4, 4), 10, text.expand(rows, -1, -1), mask.expand(rows, -1))
+        assert eps.shape == (rows, 1, 4, 4) and bool((eps == rows).all())  # the request of its own size ran
+    assert opened == [(1, 3), (2, 3), (3, 3), (2, 3)]

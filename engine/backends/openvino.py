@@ -8,12 +8,18 @@ Precisions of the U-Net (T5 always runs FP32; it runs once per call and is cheap
   and slower than FP32, elsewhere);
 - int8: a U-Net quantized by NNCF, FP32 around its quantized ops.
 
+The U-Net runs at static input sizes: a model compiled for one batch and text length runs
+1.2-1.5x faster than the same model compiled for any (docs/bench-cpu.md), so the backend asks
+for one per size it meets (`unet_for`, built and cached by `glyph_engine.openvino_build`).
+
 Measured against the other candidates in docs/bench-cpu.md.
 """
 
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
+from collections.abc import Callable
 
 import openvino as ov
 import torch
@@ -26,13 +32,22 @@ from glyph_engine.specs import text_encoder_feed, unet_feed
 _HINTS = {Precision.fp32: "f32", Precision.bf16: "bf16", Precision.int8: "f32"}  # int8: f32 around quantized ops
 
 
+# The compiled U-Nets a backend holds at once, one per (rows, text length) in use: a serve
+# replica meets a few batch sizes; each held model costs its weights' memory again.
+HELD_SIZES = 8
+
+# (rows, text length) -> the U-Net compiled for exactly those input sizes.
+UNetForSize = Callable[[tuple[int, int]], ov.CompiledModel]
+
+
 class OpenVINOBackend:
     name = "openvino"
     device = torch.device("cpu")
 
-    def __init__(self, unet: ov.CompiledModel, text_encoder: ov.CompiledModel, precision: Precision):
+    def __init__(self, unet_for: UNetForSize, text_encoder: ov.CompiledModel, precision: Precision):
         self.precision = precision.value
-        self._unet = unet.create_infer_request()
+        self._unet_for = unet_for
+        self._unets: OrderedDict[tuple[int, int], ov.InferRequest] = OrderedDict()  # least recently used first
         self._text_encoder = text_encoder.create_infer_request()
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -42,15 +57,19 @@ class OpenVINOBackend:
     def denoise(self, x: Tensor, timestep: int, text: Tensor, mask: Tensor, guidance: float | None = None) -> Tensor:
         feed = unet_feed(x, timestep, text, mask, self.device, guidance)
         # infer() copies its outputs: the sampler keeps earlier predictions (second order).
-        return torch.from_numpy(self._unet.infer({k: v.numpy() for k, v in feed.items()})[0])
+        return torch.from_numpy(self._unet((x.shape[0], text.shape[1])).infer({k: v.numpy() for k, v in feed.items()})[0])
+
+    def _unet(self, size: tuple[int, int]) -> ov.InferRequest:
+        if size not in self._unets:
+            self._unets[size] = self._unet_for(size).create_infer_request()
+            if len(self._unets) > HELD_SIZES:
+                self._unets.popitem(last=False)
+        self._unets.move_to_end(size)
+        return self._unets[size]
 
 
-def load_openvino(core: ov.Core, unet: bytes, text_encoder: bytes, precision: Precision) -> OpenVINOBackend:
-    """The backend of two compiled blobs: a U-Net at `precision` and the FP32 text encoder."""
-    return OpenVINOBackend(_import(core, unet, precision), _import(core, text_encoder, Precision.fp32), precision)
-
-
-def _import(core: ov.Core, blob: bytes, precision: Precision) -> ov.CompiledModel:
+def import_blob(core: ov.Core, blob: bytes, precision: Precision) -> ov.CompiledModel:
+    """A compiled model from its blob (`CompiledModel.export_model`), run at `precision`."""
     # An imported blob does not keep the precision hint it was compiled with: without the
     # config, a BF16 blob runs in FP32 on CPUs whose default is FP32. Checked, not assumed.
     compiled = core.import_model(blob, "CPU", compile_config(precision))
