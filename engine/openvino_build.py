@@ -95,7 +95,9 @@ def open_openvino(
 
     def build_int8() -> Artifact:
         # The FP32 backend samples the calibration trajectories.
-        reference = OpenVINOBackend(_sized_unets(core, model, cache, source, Precision.fp32), text_encoder, Precision.fp32)
+        reference = OpenVINOBackend(
+            _sized_unets(core, model, cache, source, Precision.fp32), text_encoder, Precision.fp32
+        )
         return _build_int8(core, model, source, reference, progress)
 
     unet = cache.get(artifact_key(model, Precision.int8), build_int8)
@@ -144,7 +146,9 @@ def _compile_sized(core: ov.Core, graph: ov.Model, precision: Precision, size: t
         shapes[node.get_any_name()] = [rows, *(length if d.is_dynamic else d.get_length() for d in dims[1:])]
     model.reshape(shapes)
     compiled = core.compile_model(model, "CPU", compile_config(precision))
-    return Artifact(files={UNET: _blob(compiled)}, meta={"precision": precision.value, "rows": rows, "text_length": length})
+    return Artifact(
+        files={UNET: _blob(compiled)}, meta={"precision": precision.value, "rows": rows, "text_length": length}
+    )
 
 
 def int8_gate(model: Glyffuser, cache: ArtifactCache) -> dict | None:

@@ -18,6 +18,7 @@ from factories import record_builds
 pytest.importorskip("openvino", reason="the CPU default needs OpenVINO (not on the GPU machines)")
 
 import openvino as ov  # noqa: E402 - after the skip
+
 import glyph_engine.backend_factory  # noqa: E402 - after the skip: these import OpenVINO
 import glyph_engine.openvino_build as openvino_build
 import glyph_engine.precision
@@ -83,7 +84,9 @@ def test_the_unet_is_compiled_for_each_input_size_it_meets(model, tmp_path, buil
     length = model.prompt_tokenizer(["metal", "water"])[1].shape[1]
     assert sorted(build_count[1:]) == [("fp32", 6, length), ("fp32", 12, length)] and build_count[0] == "model"
     compiled = ov.Core().import_model(
-        (tmp_path / openvino_build.sized_key(model, Precision.fp32, (6, length)).name / openvino_build.UNET).read_bytes(),
+        (
+            tmp_path / openvino_build.sized_key(model, Precision.fp32, (6, length)).name / openvino_build.UNET
+        ).read_bytes(),
         "CPU",
     )
     expected = {
@@ -304,7 +307,9 @@ def test_a_backend_holds_the_last_sizes_it_used(monkeypatch):
 
         def create_infer_request(self):
             size = self.size
-            return type("Request", (), {"infer": lambda _, feed: [np.full(feed["sample"].shape, size[0], np.float32)]})()
+            return type(
+                "Request", (), {"infer": lambda _, feed: [np.full(feed["sample"].shape, size[0], np.float32)]}
+            )()
 
     def unet_for(size):
         opened.append(size)

@@ -3,6 +3,7 @@ that is transformers' own, driven through the `tokenizers` library alone."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import io
 import sys
@@ -10,6 +11,7 @@ import sys
 import pytest
 import sentencepiece as spm
 import torch
+from typer.testing import CliRunner
 
 from glyph_engine.checkpoint import load_model, tokenizer_from_files
 from glyph_engine.model import DEFAULT_CHECKPOINT
@@ -122,3 +124,27 @@ def test_the_command_line_skips_the_last_garbage_collection(monkeypatch):
             assert gc.get_freeze_count() > 0
         finally:
             gc.unfreeze()
+
+
+def test_a_commands_imports_run_without_collections_then_collection_resumes(monkeypatch, tmp_path):
+    """The modules `generate` imports are loaded with the collector off and frozen after; the
+    command itself runs with it on, and a failed import turns it back on too."""
+    from glyph_engine import cli
+
+    seen = []
+    monkeypatch.setattr(cli.gc, "freeze", lambda: seen.append(("freeze", gc.isenabled())))
+    original = cli.importing
+
+    @contextlib.contextmanager
+    def watched():
+        with original():
+            seen.append(("importing", gc.isenabled()))
+            yield
+
+    monkeypatch.setattr(cli, "importing", watched)
+    result = CliRunner().invoke(cli.app, ["generate", "metal", "--ckpt", str(tmp_path / "missing.pt")])
+    assert result.exit_code == 2 and "does not exist" in result.output
+    assert seen == [("importing", False), ("freeze", False)] and gc.isenabled()
+    with pytest.raises(ImportError), original():
+        import glyph_engine.no_such_module  # noqa: F401
+    assert gc.isenabled()

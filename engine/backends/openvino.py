@@ -57,7 +57,9 @@ class OpenVINOBackend:
     def denoise(self, x: Tensor, timestep: int, text: Tensor, mask: Tensor, guidance: float | None = None) -> Tensor:
         feed = unet_feed(x, timestep, text, mask, self.device, guidance)
         # infer() copies its outputs: the sampler keeps earlier predictions (second order).
-        return torch.from_numpy(self._unet((x.shape[0], text.shape[1])).infer({k: v.numpy() for k, v in feed.items()})[0])
+        return torch.from_numpy(
+            self._unet((x.shape[0], text.shape[1])).infer({k: v.numpy() for k, v in feed.items()})[0]
+        )
 
     def _unet(self, size: tuple[int, int]) -> ov.InferRequest:
         if size not in self._unets:
