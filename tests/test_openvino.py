@@ -353,3 +353,28 @@ def test_a_backend_holds_the_last_sizes_it_used(monkeypatch):
         eps = backend.denoise(torch.zeros(rows, 1, 4, 4), 10, text.expand(rows, -1, -1), mask.expand(rows, -1))
         assert eps.shape == (rows, 1, 4, 4) and bool((eps == rows).all())  # the request of its own size ran
     assert opened == [(1, 3), (2, 3), (3, 3), (2, 3)]
+
+
+def test_a_call_of_more_rows_than_one_holds_runs_in_chunks_of_one_size(monkeypatch):
+    """A guided step of 64 images (128 rows) runs as two 64-row calls: the unguided steps'
+    size, so one U-Net serves both; the rows come back in order."""
+    from glyph_engine.backends import openvino as backend_module
+
+    opened, fed = [], []
+
+    class Compiled:
+        def create_infer_request(self):
+            def infer(feed):
+                fed.append(feed["sample"].shape[0])
+                return [feed["sample"] * 2]
+
+            return type("Request", (), {"infer": lambda _, feed: infer(feed)})()
+
+    backend = backend_module.OpenVINOBackend(lambda size: opened.append(size) or Compiled(), Compiled(), Precision.bf16)
+    x = torch.arange(130 * 32 * 32, dtype=torch.float32).reshape(130, 1, 32, 32)
+    eps = backend.denoise(x, 10, torch.zeros(130, 3, 8), torch.ones(130, 3, dtype=torch.long))
+    torch.testing.assert_close(eps, x * 2, atol=0, rtol=0)
+    assert fed == [64, 64, 2] and opened == [(64, 3), (2, 3)]
+    small = torch.zeros(5, 1, 128, 128)  # a full-size glyffuser's images: 4 rows per call
+    backend.denoise(small, 10, torch.zeros(5, 3, 8), torch.ones(5, 3, dtype=torch.long))
+    assert fed[3:] == [4, 1]

@@ -32,11 +32,18 @@ from glyph_engine.specs import text_encoder_feed, unet_feed
 _HINTS = {Precision.fp32: "f32", Precision.bf16: "bf16", Precision.int8: "f32"}  # int8: f32 around quantized ops
 
 
-# The compiled U-Nets a backend holds at once, one per (rows, text length) in use: a serve
-# replica meets a few batch sizes; each held model costs its weights' memory again.
+# The most rows of a U-Net call: 64 of the embedded glyffuser's 32x32 images, counted in
+# pixels. Compiled for its size, a 64-row call takes half of a 128-row one in bf16 and 0.96x
+# of it in fp32 (docs/bench-cpu.md), so a guided step of 64 images (128 rows) runs as two
+# calls at the size of the unguided steps: one U-Net to compile and import, not two.
+CALL_PIXELS = 64 * 32 * 32
+
+# The compiled U-Nets a backend holds at once, one per (rows, text length) in use: a run meets
+# one or two, a bulk worker one per prompt length; each held model costs its weights' memory.
 HELD_SIZES = 8
 
-# (rows, text length) -> the U-Net compiled for exactly those input sizes.
+# (rows, text length) -> the U-Net to run at those input sizes (compiled for exactly them, or
+# for any size).
 UNetForSize = Callable[[tuple[int, int]], ov.CompiledModel]
 
 
@@ -55,6 +62,12 @@ class OpenVINOBackend:
         return torch.from_numpy(self._text_encoder.infer({k: v.numpy() for k, v in feed.items()})[0])
 
     def denoise(self, x: Tensor, timestep: int, text: Tensor, mask: Tensor, guidance: float | None = None) -> Tensor:
+        rows = max(1, CALL_PIXELS // (x.shape[-2] * x.shape[-1]))
+        chunks = zip(x.split(rows), text.split(rows), mask.split(rows), strict=True)
+        out = [self._call(rows_x, timestep, rows_text, rows_mask, guidance) for rows_x, rows_text, rows_mask in chunks]
+        return out[0] if len(out) == 1 else torch.cat(out)
+
+    def _call(self, x: Tensor, timestep: int, text: Tensor, mask: Tensor, guidance: float | None) -> Tensor:
         feed = unet_feed(x, timestep, text, mask, self.device, guidance)
         # infer() copies its outputs: the sampler keeps earlier predictions (second order).
         return torch.from_numpy(
