@@ -33,7 +33,6 @@ def create_backend(
     precision: Precision | str = Precision.auto,
     cache: ArtifactCache | None = None,
     progress: bool = False,
-    unet_per_size: bool = True,
 ) -> Backend:
     """The named backend for `model`; "auto" picks the fastest one available here.
 
@@ -43,8 +42,7 @@ def create_backend(
     `precision` is the U-Net's (`glyph_engine.precision`: what each backend runs, and what
     auto takes on each device); a backend refuses one it does not run. `use_cuda_graph`: replay
     each batch shape from a CUDA graph on a GPU; None: the backend's default (torch: on,
-    TensorRT: off). `progress` shows a bar while building. `unet_per_size`: OpenVINO compiles
-    the U-Net for each input size met (`glyph_engine.openvino_build`), else once for any size.
+    TensorRT: off). `progress` shows a bar while building.
     """
     try:
         name = BackendName(name)
@@ -60,7 +58,7 @@ def create_backend(
         name = BackendName(_fastest(model, export_dir))
         logger.info("backend auto: %s", name.value)
     if name is BackendName.openvino:
-        return _openvino(model, precision, cache or ArtifactCache(default_cache_dir()), progress, unet_per_size)
+        return _openvino(model, precision, cache or ArtifactCache(default_cache_dir()), progress)
     if name is BackendName.inductor:
         return _inductor(model, precision, cache or ArtifactCache(default_cache_dir()), progress)
     if name is BackendName.torch:
@@ -87,9 +85,7 @@ def create_backend(
     raise AssertionError(f"unhandled backend {name}")
 
 
-def _openvino(
-    model: Glyffuser, requested: Precision, cache: ArtifactCache, progress: bool, unet_per_size: bool
-) -> Backend:
+def _openvino(model: Glyffuser, requested: Precision, cache: ArtifactCache, progress: bool) -> Backend:
     try:
         from glyph_engine.openvino_build import int8_gate, open_openvino
     except ImportError:
@@ -98,7 +94,7 @@ def _openvino(
     gate = int8_gate(model, cache) if requested is Precision.auto else None
     precision = choose("openvino", "cpu", requested, int8_passed=gate is not None and gate["passed"])
     _warn_if_emulated(precision)
-    backend, artifacts = open_openvino(model, cache, precision, progress, each_size=unet_per_size)
+    backend, artifacts = open_openvino(model, cache, precision, progress)
     logger.info("openvino %s: %s", precision.value, ", ".join(a.source for a in artifacts))
     return backend
 

@@ -5,8 +5,7 @@ imports them into `glyph_engine.backends.openvino`):
 - one entry per U-Net input size met (rows, text length) and precision: the graph compiled
   for exactly that size, which runs 1.2-1.5x faster than one compiled for any size
   (docs/bench-cpu.md). Compiling one takes under a second and never needs torch's model;
-  the least recently used of these entries beyond `KEPT_SIZES` are removed. Serve replicas,
-  which meet dozens of sizes, take the U-Net compiled for any size instead.
+  the least recently used of these entries beyond `KEPT_SIZES` are removed.
 
 An int8 U-Net is quantized by NNCF post-training quantization, calibrated on real sampling
 trajectories, and used only when it passes the quality gate (`glyph_engine.quality`); the
@@ -19,7 +18,6 @@ from __future__ import annotations
 import io
 import logging
 import sys
-from collections.abc import Callable
 from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 
@@ -29,7 +27,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from glyph_engine import __version__
-from glyph_engine.backends.openvino import OpenVINOBackend, compile_config, import_blob
+from glyph_engine.backends.openvino import OpenVINOBackend, UNetForSize, compile_config, import_blob
 from glyph_engine.cache import Artifact, ArtifactCache, ArtifactKey
 from glyph_engine.cpu import cpu_info
 from glyph_engine.errors import GlyphEngineError
@@ -76,30 +74,24 @@ def _version(name: str) -> str:
         return "none"
 
 
-def sized_key(model: Glyffuser, precision: Precision, size: tuple[int, int] | None) -> ArtifactKey:
-    """The entry of the U-Net compiled for `size` = (rows, text length) at `precision`; None:
-    the one compiled for any size."""
-    shape = "any" if size is None else "{}x{}".format(*size)
-    return replace(artifact_key(model, precision), kind=f"{SIZED_KIND}-{shape}")
+def sized_key(model: Glyffuser, precision: Precision, size: tuple[int, int]) -> ArtifactKey:
+    """The entry of the U-Net compiled for `size` = (rows, text length) at `precision`."""
+    rows, length = size
+    return replace(artifact_key(model, precision), kind=f"{SIZED_KIND}-{rows}x{length}")
 
 
 def open_openvino(
-    model: Glyffuser, cache: ArtifactCache, precision: Precision, progress: bool = False, each_size: bool = True
+    model: Glyffuser, cache: ArtifactCache, precision: Precision, progress: bool = False
 ) -> tuple[OpenVINOBackend, list[Artifact]]:
     """The backend at `precision` (not auto), from the cache or built into it; also the
     artifacts used, so callers can tell a cold start ("built") from a warm one ("cache").
-    `each_size`: the U-Net compiled for each input size, opened when a call first needs it;
-    else the one compiled for any size (serve replicas, which meet dozens of sizes)."""
+    U-Nets compiled for one input size are opened when a call first needs them."""
     core = ov.Core()
     source = cache.get(artifact_key(model, Precision.fp32), lambda: _build(core, model, progress))
     text_encoder = import_blob(core, source.files[TEXT_ENCODER], Precision.fp32)
     used = [source]
     if precision is not Precision.int8:
-        unet_for = _sized_unets(core, model, cache, source, precision)
-        if not each_size:
-            any_size = unet_for(None)
-            unet_for = lambda size: any_size  # noqa: E731
-        return OpenVINOBackend(unet_for, text_encoder, precision), used
+        return OpenVINOBackend(_sized_unets(core, model, cache, source, precision), text_encoder, precision), used
 
     def build_int8() -> Artifact:
         # The FP32 backend samples the calibration trajectories.
@@ -124,18 +116,18 @@ def open_openvino(
 
 def _sized_unets(
     core: ov.Core, model: Glyffuser, cache: ArtifactCache, source: Artifact, precision: Precision
-) -> Callable[[tuple[int, int] | None], ov.CompiledModel]:
-    """Each size's compiled U-Net (None: any size's) from the cache, compiled into it from the
-    model entry's graph when missing."""
+) -> UNetForSize:
+    """The backend's `unet_for`: each size's compiled U-Net from the cache, compiled into it
+    from the model entry's graph when missing."""
     graph: list[ov.Model] = []  # read once, when the first size is compiled
 
-    def compile_for(size: tuple[int, int] | None) -> Artifact:
+    def compile_for(size: tuple[int, int]) -> Artifact:
         if not graph:
             graph.append(core.read_model(source.files[UNET_GRAPH]))
-        logger.info("compiling the %s U-Net for input size %s (once per size)", precision.value, size or "any")
+        logger.info("compiling the %s U-Net for %d rows, text length %d (once per size)", precision.value, *size)
         return _compile_sized(core, graph[0], precision, size)
 
-    def unet_for(size: tuple[int, int] | None) -> ov.CompiledModel:
+    def unet_for(size: tuple[int, int]) -> ov.CompiledModel:
         entry = cache.get(sized_key(model, precision, size), lambda: compile_for(size))
         if entry.source == "built":
             cache.prune(f"{SIZED_KIND}-", KEPT_SIZES)
@@ -144,19 +136,19 @@ def _sized_unets(
     return unet_for
 
 
-def _compile_sized(core: ov.Core, graph: ov.Model, precision: Precision, size: tuple[int, int] | None) -> Artifact:
-    """The U-Net graph compiled for `size`: the batch axis set to its rows, the text axes to its
-    length; for any size when None."""
+def _compile_sized(core: ov.Core, graph: ov.Model, precision: Precision, size: tuple[int, int]) -> Artifact:
+    """The U-Net graph compiled for `size`: the batch axis set to its rows, the text axes to its length."""
+    rows, length = size
     model = graph.clone()
-    if size is not None:
-        rows, length = size
-        shapes = {}
-        for node in model.inputs:
-            dims = list(node.get_partial_shape())
-            shapes[node.get_any_name()] = [rows, *(length if d.is_dynamic else d.get_length() for d in dims[1:])]
-        model.reshape(shapes)
+    shapes = {}
+    for node in model.inputs:
+        dims = list(node.get_partial_shape())
+        shapes[node.get_any_name()] = [rows, *(length if d.is_dynamic else d.get_length() for d in dims[1:])]
+    model.reshape(shapes)
     compiled = core.compile_model(model, "CPU", compile_config(precision))
-    return Artifact(files={UNET: _blob(compiled)}, meta={"precision": precision.value, "size": list(size or ())})
+    return Artifact(
+        files={UNET: _blob(compiled)}, meta={"precision": precision.value, "rows": rows, "text_length": length}
+    )
 
 
 def int8_gate(model: Glyffuser, cache: ArtifactCache) -> dict | None:

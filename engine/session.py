@@ -39,9 +39,6 @@ class ModelSource:
     cuda_graph: bool | None = None  # CUDA graphs; None: the backend's default (torch on CUDA: on, TensorRT: off)
     precision: Precision = Precision.auto  # the U-Net's; each backend runs what it accepts (precision.RUNS)
     cache_dir: Path | None = None  # compiled models; None: default_cache_dir()
-    # OpenVINO: the U-Net compiled for each input size met (faster per call, a compile per new
-    # size); False: one compiled for any size, for serve replicas, which meet dozens of sizes.
-    unet_per_size: bool = True
 
     def check(self) -> None:
         """Refuses a source that cannot load, before anything is started."""
@@ -98,7 +95,6 @@ class Session:
             precision=source.precision,
             cache=source.cache,
             progress=progress,
-            unet_per_size=source.unet_per_size,
         )
         return cls(model, backend)
 

@@ -33,8 +33,6 @@ from glyph_engine.images import to_uint8
 from glyph_engine.model import DEFAULT_CHECKPOINT, EMBEDDED_MODELS
 from glyph_engine.pipeline import generate
 from glyph_engine.quality import GATE_PROMPTS, MAX_UNET_RELATIVE_ERROR, relative_errors, torch_unet, trajectory_calls
-from glyph_engine.serve.batcher import BatchConfig
-from glyph_engine.session import ModelSource, Session
 from glyph_engine.settings import GenerationSettings, Precision
 
 runner = CliRunner()
@@ -48,7 +46,7 @@ def build_count(monkeypatch):
     return record_builds(
         monkeypatch,
         openvino_build,
-        lambda core, graph, precision, size: (precision.value, *(size or ("any",))),
+        lambda core, graph, precision, size: (precision.value, *size),
         builder="_compile_sized",
         calls=calls,
     )
@@ -99,36 +97,6 @@ def test_the_unet_is_compiled_for_each_input_size_it_meets(model, tmp_path, buil
     }
     shapes = {(i.get_names() & expected.keys()).pop(): list(i.get_partial_shape().to_shape()) for i in compiled.inputs}
     assert shapes == expected
-
-
-def test_one_unet_for_any_size_when_asked(model, tmp_path, build_count):
-    """What serve replicas run (`ModelSource.unet_per_size=False`): one compile for every size."""
-    source = ModelSource(backend="openvino", precision="fp32", cache_dir=tmp_path, unet_per_size=False)
-    backend = Session.load(source, model=model).backend
-    mask = torch.ones(1, 3, dtype=torch.long)
-    text = backend.encode_text(torch.tensor([[5, 9, 1]]), mask)
-    for rows in (1, 2, 3):
-        backend.denoise(torch.randn(rows, *model.image_shape), 500, text.expand(rows, -1, -1), mask.expand(rows, -1))
-    assert build_count == ["model", ("fp32", "any")]
-
-
-def test_serve_replicas_take_the_unet_for_any_size(monkeypatch, ckpt_path):
-    from glyph_engine.serve import service
-
-    class Loaded(Exception):
-        pass
-
-    loaded = []
-
-    def load(source):
-        loaded.append(source)
-        raise Loaded  # what the replica loads is all this test needs
-
-    monkeypatch.setattr(service.Session, "load", load)
-    config = service.ReplicaConfig(source=ModelSource(ckpt=ckpt_path), batch=BatchConfig(), token=None)
-    with pytest.raises(Loaded):
-        service.ModelService(config, metrics=None)
-    assert [s.unet_per_size for s in loaded] == [False] and loaded[0].ckpt == ckpt_path
 
 
 def test_sizes_beyond_those_kept_leave_the_cache(model, tmp_path, build_count, monkeypatch):
@@ -183,7 +151,7 @@ def test_auto_precision_follows_the_cpu(model, artifact_cache, monkeypatch, flag
     # The choice only: real builds in each precision are tested above and in the quality gate.
     fake_cpu(monkeypatch, *flags)
     opened = []
-    monkeypatch.setattr(openvino_build, "open_openvino", lambda m, c, p, *_, **__: opened.append(p) or (None, []))
+    monkeypatch.setattr(openvino_build, "open_openvino", lambda m, c, p, progress: opened.append(p) or (None, []))
     create_backend("auto", model, cache=ArtifactCache(artifact_cache))
     assert [p.value for p in opened] == [expected]
 
@@ -191,7 +159,7 @@ def test_auto_precision_follows_the_cpu(model, artifact_cache, monkeypatch, flag
 def test_auto_takes_int8_only_where_it_passed_the_gate(model, tmp_path, monkeypatch):
     fake_cpu(monkeypatch, "avx512f", "avx512_vnni")
     opened = []
-    monkeypatch.setattr(openvino_build, "open_openvino", lambda m, c, p, *_, **__: opened.append(p) or (None, []))
+    monkeypatch.setattr(openvino_build, "open_openvino", lambda m, c, p, progress: opened.append(p) or (None, []))
     for gate, expected in [(None, "fp32"), ({"passed": False}, "fp32"), ({"passed": True}, "int8")]:
         monkeypatch.setattr(openvino_build, "int8_gate", lambda model, cache, gate=gate: gate)
         create_backend("auto", model, cache=ArtifactCache(tmp_path))

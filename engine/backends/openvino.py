@@ -39,7 +39,8 @@ _HINTS = {Precision.fp32: "f32", Precision.bf16: "bf16", Precision.int8: "f32"} 
 CALL_PIXELS = 64 * 32 * 32
 
 # The compiled U-Nets a backend holds at once, one per (rows, text length) in use: a run meets
-# one or two, a bulk worker one per prompt length; each held model costs its weights' memory.
+# one or two, a bulk worker or serve replica one per batch size and prompt length; each held
+# model costs its weights' memory.
 HELD_SIZES = 8
 
 # (rows, text length) -> the U-Net to run at those input sizes (compiled for exactly them, or

@@ -28,9 +28,7 @@ class ModelService:
     """The `Service` the HTTP API (`api.build_app`) serves: one model, requests batched together."""
 
     def __init__(self, config: ReplicaConfig, metrics: BatchMetrics) -> None:
-        # Batches of any size up to max_batch_images, at each prompt length: dozens of U-Net input
-        # sizes, each of which would wait for its own compile. One U-Net for any size instead.
-        self._session = Session.load(replace(config.source, unet_per_size=False))
+        self._session = Session.load(config.source)
         self._config = config
         self._batcher = Batcher(self._run, config.batch, metrics)
         self.max_steps = self._session.max_steps
