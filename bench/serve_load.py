@@ -4,7 +4,7 @@ against batch size (what batching can gain on this machine at most).
 
     python bench/serve_load.py [--seconds 30] [--parts unet,serve,bulk] [--out docs/bench-serve.json]
 
-Each client sends single-image requests (20 steps, the model's guidance) one after another
+Each client sends single-image requests (the served model's default steps and guidance) one after another
 for `--seconds`; prompts cycle through one-word definitions, so concurrent requests differ.
 "Batching off" is the same server with --max-batch-size 1: each request runs alone. One
 server per setting serves every client count, after a warm-up request. Bulk runs the same
@@ -26,6 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from glyph_engine.cpu import cpu_info
+from glyph_engine.session import ModelSource
+from glyph_engine.settings import GenerationSettings
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))  # the test suite's process helpers
@@ -111,17 +113,19 @@ def unet_rows() -> list[dict[str, float]]:
     """The default backend's U-Net time per row against batch size: what batching can gain here."""
     import torch
 
-    from glyph_engine.session import ModelSource, Session
+    from glyph_engine.session import Session
 
     session = Session.load(ModelSource())
     model, backend = session.model, session.backend
     tokens = model.tokenizer(["metal"], padding="longest", return_tensors="pt")
     text, mask = backend.encode_text(tokens.input_ids, tokens.attention_mask), tokens.attention_mask
+    # A distilled student's U-Net takes the guidance scale as an input.
+    guidance = GenerationSettings().resolve(model).guidance if model.guidance_embedding else None
     rows = []
     for batch in (1, 2, 4, 8, 16, 32, 64):
         x = torch.randn(batch, *model.image_shape)
-        args = (x, 500, text.expand(batch, -1, -1), mask.expand(batch, -1))
-        backend.denoise(*args)  # warm-up
+        args = (x, 500, text.expand(batch, -1, -1), mask.expand(batch, -1), guidance)
+        backend.denoise(*args)  # warm-up (and, on OpenVINO, the compile for this size)
         calls = max(4, 64 // batch)
         start = time.perf_counter()
         for _ in range(calls):
@@ -145,7 +149,9 @@ def main() -> None:
     parts = args.parts.split(",")
     result: dict[str, object] = {
         "cpu": {"model": cpu.model, "cores": cpu.cores, "flags": list(cpu.flags)},
-        "steps": 20,
+        # What the server runs: the embedded default at its own steps (requests name none).
+        "model": ModelSource().name,
+        "steps": GenerationSettings().resolve(ModelSource().load_model()).steps,
         "seconds_per_level": args.seconds,
     }
     with tempfile.TemporaryDirectory() as tmp:
