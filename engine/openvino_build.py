@@ -1,7 +1,8 @@
 """OpenVINO models built for this CPU on first use, kept in the artifact cache (a warm start
 imports them into `glyph_engine.backends.openvino`):
-- the model's entry: the U-Net traced to ONNX (its graph for any input size) and the T5
-  encoder compiled for this CPU;
+- the model's entry: the T5 encoder compiled for this CPU;
+- the U-Net traced to ONNX (its graph for any input size), an entry of its own: read only to
+  compile a size not met before, so a warm start does not read and hash its 18 MB;
 - one entry per U-Net input size met (rows, text length) and precision: the graph compiled
   for exactly that size, which runs 1.2-1.5x faster than one compiled for any size
   (docs/bench-cpu.md). Compiling one takes under a second and never needs torch's model;
@@ -18,6 +19,7 @@ from __future__ import annotations
 import io
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 
@@ -48,8 +50,9 @@ from glyph_engine.to_onnx import TextEncoderForExport, UNetForExport, export_onn
 logger = logging.getLogger(__name__)
 
 KIND = "openvino"
+GRAPH_KIND = "openvino-graph"  # the U-Net's ONNX graph
 SIZED_KIND = "openvino-unet"  # entries of the U-Net compiled for one input size
-BUILD_FORMAT = 2  # bump when what a build does changes: older entries are then not used
+BUILD_FORMAT = 3  # bump when what a build does changes: older entries are then not used
 UNET_GRAPH, UNET, TEXT_ENCODER = "unet.onnx", "unet.blob", "text_encoder.blob"
 # Sized U-Net entries kept in a cache (about 19 MB each for the embedded model): generate's
 # sizes and a serve replica's batch sizes, for a few prompt lengths.
@@ -80,6 +83,11 @@ def sized_key(model: Glyffuser, precision: Precision, size: tuple[int, int]) -> 
     return replace(artifact_key(model, precision), kind=f"{SIZED_KIND}-{rows}x{length}")
 
 
+def graph_key(model: Glyffuser) -> ArtifactKey:
+    """The entry of the U-Net's ONNX graph, for any input size."""
+    return replace(artifact_key(model, Precision.fp32), kind=GRAPH_KIND)
+
+
 def open_openvino(
     model: Glyffuser, cache: ArtifactCache, precision: Precision, progress: bool = False
 ) -> tuple[OpenVINOBackend, list[Artifact]]:
@@ -90,15 +98,21 @@ def open_openvino(
     source = cache.get(artifact_key(model, Precision.fp32), lambda: _build(core, model, progress))
     text_encoder = import_blob(core, source.files[TEXT_ENCODER], Precision.fp32)
     used = [source]
+
+    def graph() -> bytes:
+        return cache.get(graph_key(model), lambda: _build_graph(model, progress)).files[UNET_GRAPH]
+
+    if source.source == "built":
+        graph()  # a first run traces the U-Net now, with the rest of its build, not at its first step
     if precision is not Precision.int8:
-        return OpenVINOBackend(_sized_unets(core, model, cache, source, precision), text_encoder, precision), used
+        return OpenVINOBackend(_sized_unets(core, model, cache, graph, precision), text_encoder, precision), used
 
     def build_int8() -> Artifact:
         # The FP32 backend samples the calibration trajectories.
         reference = OpenVINOBackend(
-            _sized_unets(core, model, cache, source, Precision.fp32), text_encoder, Precision.fp32
+            _sized_unets(core, model, cache, graph, Precision.fp32), text_encoder, Precision.fp32
         )
-        return _build_int8(core, model, source, reference, progress)
+        return _build_int8(core, model, graph(), reference, progress)
 
     unet = cache.get(artifact_key(model, Precision.int8), build_int8)
     used.append(unet)
@@ -115,15 +129,15 @@ def open_openvino(
 
 
 def _sized_unets(
-    core: ov.Core, model: Glyffuser, cache: ArtifactCache, source: Artifact, precision: Precision
+    core: ov.Core, model: Glyffuser, cache: ArtifactCache, graph_bytes: Callable[[], bytes], precision: Precision
 ) -> UNetForSize:
     """The backend's `unet_for`: each size's compiled U-Net from the cache, compiled into it
-    from the model entry's graph when missing."""
+    from the U-Net's graph when missing."""
     graph: list[ov.Model] = []  # read once, when the first size is compiled
 
     def compile_for(size: tuple[int, int]) -> Artifact:
         if not graph:
-            graph.append(core.read_model(source.files[UNET_GRAPH]))
+            graph.append(core.read_model(graph_bytes()))
         logger.info("compiling the %s U-Net for %d rows, text length %d (once per size)", precision.value, *size)
         return _compile_sized(core, graph[0], precision, size)
 
@@ -183,21 +197,23 @@ def _stages(what: str, total: int, progress: bool) -> tqdm:
 
 
 def _build(core: ov.Core, model: Glyffuser, progress: bool) -> Artifact:
-    """The model's entry: the U-Net's graph (compiled per input size later) and the FP32 T5 encoder."""
-    with _stages("model", 2, progress) as bar:
-        bar.set_postfix_str("unet")
-        files = {UNET_GRAPH: onnx_bytes(model, "unet")}
-        bar.update()
-        bar.set_postfix_str("text_encoder")
+    """The model's entry: the FP32 T5 encoder."""
+    with _stages("text encoder", 1, progress) as bar:
         onnx = core.read_model(onnx_bytes(model, "text_encoder"))
-        files[TEXT_ENCODER] = _blob(core.compile_model(onnx, "CPU", compile_config(Precision.fp32)))
+        blob = _blob(core.compile_model(onnx, "CPU", compile_config(Precision.fp32)))
         bar.update()
-    return Artifact(files=files, meta={"precision": Precision.fp32.value})
+    return Artifact(files={TEXT_ENCODER: blob}, meta={"precision": Precision.fp32.value})
 
 
-def _build_int8(
-    core: ov.Core, model: Glyffuser, source: Artifact, reference: OpenVINOBackend, progress: bool
-) -> Artifact:
+def _build_graph(model: Glyffuser, progress: bool) -> Artifact:
+    """The U-Net's graph entry: the U-Net traced to ONNX, for any input size."""
+    with _stages("U-Net graph", 1, progress) as bar:
+        graph = onnx_bytes(model, "unet")
+        bar.update()
+    return Artifact(files={UNET_GRAPH: graph}, meta={"precision": Precision.fp32.value})
+
+
+def _build_int8(core: ov.Core, model: Glyffuser, graph: bytes, reference: OpenVINOBackend, progress: bool) -> Artifact:
     """Quantizes the U-Net with NNCF, calibrated on trajectories the FP32 model samples, then
     measures the gate on other prompts and seeds. The verdict is kept with the entry, so a
     failing model is refused at once on later runs."""
@@ -212,7 +228,7 @@ def _build_int8(
         bar.update()
         bar.set_postfix_str("quantizing")
         quantized = nncf.quantize(
-            core.read_model(source.files[UNET_GRAPH]),
+            core.read_model(graph),
             nncf.Dataset([call.as_numpy() for call in calibration]),
             subset_size=len(calibration),
             model_type=nncf.ModelType.TRANSFORMER,  # SmoothQuant for the attention matmuls: the most accurate here
