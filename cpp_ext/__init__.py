@@ -160,13 +160,4 @@ def _build(with_cuda: bool) -> str | None:
         reason = " ".join(str(e).split())[:200] or type(e).__name__
         logger.info("fused step %s build failed: %s", "CUDA" if with_cuda else "CPU", reason)
         return reason
-    _register_fake()
-    return None
-
-
-def _register_fake() -> None:
-    """Shape-only implementation, so torch.compile and meta tensors can trace through the op."""
-
-    @torch.library.register_fake("glyph_engine::dpmpp_step")
-    def _(x, eps_cond, eps_uncond, x0_prev, guidance, x_scale, eps_scale, a, b, c, clamp_min, clamp_max):
-        return torch.empty_like(x), torch.empty_like(x)
+    return None  # the op's shape-only (Meta) kernel is registered by the library itself, for tracing

@@ -208,7 +208,9 @@ def _read_payload(path: Path) -> dict[str, Any]:
             "good copy, or re-create it (`glyph-engine convert`, or `glyph-engine train` for trained models)."
         )
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        # Mapped, not read: a run on compiled models (OpenVINO) never touches the weights. Only
+        # zips can be mapped; a legacy file is read, to be refused below with its own message.
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except PermissionError:
         raise GlyphEngineError(f"cannot read {path}: permission denied.") from None
     except IsADirectoryError:

@@ -231,11 +231,19 @@ def test_raw_op_refuses_bad_inputs_clearly(make, message):
 
 @pytest.mark.parametrize("guided, order2, clamp", [(True, True, False), (False, False, True), (True, False, True)])
 def test_opcheck(guided, order2, clamp):
-    cpp_ext.status()  # loads the op and its fake implementation
+    cpp_ext.status()  # loads the op, with its shape-only (Meta) kernel for fake tensors
     x, ec, eu, xp = tensors((2, 1, 5, 3), torch.float32)
     args = (x, ec, eu if guided else None, xp if order2 else None, 4.0, 1.2, 0.7, 0.9, 0.3, -0.1 if order2 else 0.0)
     args += (0.0, 1.0) if clamp else (None, None)
     torch.library.opcheck(torch.ops.glyph_engine.dpmpp_step.default, args)
+
+
+def test_meta_tensors_run_through_the_op():
+    """Shapes without data (meta tensors, torch.compile's tracing): the library's Meta kernel."""
+    cpp_ext.status()
+    x = torch.empty(3, 1, 8, 8, dtype=torch.float16, device="meta")
+    out = torch.ops.glyph_engine.dpmpp_step(x, x, x, None, 2.0, 1.0, 0.5, 0.9, 0.1, 0.0, 0.0, 1.0)
+    assert [(t.device.type, t.shape, t.dtype) for t in out] == [("meta", x.shape, torch.float16)] * 2
 
 
 @pytest.mark.parametrize("steps", [2, 10, 20])
