@@ -29,7 +29,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from glyph_engine import __version__
-from glyph_engine.backends.openvino import OpenVINOBackend, UNetForSize, compile_config, import_blob
+from glyph_engine.backends.openvino import OpenVINOBackend, UNetForSize, compile_config, import_blob, unet_streams
 from glyph_engine.cache import Artifact, ArtifactCache, ArtifactKey
 from glyph_engine.cpu import cpu_info
 from glyph_engine.errors import GlyphEngineError
@@ -77,10 +77,11 @@ def _version(name: str) -> str:
         return "none"
 
 
-def sized_key(model: Glyffuser, precision: Precision, size: tuple[int, int]) -> ArtifactKey:
-    """The entry of the U-Net compiled for `size` = (rows, text length) at `precision`."""
+def sized_key(model: Glyffuser, precision: Precision, size: tuple[int, int], streams: int) -> ArtifactKey:
+    """The entry of the U-Net compiled for `size` = (rows, text length) at `precision`, in
+    `streams` streams."""
     rows, length = size
-    return replace(artifact_key(model, precision), kind=f"{SIZED_KIND}-{rows}x{length}")
+    return replace(artifact_key(model, precision), kind=f"{SIZED_KIND}-{rows}x{length}-{streams}s")
 
 
 def graph_key(model: Glyffuser) -> ArtifactKey:
@@ -104,14 +105,15 @@ def open_openvino(
 
     if source.source == "built":
         graph()  # a first run traces the U-Net now, with the rest of its build, not at its first step
+    streams = unet_streams()
     if precision is not Precision.int8:
-        return OpenVINOBackend(_sized_unets(core, model, cache, graph, precision), text_encoder, precision), used
+        unets = _sized_unets(core, model, cache, graph, precision, streams)
+        return OpenVINOBackend(unets, text_encoder, precision, streams), used
 
     def build_int8() -> Artifact:
         # The FP32 backend samples the calibration trajectories.
-        reference = OpenVINOBackend(
-            _sized_unets(core, model, cache, graph, Precision.fp32), text_encoder, Precision.fp32
-        )
+        unets = _sized_unets(core, model, cache, graph, Precision.fp32, streams)
+        reference = OpenVINOBackend(unets, text_encoder, Precision.fp32, streams)
         return _build_int8(core, model, graph(), reference, progress)
 
     unet = cache.get(artifact_key(model, Precision.int8), build_int8)
@@ -129,7 +131,12 @@ def open_openvino(
 
 
 def _sized_unets(
-    core: ov.Core, model: Glyffuser, cache: ArtifactCache, graph_bytes: Callable[[], bytes], precision: Precision
+    core: ov.Core,
+    model: Glyffuser,
+    cache: ArtifactCache,
+    graph_bytes: Callable[[], bytes],
+    precision: Precision,
+    streams: int,
 ) -> UNetForSize:
     """The backend's `unet_for`: each size's compiled U-Net from the cache, compiled into it
     from the U-Net's graph when missing."""
@@ -139,18 +146,20 @@ def _sized_unets(
         if not graph:
             graph.append(core.read_model(graph_bytes()))
         logger.info("compiling the %s U-Net for %d rows, text length %d (once per size)", precision.value, *size)
-        return _compile_sized(core, graph[0], precision, size)
+        return _compile_sized(core, graph[0], precision, size, streams)
 
     def unet_for(size: tuple[int, int]) -> ov.CompiledModel:
-        entry = cache.get(sized_key(model, precision, size), lambda: compile_for(size))
+        entry = cache.get(sized_key(model, precision, size, streams), lambda: compile_for(size))
         if entry.source == "built":
             cache.prune(f"{SIZED_KIND}-", KEPT_SIZES)
-        return import_blob(core, entry.files[UNET], precision)
+        return import_blob(core, entry.files[UNET], precision, streams)
 
     return unet_for
 
 
-def _compile_sized(core: ov.Core, graph: ov.Model, precision: Precision, size: tuple[int, int]) -> Artifact:
+def _compile_sized(
+    core: ov.Core, graph: ov.Model, precision: Precision, size: tuple[int, int], streams: int
+) -> Artifact:
     """The U-Net graph compiled for `size`: the batch axis set to its rows, the text axes to its length."""
     rows, length = size
     model = graph.clone()
@@ -159,10 +168,9 @@ def _compile_sized(core: ov.Core, graph: ov.Model, precision: Precision, size: t
         dims = list(node.get_partial_shape())
         shapes[node.get_any_name()] = [rows, *(length if d.is_dynamic else d.get_length() for d in dims[1:])]
     model.reshape(shapes)
-    compiled = core.compile_model(model, "CPU", compile_config(precision))
-    return Artifact(
-        files={UNET: _blob(compiled)}, meta={"precision": precision.value, "rows": rows, "text_length": length}
-    )
+    compiled = core.compile_model(model, "CPU", compile_config(precision, streams))
+    meta = {"precision": precision.value, "rows": rows, "text_length": length, "streams": streams}
+    return Artifact(files={UNET: _blob(compiled)}, meta=meta)
 
 
 def int8_gate(model: Glyffuser, cache: ArtifactCache) -> dict | None:

@@ -42,13 +42,15 @@ runner = CliRunner()
 @pytest.fixture
 def build_count(monkeypatch):
     """What each cache miss built: "model" (the T5 encoder), "graph" (the U-Net traced from
-    PyTorch), or (precision, rows, text length) for a U-Net compiled for one input size."""
+    PyTorch), or (precision, rows, text length) for a U-Net compiled for one input size. One
+    stream, so that a call's rows are one request's, on every machine."""
+    monkeypatch.setattr(openvino_build, "unet_streams", lambda: 1)
     calls = record_builds(monkeypatch, openvino_build, lambda core, model, progress: "model")
     record_builds(monkeypatch, openvino_build, lambda model, progress: "graph", builder="_build_graph", calls=calls)
     return record_builds(
         monkeypatch,
         openvino_build,
-        lambda core, graph, precision, size: (precision.value, *size),
+        lambda core, graph, precision, size, streams: (precision.value, *size),
         builder="_compile_sized",
         calls=calls,
     )
@@ -60,10 +62,21 @@ def fake_cpu(monkeypatch, *flags):
         monkeypatch.setattr(module, "cpu_info", lambda: info)
 
 
-def test_matches_pytorch_fp32(model, tmp_path):
+@pytest.mark.parametrize("streams", [1, 2])
+def test_matches_pytorch_fp32(model, tmp_path, monkeypatch, streams):
+    monkeypatch.setattr(openvino_build, "unet_streams", lambda: streams)
     backend = create_backend("openvino", model, precision="fp32", cache=ArtifactCache(tmp_path))
     assert backend.precision == "fp32"
     assert_matches_pytorch(model, backend)
+    # Three rows: with two streams, two requests of two, the last row's copy dropped.
+    ids = torch.tensor([[5, 9, 3], [7, 1, 0], [4, 1, 0]])
+    mask = (ids != 0).long()
+    text = backend.encode_text(ids, mask)
+    x = torch.randn(3, *model.image_shape, generator=torch.Generator().manual_seed(1))
+    reference = TorchBackend(model, device="cpu").denoise(x, 300, text, mask)
+    torch.testing.assert_close(backend.denoise(x, 300, text, mask), reference, atol=1e-4, rtol=1e-3)
+    held = list(backend._unets.values())
+    assert held and all(len(requests) == streams for requests in held)
 
 
 def test_first_run_builds_later_runs_read(model, tmp_path, build_count):
@@ -88,7 +101,7 @@ def test_the_unet_is_compiled_for_each_input_size_it_meets(model, tmp_path, buil
     assert build_count[:2] == ["model", "graph"]
     compiled = ov.Core().import_model(
         (
-            tmp_path / openvino_build.sized_key(model, Precision.fp32, (6, length)).name / openvino_build.UNET
+            tmp_path / openvino_build.sized_key(model, Precision.fp32, (6, length), 1).name / openvino_build.UNET
         ).read_bytes(),
         "CPU",
     )
@@ -126,7 +139,7 @@ def test_sizes_beyond_those_kept_leave_the_cache(model, tmp_path, build_count, m
         x = torch.randn(rows, *model.image_shape)
         backend.denoise(x, 500, text.expand(rows, -1, -1), mask.expand(rows, -1))
     sized = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(openvino_build.SIZED_KIND))
-    kept = [openvino_build.sized_key(model, Precision.fp32, (rows, 3)).name for rows in (2, 3)]
+    kept = [openvino_build.sized_key(model, Precision.fp32, (rows, 3), 1).name for rows in (2, 3)]
     assert sized == sorted(kept) and len(build_count) == 5
 
 
@@ -136,7 +149,7 @@ def test_damaged_entry_is_rebuilt(model, tmp_path, build_count, caplog):
     assert_matches_pytorch(model, create_backend("openvino", model, precision="fp32", cache=cache))
     for entry, name in (
         (openvino_build.artifact_key(model, Precision.fp32), openvino_build.TEXT_ENCODER),
-        (openvino_build.sized_key(model, Precision.fp32, (2, 4)), openvino_build.UNET),
+        (openvino_build.sized_key(model, Precision.fp32, (2, 4), 1), openvino_build.UNET),
     ):
         blob = tmp_path / entry.name / name
         data = bytearray(blob.read_bytes())
@@ -248,6 +261,7 @@ def test_a_masked_bf16_cpu_runs_fp32(ckpt_path, tmp_path, monkeypatch, kind, exp
     """$GLYPH_ENGINE_CPU_FLAGS masks the BF16 units: auto takes FP32 as on those machines,
     in a cache entry of its own (the key holds the flags)."""
     monkeypatch.setenv("GLYPH_ENGINE_CPU_FLAGS", kind)
+    monkeypatch.setattr(openvino_build, "unet_streams", lambda: 1)  # the sizes below: one request per call
     png = tmp_path / "g.png"
     cache = tmp_path / "cache"
     args = ["generate", "metal", "-n", "1", "--steps", "2", "--ckpt", str(ckpt_path), "--cache-dir", str(cache)]
@@ -262,7 +276,7 @@ def test_a_masked_bf16_cpu_runs_fp32(ckpt_path, tmp_path, monkeypatch, kind, exp
         for key in (openvino_build.artifact_key(model, Precision.fp32), openvino_build.graph_key(model))
     }
     sized = {
-        dataclasses.replace(openvino_build.sized_key(model, Precision(expected), size), cpu_flags=masked).name
+        dataclasses.replace(openvino_build.sized_key(model, Precision(expected), size, 1), cpu_flags=masked).name
         for size in [(rows, length) for rows in (1, 2) for length in range(1, 8)]
     }
     assert shared <= entries and entries - shared and entries - shared <= sized
@@ -316,6 +330,32 @@ def test_unwritable_cache_generates_with_one_warning(ckpt_path, tmp_path, caplog
     assert Image.open(png).text["backend"] == "openvino"
 
 
+class FakeCompiled:
+    """Stands in for a compiled U-Net: each request returns `answer(inputs)` and records its rows in `fed`."""
+
+    def __init__(self, answer=lambda feed: feed["sample"] * 2, fed=None):
+        self.answer, self.fed = answer, [] if fed is None else fed
+
+    def create_infer_request(self):
+        compiled = self
+
+        class Request:
+            def start_async(self, feed):
+                compiled.fed.append(feed["sample"].shape[0])
+                self.result = compiled.answer(feed)
+
+            def wait(self):
+                pass
+
+            def get_output_tensor(self, index):
+                return type("Tensor", (), {"data": self.result})()
+
+            def infer(self, feed):  # the T5 encoder's
+                return [compiled.answer(feed)]
+
+        return Request()
+
+
 def test_a_backend_holds_the_last_sizes_it_used(monkeypatch):
     """Each size's U-Net is opened once while held; beyond HELD_SIZES the least recently used goes."""
     from glyph_engine.backends import openvino as backend_module
@@ -323,21 +363,11 @@ def test_a_backend_holds_the_last_sizes_it_used(monkeypatch):
     monkeypatch.setattr(backend_module, "HELD_SIZES", 2)
     opened = []
 
-    class Compiled:
-        def __init__(self, size):
-            self.size = size
-
-        def create_infer_request(self):
-            size = self.size
-            return type(
-                "Request", (), {"infer": lambda _, feed: [np.full(feed["sample"].shape, size[0], np.float32)]}
-            )()
-
     def unet_for(size):
         opened.append(size)
-        return Compiled(size)
+        return FakeCompiled(lambda feed: np.full(feed["sample"].shape, size[0], np.float32))
 
-    backend = backend_module.OpenVINOBackend(unet_for, Compiled(None), Precision.fp32)
+    backend = backend_module.OpenVINOBackend(unet_for, FakeCompiled(), Precision.fp32)
     text, mask = torch.zeros(1, 3, 8), torch.ones(1, 3, dtype=torch.long)
     for rows in (1, 2, 1, 3, 1, 2):
         eps = backend.denoise(torch.zeros(rows, 1, 4, 4), 10, text.expand(rows, -1, -1), mask.expand(rows, -1))
@@ -345,26 +375,55 @@ def test_a_backend_holds_the_last_sizes_it_used(monkeypatch):
     assert opened == [(1, 3), (2, 3), (3, 3), (2, 3)]
 
 
-def test_a_call_of_more_rows_than_one_holds_runs_in_chunks_of_one_size(monkeypatch):
-    """A guided step of 64 images (128 rows) runs as two 64-row calls: the unguided steps'
+def test_a_call_of_more_rows_than_one_holds_runs_in_rounds_of_one_size():
+    """A guided step of 64 images (128 rows) runs as two 64-row rounds: the unguided steps'
     size, so one U-Net serves both; the rows come back in order."""
     from glyph_engine.backends import openvino as backend_module
 
     opened, fed = [], []
-
-    class Compiled:
-        def create_infer_request(self):
-            def infer(feed):
-                fed.append(feed["sample"].shape[0])
-                return [feed["sample"] * 2]
-
-            return type("Request", (), {"infer": lambda _, feed: infer(feed)})()
-
-    backend = backend_module.OpenVINOBackend(lambda size: opened.append(size) or Compiled(), Compiled(), Precision.bf16)
+    backend = backend_module.OpenVINOBackend(
+        lambda size: opened.append(size) or FakeCompiled(fed=fed), FakeCompiled(), Precision.bf16
+    )
     x = torch.arange(130 * 32 * 32, dtype=torch.float32).reshape(130, 1, 32, 32)
     eps = backend.denoise(x, 10, torch.zeros(130, 3, 8), torch.ones(130, 3, dtype=torch.long))
     torch.testing.assert_close(eps, x * 2, atol=0, rtol=0)
     assert fed == [64, 64, 2] and opened == [(64, 3), (2, 3)]
-    small = torch.zeros(5, 1, 128, 128)  # a full-size glyffuser's images: 4 rows per call
+    small = torch.zeros(5, 1, 128, 128)  # a full-size glyffuser's images: 4 rows per round
     backend.denoise(small, 10, torch.zeros(5, 3, 8), torch.ones(5, 3, dtype=torch.long))
     assert fed[3:] == [4, 1]
+
+
+def test_with_two_streams_a_round_runs_as_two_requests_of_equal_rows():
+    """Each round's rows go to one request per stream, all of one size; an odd row is made up
+    by a copy of the last, whose output is dropped. Rows come back in order."""
+    from glyph_engine.backends import openvino as backend_module
+
+    opened, fed, requests = [], [], []
+
+    def unet_for(size):
+        opened.append(size)
+        compiled = FakeCompiled(fed=fed)
+        make = compiled.create_infer_request
+        compiled.create_infer_request = lambda: requests.append(make()) or requests[-1]
+        return compiled
+
+    backend = backend_module.OpenVINOBackend(unet_for, FakeCompiled(), Precision.bf16, streams=2)
+    x = torch.arange(131 * 32 * 32, dtype=torch.float32).reshape(131, 1, 32, 32)
+    eps = backend.denoise(x, 10, torch.zeros(131, 3, 8), torch.ones(131, 3, dtype=torch.long))
+    torch.testing.assert_close(eps, x * 2, atol=0, rtol=0)
+    assert fed == [32, 32, 32, 32, 2, 2] and opened == [(32, 3), (2, 3)] and len(requests) == 4
+    one = backend.denoise(x[:1], 10, torch.zeros(1, 3, 8), torch.ones(1, 3, dtype=torch.long))
+    torch.testing.assert_close(one, x[:1] * 2, atol=0, rtol=0)
+    assert fed[6:] == [1] and opened[2:] == [(1, 3)]  # one row: one request
+
+
+@pytest.mark.parametrize("threads, cores, streams", [("", 2, 2), ("", 1, 1), ("", 16, 2), ("1", 16, 1), ("4", 2, 2)])
+def test_one_stream_per_core_this_process_may_use(monkeypatch, threads, cores, streams):
+    from glyph_engine.backends import openvino as backend_module
+
+    monkeypatch.setenv("OMP_NUM_THREADS", threads)
+    monkeypatch.setattr(backend_module, "cpu_info", lambda: CpuInfo("test CPU", (), cores))
+    assert backend_module.unet_streams() == streams
+    config = backend_module.compile_config(Precision.bf16, streams)
+    assert config["PERFORMANCE_HINT"] == ("LATENCY" if streams == 1 else "THROUGHPUT")
+    assert config.get("NUM_STREAMS", "1") == str(streams)

@@ -10,7 +10,8 @@ Precisions of the U-Net (T5 always runs FP32; it runs once per call and is cheap
 
 The U-Net runs at static input sizes: a model compiled for one batch and text length runs
 1.2-1.5x faster than the same model compiled for any (docs/bench-cpu.md), so the backend asks
-for one per size it meets (`unet_for`, built and cached by `glyph_engine.openvino_build`).
+for one per size it meets (`unet_for`, built and cached by `glyph_engine.openvino_build`). A
+call's rows run as requests of equal size, `streams` of them at once, each on its own cores.
 
 Measured against the other candidates in docs/bench-cpu.md.
 """
@@ -21,10 +22,12 @@ import os
 from collections import OrderedDict
 from collections.abc import Callable
 
+import numpy as np
 import openvino as ov
 import torch
 from torch import Tensor
 
+from glyph_engine.cpu import cpu_info
 from glyph_engine.errors import GlyphEngineError
 from glyph_engine.settings import Precision
 from glyph_engine.specs import text_encoder_feed, unet_feed
@@ -32,11 +35,18 @@ from glyph_engine.specs import text_encoder_feed, unet_feed
 _HINTS = {Precision.fp32: "f32", Precision.bf16: "bf16", Precision.int8: "f32"}  # int8: f32 around quantized ops
 
 
-# The most rows of a U-Net call: 64 of the embedded glyffuser's 32x32 images, counted in
-# pixels. Compiled for its size, a 64-row call takes half of a 128-row one in bf16 and 0.96x
+# The most rows the U-Net runs at once: 64 of the embedded glyffuser's 32x32 images, counted
+# in pixels. Compiled for its size, a 64-row call takes half of a 128-row one in bf16 and 0.96x
 # of it in fp32 (docs/bench-cpu.md), so a guided step of 64 images (128 rows) runs as two
-# calls at the size of the unguided steps: one U-Net to compile and import, not two.
+# rounds at the size of the unguided steps: one U-Net to compile and import, not two.
 CALL_PIXELS = 64 * 32 * 32
+
+# U-Net requests run at once, each on its own share of the cores (OpenVINO streams). On 2 cores,
+# 64 rows as two 32-row requests on one core each take 0.91x of one 64-row request over both in
+# bf16 (0.97x in fp32), and fewer rows gain more (docs/bench-cpu.md): the element-wise work
+# between the matrix products scales better across requests than across threads of one. More
+# than 2 streams is untried.
+MAX_STREAMS = 2
 
 # The compiled U-Nets a backend holds at once, one per (rows, text length) in use: a run meets
 # one or two, a bulk worker or serve replica one per batch size and prompt length; each held
@@ -52,10 +62,14 @@ class OpenVINOBackend:
     name = "openvino"
     device = torch.device("cpu")
 
-    def __init__(self, unet_for: UNetForSize, text_encoder: ov.CompiledModel, precision: Precision):
+    def __init__(
+        self, unet_for: UNetForSize, text_encoder: ov.CompiledModel, precision: Precision, streams: int = 1
+    ) -> None:
         self.precision = precision.value
         self._unet_for = unet_for
-        self._unets: OrderedDict[tuple[int, int], ov.InferRequest] = OrderedDict()  # least recently used first
+        self._streams = streams  # the U-Net models' streams: requests that run at once
+        # Each size's requests, `streams` of them; least recently used first.
+        self._unets: OrderedDict[tuple[int, int], list[ov.InferRequest]] = OrderedDict()
         self._text_encoder = text_encoder.create_infer_request()
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -63,42 +77,77 @@ class OpenVINOBackend:
         return torch.from_numpy(self._text_encoder.infer({k: v.numpy() for k, v in feed.items()})[0])
 
     def denoise(self, x: Tensor, timestep: int, text: Tensor, mask: Tensor, guidance: float | None = None) -> Tensor:
-        rows = max(1, CALL_PIXELS // (x.shape[-2] * x.shape[-1]))
-        chunks = zip(x.split(rows), text.split(rows), mask.split(rows), strict=True)
-        out = [self._call(rows_x, timestep, rows_text, rows_mask, guidance) for rows_x, rows_text, rows_mask in chunks]
-        return out[0] if len(out) == 1 else torch.cat(out)
+        most = max(1, CALL_PIXELS // (x.shape[-2] * x.shape[-1]))
+        feed = {k: v.numpy() for k, v in unet_feed(x, timestep, text, mask, self.device, guidance).items()}
+        out = [
+            self._round({k: v[start : start + most] for k, v in feed.items()}, text.shape[1])
+            for start in range(0, x.shape[0], most)
+        ]
+        return torch.from_numpy(out[0] if len(out) == 1 else np.concatenate(out))
 
-    def _call(self, x: Tensor, timestep: int, text: Tensor, mask: Tensor, guidance: float | None) -> Tensor:
-        feed = unet_feed(x, timestep, text, mask, self.device, guidance)
-        # infer() copies its outputs: the sampler keeps earlier predictions (second order).
-        return torch.from_numpy(
-            self._unet((x.shape[0], text.shape[1])).infer({k: v.numpy() for k, v in feed.items()})[0]
-        )
+    def _round(self, feed: dict[str, np.ndarray], length: int) -> np.ndarray:
+        """The U-Net on these rows, split into requests of equal rows that run at once, one per
+        stream; the last is filled up with copies of the last row, whose outputs are dropped."""
+        rows = len(feed["sample"])
+        each = -(-rows // self._streams)
+        parts = -(-rows // each)
+        requests = self._unet((each, length))[:parts]
+        for i, request in enumerate(requests):
+            request.start_async({k: _fill(v[i * each : (i + 1) * each], each) for k, v in feed.items()})
+        out = []
+        for request in requests:
+            request.wait()
+            # Copied: the request's buffer is reused, and the sampler keeps earlier predictions.
+            out.append(request.get_output_tensor(0).data.copy())
+        return (out[0] if parts == 1 else np.concatenate(out))[:rows]
 
-    def _unet(self, size: tuple[int, int]) -> ov.InferRequest:
+    def _unet(self, size: tuple[int, int]) -> list[ov.InferRequest]:
         if size not in self._unets:
-            self._unets[size] = self._unet_for(size).create_infer_request()
+            compiled = self._unet_for(size)
+            self._unets[size] = [compiled.create_infer_request() for _ in range(self._streams)]
             if len(self._unets) > HELD_SIZES:
                 self._unets.popitem(last=False)
         self._unets.move_to_end(size)
         return self._unets[size]
 
 
-def import_blob(core: ov.Core, blob: bytes, precision: Precision) -> ov.CompiledModel:
-    """A compiled model from its blob (`CompiledModel.export_model`), run at `precision`."""
+def _fill(values: np.ndarray, rows: int) -> np.ndarray:
+    """`values` with its last row repeated up to `rows` rows."""
+    missing = rows - values.shape[0]
+    return values if missing == 0 else np.concatenate([values, np.repeat(values[-1:], missing, axis=0)])
+
+
+def unet_streams() -> int:
+    """How many U-Net requests run at once here: one per core this process may use (its share
+    under Ray, `OMP_NUM_THREADS`), up to `MAX_STREAMS`."""
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    cores = int(threads) if threads.isdigit() and int(threads) > 0 else cpu_info().cores
+    return max(1, min(MAX_STREAMS, cores))
+
+
+def import_blob(core: ov.Core, blob: bytes, precision: Precision, streams: int = 1) -> ov.CompiledModel:
+    """A compiled model from its blob (`CompiledModel.export_model`), run at `precision` in
+    `streams` streams."""
     # An imported blob does not keep the precision hint it was compiled with: without the
     # config, a BF16 blob runs in FP32 on CPUs whose default is FP32. Checked, not assumed.
-    compiled = core.import_model(blob, "CPU", compile_config(precision))
+    compiled = core.import_model(blob, "CPU", compile_config(precision, streams))
     got = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
     if got != str(getattr(ov.Type, _HINTS[precision])):
         raise GlyphEngineError(f"OpenVINO runs this {precision.value} model in {got}; rebuild the cache entry.")
+    got = int(compiled.get_property("NUM_STREAMS"))
+    if got != streams:
+        raise GlyphEngineError(f"OpenVINO runs this model in {got} streams, not {streams}; rebuild the cache entry.")
     return compiled
 
 
-def compile_config(precision: Precision) -> dict[str, str]:
-    """OpenVINO's CPU configuration for a model at `precision`, when compiled and when imported."""
-    # LATENCY: one stream over all cores; the sampler issues one U-Net call at a time.
-    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": _HINTS[precision]}
+def compile_config(precision: Precision, streams: int = 1) -> dict[str, str]:
+    """OpenVINO's CPU configuration for a model at `precision` in `streams` streams, when
+    compiled and when imported."""
+    # LATENCY: one stream over all cores, for a model run one request at a time (T5).
+    hint = {"PERFORMANCE_HINT": "LATENCY"}
+    if streams > 1:
+        hint = {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": str(streams)}
+    config = {**hint, "INFERENCE_PRECISION_HINT": _HINTS[precision]}
     # Ray gives each worker its share of cores as OMP_NUM_THREADS (torch follows it too);
     # without it, every worker on a machine would spread over all of its cores.
     threads = os.environ.get("OMP_NUM_THREADS", "")
