@@ -28,7 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from glyph_engine.backends.openvino import unet_streams
 from glyph_engine.benchmark import unet_flops_per_image
+from glyph_engine.cache import ArtifactCache
 from glyph_engine.checkpoint import load_model
 from glyph_engine.cpu import cpu_info
 from glyph_engine.model import TEACHER_CHECKPOINT
@@ -41,6 +43,7 @@ from glyph_engine.quality import (
     trajectory_calls,
 )
 from glyph_engine.session import ModelSource, Session
+from glyph_engine.settings import Precision
 from glyph_engine.timing import matmul_peak, median_seconds
 
 Run = Callable[[dict[str, np.ndarray]], np.ndarray]
@@ -208,6 +211,7 @@ def main() -> None:
     unet_onnx = exported_unet(TEACHER_CHECKPOINT)
 
     native = "bf16" if cpu_info().has_bf16 else "fp32"  # what `auto` runs here
+    per_core = unet_streams(Precision.bf16)  # one stream per core, as bf16 runs
     native_hint = {"bf16": "bf16", "fp32": "f32"}[native]
     builders: list[tuple[str, str, Callable[[], Run]]] = [
         ("torch eager", "fp32", lambda: reference),
@@ -220,6 +224,10 @@ def main() -> None:
         # As `--backend openvino` runs it: the U-Net compiled for each input size a call has.
         ("openvino static sizes", "fp32", lambda: backend_candidate(model, "openvino", "fp32")),
         ("openvino hint static sizes", "bf16", lambda: backend_candidate(model, "openvino", "bf16")),
+        # The same, each round's rows as one request per stream, all at once, one stream per
+        # core (as `auto` runs bf16; fp32 runs one stream).
+        ("openvino static sizes + streams", "fp32", lambda: openvino_streams_candidate(model, "fp32", per_core)),
+        ("openvino hint static sizes + streams", "bf16", lambda: openvino_streams_candidate(model, "bf16", per_core)),
         ("openvino NNCF", "int8", lambda: openvino_candidate(openvino_int8(unet_onnx, calibration), "f32")),
         (
             "openvino NNCF accuracy control",
@@ -299,10 +307,26 @@ def main() -> None:
 def backend_candidate(model, name: str, precision: str) -> Run:
     """The engine's own backend `name` at `precision`, on a cache of its own: what it builds
     when opened (inductor's compile, OpenVINO's model entry) is the setup; OpenVINO compiles
-    each input size at its first call, a warm-up call here."""
+    each input size at its first call, a warm-up call here. OpenVINO runs one stream (one
+    request at a time over all cores); `openvino_streams_candidate` runs one per core."""
+    if name == "openvino":
+        return openvino_streams_candidate(model, precision, streams=1)
     cache = tempfile.TemporaryDirectory()  # held by `run`: sizes are compiled into it later
     source = ModelSource(backend=name, precision=precision, cache_dir=Path(cache.name))
-    backend = Session.load(source, model=model).backend
+    return _denoising(Session.load(source, model=model).backend, cache)
+
+
+def openvino_streams_candidate(model, precision: str, streams: int) -> Run:
+    """The engine's OpenVINO backend with `streams` requests at once."""
+    from glyph_engine.openvino_build import open_openvino
+
+    cache = tempfile.TemporaryDirectory()
+    backend, _ = open_openvino(model, ArtifactCache(Path(cache.name)), Precision(precision), streams=streams)
+    return _denoising(backend, cache)
+
+
+def _denoising(backend, cache: tempfile.TemporaryDirectory) -> Run:
+    """`backend`'s U-Net as a candidate; `cache` (where sizes are compiled) lives as long as it."""
 
     def run(feed: dict[str, np.ndarray], cache=cache) -> np.ndarray:
         x, t = torch.from_numpy(feed["sample"]), int(feed["timestep"][0])

@@ -90,11 +90,12 @@ def graph_key(model: Glyffuser) -> ArtifactKey:
 
 
 def open_openvino(
-    model: Glyffuser, cache: ArtifactCache, precision: Precision, progress: bool = False
+    model: Glyffuser, cache: ArtifactCache, precision: Precision, progress: bool = False, streams: int | None = None
 ) -> tuple[OpenVINOBackend, list[Artifact]]:
     """The backend at `precision` (not auto), from the cache or built into it; also the
     artifacts used, so callers can tell a cold start ("built") from a warm one ("cache").
-    U-Nets compiled for one input size are opened when a call first needs them."""
+    U-Nets compiled for one input size are opened when a call first needs them, for `streams`
+    requests at once (None: `unet_streams`, one per core in bf16)."""
     core = ov.Core()
     source = cache.get(artifact_key(model, Precision.fp32), lambda: _build(core, model, progress))
     text_encoder = import_blob(core, source.files[TEXT_ENCODER], Precision.fp32)
@@ -105,15 +106,15 @@ def open_openvino(
 
     if source.source == "built":
         graph()  # a first run traces the U-Net now, with the rest of its build, not at its first step
-    streams = unet_streams()
+    streams = unet_streams(precision) if streams is None else streams
     if precision is not Precision.int8:
         unets = _sized_unets(core, model, cache, graph, precision, streams)
         return OpenVINOBackend(unets, text_encoder, precision, streams), used
 
     def build_int8() -> Artifact:
         # The FP32 backend samples the calibration trajectories.
-        unets = _sized_unets(core, model, cache, graph, Precision.fp32, streams)
-        reference = OpenVINOBackend(unets, text_encoder, Precision.fp32, streams)
+        unets = _sized_unets(core, model, cache, graph, Precision.fp32, 1)
+        reference = OpenVINOBackend(unets, text_encoder, Precision.fp32)
         return _build_int8(core, model, graph(), reference, progress)
 
     unet = cache.get(artifact_key(model, Precision.int8), build_int8)

@@ -44,7 +44,7 @@ def build_count(monkeypatch):
     """What each cache miss built: "model" (the T5 encoder), "graph" (the U-Net traced from
     PyTorch), or (precision, rows, text length) for a U-Net compiled for one input size. One
     stream, so that a call's rows are one request's, on every machine."""
-    monkeypatch.setattr(openvino_build, "unet_streams", lambda: 1)
+    monkeypatch.setattr(openvino_build, "unet_streams", lambda precision: 1)
     calls = record_builds(monkeypatch, openvino_build, lambda core, model, progress: "model")
     record_builds(monkeypatch, openvino_build, lambda model, progress: "graph", builder="_build_graph", calls=calls)
     return record_builds(
@@ -64,7 +64,7 @@ def fake_cpu(monkeypatch, *flags):
 
 @pytest.mark.parametrize("streams", [1, 2])
 def test_matches_pytorch_fp32(model, tmp_path, monkeypatch, streams):
-    monkeypatch.setattr(openvino_build, "unet_streams", lambda: streams)
+    monkeypatch.setattr(openvino_build, "unet_streams", lambda precision: streams)
     backend = create_backend("openvino", model, precision="fp32", cache=ArtifactCache(tmp_path))
     assert backend.precision == "fp32"
     assert_matches_pytorch(model, backend)
@@ -261,7 +261,7 @@ def test_a_masked_bf16_cpu_runs_fp32(ckpt_path, tmp_path, monkeypatch, kind, exp
     """$GLYPH_ENGINE_CPU_FLAGS masks the BF16 units: auto takes FP32 as on those machines,
     in a cache entry of its own (the key holds the flags)."""
     monkeypatch.setenv("GLYPH_ENGINE_CPU_FLAGS", kind)
-    monkeypatch.setattr(openvino_build, "unet_streams", lambda: 1)  # the sizes below: one request per call
+    monkeypatch.setattr(openvino_build, "unet_streams", lambda precision: 1)  # the sizes below: one request per call
     png = tmp_path / "g.png"
     cache = tmp_path / "cache"
     args = ["generate", "metal", "-n", "1", "--steps", "2", "--ckpt", str(ckpt_path), "--cache-dir", str(cache)]
@@ -418,12 +418,13 @@ def test_with_two_streams_a_round_runs_as_two_requests_of_equal_rows():
 
 
 @pytest.mark.parametrize("threads, cores, streams", [("", 2, 2), ("", 1, 1), ("", 16, 2), ("1", 16, 1), ("4", 2, 2)])
-def test_one_stream_per_core_this_process_may_use(monkeypatch, threads, cores, streams):
+def test_bf16_runs_one_stream_per_core_this_process_may_use(monkeypatch, threads, cores, streams):
     from glyph_engine.backends import openvino as backend_module
 
     monkeypatch.setenv("OMP_NUM_THREADS", threads)
     monkeypatch.setattr(backend_module, "cpu_info", lambda: CpuInfo("test CPU", (), cores))
-    assert backend_module.unet_streams() == streams
+    assert backend_module.unet_streams(Precision.bf16) == streams
+    assert backend_module.unet_streams(Precision.fp32) == backend_module.unet_streams(Precision.int8) == 1
     config = backend_module.compile_config(Precision.bf16, streams)
     assert config["PERFORMANCE_HINT"] == ("LATENCY" if streams == 1 else "THROUGHPUT")
     assert config.get("NUM_STREAMS", "1") == str(streams)

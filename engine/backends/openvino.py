@@ -41,11 +41,11 @@ _HINTS = {Precision.fp32: "f32", Precision.bf16: "bf16", Precision.int8: "f32"} 
 # rounds at the size of the unguided steps: one U-Net to compile and import, not two.
 CALL_PIXELS = 64 * 32 * 32
 
-# U-Net requests run at once, each on its own share of the cores (OpenVINO streams). On 2 cores,
-# 64 rows as two 32-row requests on one core each take 0.91x of one 64-row request over both in
-# bf16 (0.97x in fp32), and fewer rows gain more (docs/bench-cpu.md): the element-wise work
-# between the matrix products scales better across requests than across threads of one. More
-# than 2 streams is untried.
+# U-Net requests run at once in bf16, each on its own share of the cores (OpenVINO streams). On
+# 2 cores, 64 rows as two 32-row requests on one core each take 0.91x of one 64-row request over
+# both, and fewer rows gain more (docs/bench-cpu.md): the element-wise work between the matrix
+# products scales better across requests than across the threads of one. In fp32 it was neutral
+# (0.98x at 128 rows, 1.04x at 64), so fp32 keeps one stream. More than 2 streams is untried.
 MAX_STREAMS = 2
 
 # The compiled U-Nets a backend holds at once, one per (rows, text length) in use: a run meets
@@ -117,9 +117,11 @@ def _fill(values: np.ndarray, rows: int) -> np.ndarray:
     return values if missing == 0 else np.concatenate([values, np.repeat(values[-1:], missing, axis=0)])
 
 
-def unet_streams() -> int:
-    """How many U-Net requests run at once here: one per core this process may use (its share
-    under Ray, `OMP_NUM_THREADS`), up to `MAX_STREAMS`."""
+def unet_streams(precision: Precision) -> int:
+    """How many U-Net requests run at once here: in bf16, one per core this process may use
+    (its share under Ray, `OMP_NUM_THREADS`), up to `MAX_STREAMS`; else one."""
+    if precision is not Precision.bf16:
+        return 1
     threads = os.environ.get("OMP_NUM_THREADS", "")
     cores = int(threads) if threads.isdigit() and int(threads) > 0 else cpu_info().cores
     return max(1, min(MAX_STREAMS, cores))
