@@ -1,7 +1,8 @@
 """The `glyph-engine` command line: argument parsing only; the work lives in the library."""
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here, unlike the rest of the package: typer reads every
+# command's annotations on each start, and as strings it evaluates them one by one (25 ms of
+# every command; 1.5 ms more to import this module instead).
 import atexit
 import gc
 import logging
