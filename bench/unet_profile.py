@@ -2,8 +2,9 @@
 
     python bench/unet_profile.py [--precision bf16] [--batch 128] [--out docs/unet-profile]
 
-Compiles the embedded model's U-Net as the default path does (`compile_config`) with
-OpenVINO's per-node performance counters on, runs it at the batch `generate "metal" -n 64`
+Compiles the embedded model's U-Net as one request over all cores (`compile_config` with one
+stream; bf16 runs now split a round into one request per core) with OpenVINO's per-node
+performance counters on, runs it at the batch `generate "metal" -n 64`
 uses on guided steps, and sums each node's time over several calls by node type and by the
 kernel OpenVINO chose (its exec type, e.g. brgconv_avx512_amx). Also records the U-Net's
 FLOPs (torch's counter), the same run's matmul peak, and the whole call's time, so the
@@ -69,7 +70,7 @@ def main() -> None:
     else:
         with torch.no_grad():
             graph = ov.convert_model(PositionalUNet(model.unet).eval(), example_input=inputs)
-    # As the default path compiles it (`backends.openvino.compile_config`), counters on.
+    # One stream (`backends.openvino.compile_config` without streams), counters on.
     hint = {"fp32": "f32", "bf16": "bf16"}[args.precision]
     config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": hint, "PERF_COUNT": "YES"}
     request = core.compile_model(graph, "CPU", config).create_infer_request()
