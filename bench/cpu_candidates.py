@@ -211,7 +211,7 @@ def main() -> None:
     unet_onnx = exported_unet(TEACHER_CHECKPOINT)
 
     native = "bf16" if cpu_info().has_bf16 else "fp32"  # what `auto` runs here
-    per_core = unet_streams(Precision.bf16)  # one stream per core, as bf16 runs
+    per_core = unet_streams(Precision.bf16)  # one request per core, as bf16 runs
     native_hint = {"bf16": "bf16", "fp32": "f32"}[native]
     builders: list[tuple[str, str, Callable[[], Run]]] = [
         ("torch eager", "fp32", lambda: reference),
@@ -310,18 +310,20 @@ def backend_candidate(model, name: str, precision: str) -> Run:
     each input size at its first call, a warm-up call here. OpenVINO runs one stream (one
     request at a time over all cores); `openvino_streams_candidate` runs one per core."""
     if name == "openvino":
-        return openvino_streams_candidate(model, precision, streams=1)
+        return openvino_streams_candidate(model, precision, requests=1)
     cache = tempfile.TemporaryDirectory()  # held by `run`: sizes are compiled into it later
     source = ModelSource(backend=name, precision=precision, cache_dir=Path(cache.name))
     return _denoising(Session.load(source, model=model).backend, cache)
 
 
-def openvino_streams_candidate(model, precision: str, streams: int) -> Run:
-    """The engine's OpenVINO backend with `streams` requests at once."""
+def openvino_streams_candidate(model, precision: str, requests: int) -> Run:
+    """The engine's OpenVINO backend with each round's rows as `requests` requests of equal
+    rows, all at once (one stream each)."""
     from glyph_engine.openvino_build import open_openvino
 
     cache = tempfile.TemporaryDirectory()
-    backend, _ = open_openvino(model, ArtifactCache(Path(cache.name)), Precision(precision), streams=streams)
+    cache_root = ArtifactCache(Path(cache.name))
+    backend, _ = open_openvino(model, cache_root, Precision(precision), split=requests, streams=requests)
     return _denoising(backend, cache)
 
 

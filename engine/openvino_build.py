@@ -29,7 +29,14 @@ from torch import Tensor
 from tqdm import tqdm
 
 from glyph_engine import __version__
-from glyph_engine.backends.openvino import OpenVINOBackend, UNetForSize, compile_config, import_blob, unet_streams
+from glyph_engine.backends.openvino import (
+    OpenVINOBackend,
+    UNetForSize,
+    compile_config,
+    import_blob,
+    unet_split,
+    unet_streams,
+)
 from glyph_engine.cache import Artifact, ArtifactCache, ArtifactKey
 from glyph_engine.cpu import cpu_info
 from glyph_engine.errors import GlyphEngineError
@@ -90,12 +97,18 @@ def graph_key(model: Glyffuser) -> ArtifactKey:
 
 
 def open_openvino(
-    model: Glyffuser, cache: ArtifactCache, precision: Precision, progress: bool = False, streams: int | None = None
+    model: Glyffuser,
+    cache: ArtifactCache,
+    precision: Precision,
+    progress: bool = False,
+    split: int | None = None,
+    streams: int | None = None,
 ) -> tuple[OpenVINOBackend, list[Artifact]]:
     """The backend at `precision` (not auto), from the cache or built into it; also the
     artifacts used, so callers can tell a cold start ("built") from a warm one ("cache").
-    U-Nets compiled for one input size are opened when a call first needs them, for `streams`
-    requests at once (None: `unet_streams`, one per core in bf16)."""
+    U-Nets compiled for one input size are opened when a call first needs them. A round of
+    rows runs as `split` requests (None: `unet_split`), `streams` at once (None: `unet_streams`,
+    one per core up to `split`)."""
     core = ov.Core()
     source = cache.get(artifact_key(model, Precision.fp32), lambda: _build(core, model, progress))
     text_encoder = import_blob(core, source.files[TEXT_ENCODER], Precision.fp32)
@@ -106,10 +119,11 @@ def open_openvino(
 
     if source.source == "built":
         graph()  # a first run traces the U-Net now, with the rest of its build, not at its first step
+    split = unet_split(precision) if split is None else split
     streams = unet_streams(precision) if streams is None else streams
     if precision is not Precision.int8:
         unets = _sized_unets(core, model, cache, graph, precision, streams)
-        return OpenVINOBackend(unets, text_encoder, precision, streams), used
+        return OpenVINOBackend(unets, text_encoder, precision, split, streams), used
 
     def build_int8() -> Artifact:
         # The FP32 backend samples the calibration trajectories.

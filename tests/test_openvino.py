@@ -62,13 +62,16 @@ def fake_cpu(monkeypatch, *flags):
         monkeypatch.setattr(module, "cpu_info", lambda: info)
 
 
-@pytest.mark.parametrize("streams", [1, 2])
-def test_matches_pytorch_fp32(model, tmp_path, monkeypatch, streams):
+@pytest.mark.parametrize("split, streams", [(1, 1), (2, 2), (2, 1)])
+def test_matches_pytorch_fp32(model, tmp_path, monkeypatch, split, streams):
+    """A round's rows as `split` requests, `streams` at a time (bf16 runs two; here in fp32,
+    so that the comparison with PyTorch is tight)."""
+    monkeypatch.setattr(openvino_build, "unet_split", lambda precision: split)
     monkeypatch.setattr(openvino_build, "unet_streams", lambda precision: streams)
     backend = create_backend("openvino", model, precision="fp32", cache=ArtifactCache(tmp_path))
     assert backend.precision == "fp32"
     assert_matches_pytorch(model, backend)
-    # Three rows: with two streams, two requests of two, the last row's copy dropped.
+    # Three rows: split in two, two requests of two rows, the last row's copy dropped.
     ids = torch.tensor([[5, 9, 3], [7, 1, 0], [4, 1, 0]])
     mask = (ids != 0).long()
     text = backend.encode_text(ids, mask)
@@ -407,7 +410,7 @@ def test_with_two_streams_a_round_runs_as_two_requests_of_equal_rows():
         compiled.create_infer_request = lambda: requests.append(make()) or requests[-1]
         return compiled
 
-    backend = backend_module.OpenVINOBackend(unet_for, FakeCompiled(), Precision.bf16, streams=2)
+    backend = backend_module.OpenVINOBackend(unet_for, FakeCompiled(), Precision.bf16, split=2, streams=2)
     x = torch.arange(131 * 32 * 32, dtype=torch.float32).reshape(131, 1, 32, 32)
     eps = backend.denoise(x, 10, torch.zeros(131, 3, 8), torch.ones(131, 3, dtype=torch.long))
     torch.testing.assert_close(eps, x * 2, atol=0, rtol=0)
@@ -416,14 +419,26 @@ def test_with_two_streams_a_round_runs_as_two_requests_of_equal_rows():
     torch.testing.assert_close(one, x[:1] * 2, atol=0, rtol=0)
     assert fed[6:] == [1] and opened[2:] == [(1, 3)]  # one row: one request
 
+    # One core (a Ray worker's share): the same requests, one after the other, at the same sizes.
+    for seen in (fed, opened, requests):
+        seen.clear()
+    alone = backend_module.OpenVINOBackend(unet_for, FakeCompiled(), Precision.bf16, split=2, streams=1)
+    eps = alone.denoise(x, 10, torch.zeros(131, 3, 8), torch.ones(131, 3, dtype=torch.long))
+    torch.testing.assert_close(eps, x * 2, atol=0, rtol=0)
+    assert fed == [32, 32, 32, 32, 2, 2] and opened == [(32, 3), (2, 3)] and len(requests) == 2
+
 
 @pytest.mark.parametrize("threads, cores, streams", [("", 2, 2), ("", 1, 1), ("", 16, 2), ("1", 16, 1), ("4", 2, 2)])
-def test_bf16_runs_one_stream_per_core_this_process_may_use(monkeypatch, threads, cores, streams):
+def test_bf16_rounds_run_as_two_requests_one_per_core_this_process_may_use(monkeypatch, threads, cores, streams):
+    """The split is fixed (the sizes, and so the rounding, do not depend on the cores); how
+    many requests run at once does."""
     from glyph_engine.backends import openvino as backend_module
 
     monkeypatch.setenv("OMP_NUM_THREADS", threads)
     monkeypatch.setattr(backend_module, "cpu_info", lambda: CpuInfo("test CPU", (), cores))
+    assert backend_module.unet_split(Precision.bf16) == 2
     assert backend_module.unet_streams(Precision.bf16) == streams
+    assert backend_module.unet_split(Precision.fp32) == backend_module.unet_split(Precision.int8) == 1
     assert backend_module.unet_streams(Precision.fp32) == backend_module.unet_streams(Precision.int8) == 1
     config = backend_module.compile_config(Precision.bf16, streams)
     assert config["PERFORMANCE_HINT"] == ("LATENCY" if streams == 1 else "THROUGHPUT")

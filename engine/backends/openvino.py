@@ -11,7 +11,8 @@ Precisions of the U-Net (T5 always runs FP32; it runs once per call and is cheap
 The U-Net runs at static input sizes: a model compiled for one batch and text length runs
 1.2-1.5x faster than the same model compiled for any (docs/bench-cpu.md), so the backend asks
 for one per size it meets (`unet_for`, built and cached by `glyph_engine.openvino_build`). A
-call's rows run as requests of equal size, `streams` of them at once, each on its own cores.
+round of a call's rows runs as `split` requests of equal size, `streams` of them at once,
+each on its own cores.
 
 Measured against the other candidates in docs/bench-cpu.md.
 """
@@ -41,12 +42,15 @@ _HINTS = {Precision.fp32: "f32", Precision.bf16: "bf16", Precision.int8: "f32"} 
 # rounds at the size of the unguided steps: one U-Net to compile and import, not two.
 CALL_PIXELS = 64 * 32 * 32
 
-# U-Net requests run at once in bf16, each on its own share of the cores (OpenVINO streams). On
-# 2 cores, 64 rows as two 32-row requests on one core each take 0.91x of one 64-row request over
-# both, and fewer rows gain more (docs/bench-cpu.md): the element-wise work between the matrix
-# products scales better across requests than across the threads of one. In fp32 it was neutral
-# (0.98x at 128 rows, 1.04x at 64), so fp32 keeps one stream. More than 2 streams is untried.
-MAX_STREAMS = 2
+# In bf16 a round's rows run as this many requests of equal rows, at once where there are as
+# many cores, each on its own (OpenVINO streams). On 2 cores, 64 rows as two 32-row requests on
+# one core each take 0.91x of one 64-row request over both, and fewer rows gain more
+# (docs/bench-cpu.md): the element-wise work between the matrix products scales better across
+# requests than across the threads of one. In fp32 it was neutral (0.98x at 128 rows, 1.04x at
+# 64), so fp32 runs one request per round. More than 2 is untried. The split does not depend on
+# the cores: with one (a Ray worker's share) the two requests run one after the other, at the
+# same sizes, so a seed draws the same glyph in a one-core worker as in `generate`.
+BF16_SPLIT = 2
 
 # The compiled U-Nets a backend holds at once, one per (rows, text length) in use: a run meets
 # one or two, a bulk worker or serve replica one per batch size and prompt length; each held
@@ -63,10 +67,16 @@ class OpenVINOBackend:
     device = torch.device("cpu")
 
     def __init__(
-        self, unet_for: UNetForSize, text_encoder: ov.CompiledModel, precision: Precision, streams: int = 1
+        self,
+        unet_for: UNetForSize,
+        text_encoder: ov.CompiledModel,
+        precision: Precision,
+        split: int = 1,
+        streams: int = 1,
     ) -> None:
         self.precision = precision.value
         self._unet_for = unet_for
+        self._split = split  # requests per round
         self._streams = streams  # the U-Net models' streams: requests that run at once
         # Each size's requests, `streams` of them; least recently used first.
         self._unets: OrderedDict[tuple[int, int], list[ov.InferRequest]] = OrderedDict()
@@ -86,19 +96,22 @@ class OpenVINOBackend:
         return torch.from_numpy(out[0] if len(out) == 1 else np.concatenate(out))
 
     def _round(self, feed: dict[str, np.ndarray], length: int) -> np.ndarray:
-        """The U-Net on these rows, split into requests of equal rows that run at once, one per
-        stream; the last is filled up with copies of the last row, whose outputs are dropped."""
+        """The U-Net on these rows, split into `split` requests of equal rows, `streams` at a
+        time; the last is filled up with copies of the last row, whose outputs are dropped."""
         rows = len(feed["sample"])
-        each = -(-rows // self._streams)
+        each = -(-rows // self._split)
         parts = -(-rows // each)
-        requests = self._unet((each, length))[:parts]
-        for i, request in enumerate(requests):
-            request.start_async({k: _fill(v[i * each : (i + 1) * each], each) for k, v in feed.items()})
+        requests = self._unet((each, length))
         out = []
-        for request in requests:
-            request.wait()
-            # Copied: the request's buffer is reused, and the sampler keeps earlier predictions.
-            out.append(request.get_output_tensor(0).data.copy())
+        for first in range(0, parts, len(requests)):
+            running = requests[: parts - first]
+            for i, request in enumerate(running):
+                start = (first + i) * each
+                request.start_async({k: _fill(v[start : start + each], each) for k, v in feed.items()})
+            for request in running:
+                request.wait()
+                # Copied: the request's buffer is reused, and the sampler keeps earlier predictions.
+                out.append(request.get_output_tensor(0).data.copy())
         return (out[0] if parts == 1 else np.concatenate(out))[:rows]
 
     def _unet(self, size: tuple[int, int]) -> list[ov.InferRequest]:
@@ -117,14 +130,17 @@ def _fill(values: np.ndarray, rows: int) -> np.ndarray:
     return values if missing == 0 else np.concatenate([values, np.repeat(values[-1:], missing, axis=0)])
 
 
+def unet_split(precision: Precision) -> int:
+    """How many requests of equal rows a round of U-Net rows runs as, at `precision`."""
+    return BF16_SPLIT if precision is Precision.bf16 else 1
+
+
 def unet_streams(precision: Precision) -> int:
-    """How many U-Net requests run at once here: in bf16, one per core this process may use
-    (its share under Ray, `OMP_NUM_THREADS`), up to `MAX_STREAMS`; else one."""
-    if precision is not Precision.bf16:
-        return 1
+    """How many of a round's requests run at once here: one per core this process may use
+    (its share under Ray, `OMP_NUM_THREADS`), up to the round's requests."""
     threads = os.environ.get("OMP_NUM_THREADS", "")
     cores = int(threads) if threads.isdigit() and int(threads) > 0 else cpu_info().cores
-    return max(1, min(MAX_STREAMS, cores))
+    return max(1, min(unet_split(precision), cores))
 
 
 def import_blob(core: ov.Core, blob: bytes, precision: Precision, streams: int = 1) -> ov.CompiledModel:
