@@ -28,9 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from glyph_engine.backends.openvino import unet_streams
 from glyph_engine.benchmark import unet_flops_per_image
-from glyph_engine.cache import ArtifactCache
 from glyph_engine.checkpoint import load_model
 from glyph_engine.cpu import cpu_info
 from glyph_engine.model import TEACHER_CHECKPOINT
@@ -43,7 +41,6 @@ from glyph_engine.quality import (
     trajectory_calls,
 )
 from glyph_engine.session import ModelSource, Session
-from glyph_engine.settings import Precision
 from glyph_engine.timing import matmul_peak, median_seconds
 
 Run = Callable[[dict[str, np.ndarray]], np.ndarray]
@@ -211,7 +208,7 @@ def main() -> None:
     unet_onnx = exported_unet(TEACHER_CHECKPOINT)
 
     native = "bf16" if cpu_info().has_bf16 else "fp32"  # what `auto` runs here
-    per_core = unet_streams(Precision.bf16)  # one request per core, as bf16 runs
+    per_core = min(2, cpu_info().cores)  # one request per core, up to the two bf16 runs by default
     native_hint = {"bf16": "bf16", "fp32": "f32"}[native]
     builders: list[tuple[str, str, Callable[[], Run]]] = [
         ("torch eager", "fp32", lambda: reference),
@@ -224,10 +221,13 @@ def main() -> None:
         # As `--backend openvino` runs it: the U-Net compiled for each input size a call has.
         ("openvino static sizes", "fp32", lambda: backend_candidate(model, "openvino", "fp32")),
         ("openvino hint static sizes", "bf16", lambda: backend_candidate(model, "openvino", "bf16")),
-        # The same, each round's rows as one request per stream, all at once, one stream per
-        # core (as `auto` runs bf16; fp32 runs one stream).
-        ("openvino static sizes + streams", "fp32", lambda: openvino_streams_candidate(model, "fp32", per_core)),
-        ("openvino hint static sizes + streams", "bf16", lambda: openvino_streams_candidate(model, "bf16", per_core)),
+        # The same, each round's rows as one request per core, all at once (as bf16 runs by default).
+        ("openvino static sizes + streams", "fp32", lambda: backend_candidate(model, "openvino", "fp32", per_core)),
+        (
+            "openvino hint static sizes + streams",
+            "bf16",
+            lambda: backend_candidate(model, "openvino", "bf16", per_core),
+        ),
         ("openvino NNCF", "int8", lambda: openvino_candidate(openvino_int8(unet_onnx, calibration), "f32")),
         (
             "openvino NNCF accuracy control",
@@ -304,26 +304,27 @@ def main() -> None:
     print(markdown(report))
 
 
-def backend_candidate(model, name: str, precision: str) -> Run:
+# The OpenVINO backend's requests per round (README, "The CPU fast path").
+SPLIT_ENV_VAR = "GLYPH_ENGINE_UNET_REQUESTS"
+
+
+def backend_candidate(model, name: str, precision: str, requests: int = 1) -> Run:
     """The engine's own backend `name` at `precision`, on a cache of its own: what it builds
     when opened (inductor's compile, OpenVINO's model entry) is the setup; OpenVINO compiles
-    each input size at its first call, a warm-up call here. OpenVINO runs one stream (one
-    request at a time over all cores); `openvino_streams_candidate` runs one per core."""
-    if name == "openvino":
-        return openvino_streams_candidate(model, precision, requests=1)
+    each input size at its first call, a warm-up call here. OpenVINO runs each round of rows
+    as `requests` requests at once ($GLYPH_ENGINE_UNET_REQUESTS; by default bf16 runs one per
+    core, up to two, and fp32 one)."""
     cache = tempfile.TemporaryDirectory()  # held by `run`: sizes are compiled into it later
     source = ModelSource(backend=name, precision=precision, cache_dir=Path(cache.name))
-    return _denoising(Session.load(source, model=model).backend, cache)
-
-
-def openvino_streams_candidate(model, precision: str, requests: int) -> Run:
-    """The engine's OpenVINO backend with each round's rows as `requests` requests of equal
-    rows, all at once (one stream each)."""
-    from glyph_engine.openvino_build import open_openvino
-
-    cache = tempfile.TemporaryDirectory()
-    cache_root = ArtifactCache(Path(cache.name))
-    backend, _ = open_openvino(model, cache_root, Precision(precision), split=requests, streams=requests)
+    saved = os.environ.get(SPLIT_ENV_VAR)
+    os.environ[SPLIT_ENV_VAR] = str(requests)  # read when the backend is opened
+    try:
+        backend = Session.load(source, model=model).backend
+    finally:
+        if saved is None:
+            del os.environ[SPLIT_ENV_VAR]
+        else:
+            os.environ[SPLIT_ENV_VAR] = saved
     return _denoising(backend, cache)
 
 

@@ -443,3 +443,20 @@ def test_bf16_rounds_run_as_two_requests_one_per_core_this_process_may_use(monke
     config = backend_module.compile_config(Precision.bf16, streams)
     assert config["PERFORMANCE_HINT"] == ("LATENCY" if streams == 1 else "THROUGHPUT")
     assert config.get("NUM_STREAMS", "1") == str(streams)
+
+
+def test_the_requests_per_round_can_be_set_and_a_bad_setting_is_refused(monkeypatch, ckpt_path, tmp_path):
+    from glyph_engine.backends import openvino as backend_module
+
+    monkeypatch.setattr(backend_module, "cpu_info", lambda: CpuInfo("test CPU", (), 2))
+    monkeypatch.setenv("GLYPH_ENGINE_UNET_REQUESTS", "1")
+    assert backend_module.unet_split(Precision.bf16) == backend_module.unet_streams(Precision.bf16) == 1
+    monkeypatch.setenv("GLYPH_ENGINE_UNET_REQUESTS", "4")
+    assert backend_module.unet_split(Precision.fp32) == 4 and backend_module.unet_streams(Precision.fp32) == 2
+    for bad in ("0", "-1", "two", "17"):
+        monkeypatch.setenv("GLYPH_ENGINE_UNET_REQUESTS", bad)
+        with pytest.raises(GlyphEngineError, match="GLYPH_ENGINE_UNET_REQUESTS is .* a whole number from 1 to 16"):
+            backend_module.unet_split(Precision.bf16)
+    args = ["generate", "metal", "-n", "1", "--steps", "1", "--ckpt", str(ckpt_path), "-o", str(tmp_path / "g.png")]
+    result = runner.invoke(app, [*args, "--cache-dir", str(tmp_path / "cache")])
+    assert result.exit_code == 2 and "error: $GLYPH_ENGINE_UNET_REQUESTS is '17'" in result.output

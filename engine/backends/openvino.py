@@ -51,6 +51,9 @@ CALL_PIXELS = 64 * 32 * 32
 # the cores: with one (a Ray worker's share) the two requests run one after the other, at the
 # same sizes, so a seed draws the same glyph in a one-core worker as in `generate`.
 BF16_SPLIT = 2
+# Sets the split for every precision, to tune or compare (bench/cpu_candidates.py).
+SPLIT_ENV_VAR = "GLYPH_ENGINE_UNET_REQUESTS"
+MAX_SPLIT = 16
 
 # The compiled U-Nets a backend holds at once, one per (rows, text length) in use: a run meets
 # one or two, a bulk worker or serve replica one per batch size and prompt length; each held
@@ -131,8 +134,17 @@ def _fill(values: np.ndarray, rows: int) -> np.ndarray:
 
 
 def unet_split(precision: Precision) -> int:
-    """How many requests of equal rows a round of U-Net rows runs as, at `precision`."""
-    return BF16_SPLIT if precision is Precision.bf16 else 1
+    """How many requests of equal rows a round of U-Net rows runs as, at `precision`:
+    $GLYPH_ENGINE_UNET_REQUESTS when set, else `BF16_SPLIT` in bf16 and one otherwise."""
+    value = os.environ.get(SPLIT_ENV_VAR, "").strip()
+    if not value:
+        return BF16_SPLIT if precision is Precision.bf16 else 1
+    if not value.isdigit() or not 1 <= int(value) <= MAX_SPLIT:
+        raise GlyphEngineError(
+            f"${SPLIT_ENV_VAR} is {value!r}; it must be a whole number from 1 to {MAX_SPLIT} (the requests a "
+            "round of U-Net rows runs as), or unset for the default."
+        )
+    return int(value)
 
 
 def unet_streams(precision: Precision) -> int:
