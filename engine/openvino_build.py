@@ -122,13 +122,14 @@ def open_openvino(
     split = unet_split(precision) if split is None else split
     streams = unet_streams(precision) if streams is None else streams
     if precision is not Precision.int8:
-        unets = _sized_unets(core, model, cache, graph, precision, streams)
+        unets = _sized_unets(core, model, cache, graph, precision)
         return OpenVINOBackend(unets, text_encoder, precision, split, streams), used
 
     def build_int8() -> Artifact:
         # The FP32 backend samples the calibration trajectories.
-        unets = _sized_unets(core, model, cache, graph, Precision.fp32, 1)
-        reference = OpenVINOBackend(unets, text_encoder, Precision.fp32)
+        reference = OpenVINOBackend(
+            _sized_unets(core, model, cache, graph, Precision.fp32), text_encoder, Precision.fp32
+        )
         return _build_int8(core, model, graph(), reference, progress)
 
     unet = cache.get(artifact_key(model, Precision.int8), build_int8)
@@ -142,7 +143,7 @@ def open_openvino(
         )
     # NNCF's int8 model stays compiled for any size: it runs only where it passed its gate.
     quantized = import_blob(core, unet.files[UNET], Precision.int8)
-    return OpenVINOBackend(lambda size: quantized, text_encoder, precision), used
+    return OpenVINOBackend(lambda size, streams: quantized, text_encoder, precision), used
 
 
 def _sized_unets(
@@ -151,20 +152,19 @@ def _sized_unets(
     cache: ArtifactCache,
     graph_bytes: Callable[[], bytes],
     precision: Precision,
-    streams: int,
 ) -> UNetForSize:
     """The backend's `unet_for`: each size's compiled U-Net from the cache, compiled into it
     from the U-Net's graph when missing."""
     graph: list[ov.Model] = []  # read once, when the first size is compiled
 
-    def compile_for(size: tuple[int, int]) -> Artifact:
+    def compile_for(size: tuple[int, int], streams: int) -> Artifact:
         if not graph:
             graph.append(core.read_model(graph_bytes()))
         logger.info("compiling the %s U-Net for %d rows, text length %d (once per size)", precision.value, *size)
         return _compile_sized(core, graph[0], precision, size, streams)
 
-    def unet_for(size: tuple[int, int]) -> ov.CompiledModel:
-        entry = cache.get(sized_key(model, precision, size, streams), lambda: compile_for(size))
+    def unet_for(size: tuple[int, int], streams: int) -> ov.CompiledModel:
+        entry = cache.get(sized_key(model, precision, size, streams), lambda: compile_for(size, streams))
         if entry.source == "built":
             cache.prune(f"{SIZED_KIND}-", KEPT_SIZES)
         return import_blob(core, entry.files[UNET], precision, streams)

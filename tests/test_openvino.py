@@ -366,7 +366,7 @@ def test_a_backend_holds_the_last_sizes_it_used(monkeypatch):
     monkeypatch.setattr(backend_module, "HELD_SIZES", 2)
     opened = []
 
-    def unet_for(size):
+    def unet_for(size, streams):
         opened.append(size)
         return FakeCompiled(lambda feed: np.full(feed["sample"].shape, size[0], np.float32))
 
@@ -385,7 +385,7 @@ def test_a_call_of_more_rows_than_one_holds_runs_in_rounds_of_one_size():
 
     opened, fed = [], []
     backend = backend_module.OpenVINOBackend(
-        lambda size: opened.append(size) or FakeCompiled(fed=fed), FakeCompiled(), Precision.bf16
+        lambda size, streams: opened.append(size) or FakeCompiled(fed=fed), FakeCompiled(), Precision.bf16
     )
     x = torch.arange(130 * 32 * 32, dtype=torch.float32).reshape(130, 1, 32, 32)
     eps = backend.denoise(x, 10, torch.zeros(130, 3, 8), torch.ones(130, 3, dtype=torch.long))
@@ -398,13 +398,14 @@ def test_a_call_of_more_rows_than_one_holds_runs_in_rounds_of_one_size():
 
 def test_with_two_streams_a_round_runs_as_two_requests_of_equal_rows():
     """Each round's rows go to one request per stream, all of one size; an odd row is made up
-    by a copy of the last, whose output is dropped. Rows come back in order."""
+    by a copy of the last, whose output is dropped. Rows come back in order. A round of one
+    row runs as one request over all cores (a model of one stream)."""
     from glyph_engine.backends import openvino as backend_module
 
     opened, fed, requests = [], [], []
 
-    def unet_for(size):
-        opened.append(size)
+    def unet_for(size, streams):
+        opened.append((*size, streams))
         compiled = FakeCompiled(fed=fed)
         make = compiled.create_infer_request
         compiled.create_infer_request = lambda: requests.append(make()) or requests[-1]
@@ -414,10 +415,13 @@ def test_with_two_streams_a_round_runs_as_two_requests_of_equal_rows():
     x = torch.arange(131 * 32 * 32, dtype=torch.float32).reshape(131, 1, 32, 32)
     eps = backend.denoise(x, 10, torch.zeros(131, 3, 8), torch.ones(131, 3, dtype=torch.long))
     torch.testing.assert_close(eps, x * 2, atol=0, rtol=0)
-    assert fed == [32, 32, 32, 32, 2, 2] and opened == [(32, 3), (2, 3)] and len(requests) == 4
+    assert fed == [32, 32, 32, 32, 2, 2] and opened == [(32, 3, 2), (2, 3, 2)] and len(requests) == 4
     one = backend.denoise(x[:1], 10, torch.zeros(1, 3, 8), torch.ones(1, 3, dtype=torch.long))
     torch.testing.assert_close(one, x[:1] * 2, atol=0, rtol=0)
-    assert fed[6:] == [1] and opened[2:] == [(1, 3)]  # one row: one request
+    assert fed[6:] == [1] and opened[2:] == [(1, 3, 1)] and len(requests) == 5  # one row: one request, one stream
+    two = backend.denoise(x[:2], 10, torch.zeros(2, 3, 8), torch.ones(2, 3, dtype=torch.long))
+    torch.testing.assert_close(two, x[:2] * 2, atol=0, rtol=0)
+    assert fed[7:] == [1, 1] and opened[3:] == [(1, 3, 2)]  # two rows: two one-row requests at once
 
     # One core (a Ray worker's share): the same requests, one after the other, at the same sizes.
     for seen in (fed, opened, requests):
@@ -425,7 +429,7 @@ def test_with_two_streams_a_round_runs_as_two_requests_of_equal_rows():
     alone = backend_module.OpenVINOBackend(unet_for, FakeCompiled(), Precision.bf16, split=2, streams=1)
     eps = alone.denoise(x, 10, torch.zeros(131, 3, 8), torch.ones(131, 3, dtype=torch.long))
     torch.testing.assert_close(eps, x * 2, atol=0, rtol=0)
-    assert fed == [32, 32, 32, 32, 2, 2] and opened == [(32, 3), (2, 3)] and len(requests) == 2
+    assert fed == [32, 32, 32, 32, 2, 2] and opened == [(32, 3, 1), (2, 3, 1)] and len(requests) == 2
 
 
 @pytest.mark.parametrize("threads, cores, streams", [("", 2, 2), ("", 1, 1), ("", 16, 2), ("1", 16, 1), ("4", 2, 2)])

@@ -60,9 +60,9 @@ MAX_SPLIT = 16
 # model costs its weights' memory.
 HELD_SIZES = 8
 
-# (rows, text length) -> the U-Net to run at those input sizes (compiled for exactly them, or
-# for any size).
-UNetForSize = Callable[[tuple[int, int]], ov.CompiledModel]
+# (rows, text length), streams -> the U-Net to run at those input sizes (compiled for exactly
+# them, or for any size), in that many streams.
+UNetForSize = Callable[[tuple[int, int], int], ov.CompiledModel]
 
 
 class OpenVINOBackend:
@@ -81,8 +81,8 @@ class OpenVINOBackend:
         self._unet_for = unet_for
         self._split = split  # requests per round
         self._streams = streams  # the U-Net models' streams: requests that run at once
-        # Each size's requests, `streams` of them; least recently used first.
-        self._unets: OrderedDict[tuple[int, int], list[ov.InferRequest]] = OrderedDict()
+        # Each (size, streams)'s requests, one per stream; least recently used first.
+        self._unets: OrderedDict[tuple[tuple[int, int], int], list[ov.InferRequest]] = OrderedDict()
         self._text_encoder = text_encoder.create_infer_request()
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -100,11 +100,14 @@ class OpenVINOBackend:
 
     def _round(self, feed: dict[str, np.ndarray], length: int) -> np.ndarray:
         """The U-Net on these rows, split into `split` requests of equal rows, `streams` at a
-        time; the last is filled up with copies of the last row, whose outputs are dropped."""
+        time; the last is filled up with copies of the last row, whose outputs are dropped. A
+        round of fewer rows than that (one) runs as one request over all cores: in a stream of
+        its own it would have one core (serving one-glyph requests: 15.5 against 13.2 glyphs/s)."""
         rows = len(feed["sample"])
-        each = -(-rows // self._split)
+        split = self._split if rows >= self._split else 1
+        each = -(-rows // split)
         parts = -(-rows // each)
-        requests = self._unet((each, length))
+        requests = self._unet((each, length), min(self._streams, split))
         out = []
         for first in range(0, parts, len(requests)):
             running = requests[: parts - first]
@@ -117,14 +120,15 @@ class OpenVINOBackend:
                 out.append(request.get_output_tensor(0).data.copy())
         return (out[0] if parts == 1 else np.concatenate(out))[:rows]
 
-    def _unet(self, size: tuple[int, int]) -> list[ov.InferRequest]:
-        if size not in self._unets:
-            compiled = self._unet_for(size)
-            self._unets[size] = [compiled.create_infer_request() for _ in range(self._streams)]
+    def _unet(self, size: tuple[int, int], streams: int) -> list[ov.InferRequest]:
+        key = (size, streams)
+        if key not in self._unets:
+            compiled = self._unet_for(size, streams)
+            self._unets[key] = [compiled.create_infer_request() for _ in range(streams)]
             if len(self._unets) > HELD_SIZES:
                 self._unets.popitem(last=False)
-        self._unets.move_to_end(size)
-        return self._unets[size]
+        self._unets.move_to_end(key)
+        return self._unets[key]
 
 
 def _fill(values: np.ndarray, rows: int) -> np.ndarray:
