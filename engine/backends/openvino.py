@@ -154,9 +154,13 @@ def unet_split(precision: Precision) -> int:
 def unet_streams(precision: Precision) -> int:
     """How many of a round's requests run at once here: one per core this process may use
     (its share under Ray, `OMP_NUM_THREADS`), up to the round's requests."""
+    return max(1, min(unet_split(precision), _share_of_cores() or cpu_info().cores))
+
+
+def _share_of_cores() -> int | None:
+    """The cores Ray gave this worker ($OMP_NUM_THREADS; torch follows it too); None outside Ray."""
     threads = os.environ.get("OMP_NUM_THREADS", "")
-    cores = int(threads) if threads.isdigit() and int(threads) > 0 else cpu_info().cores
-    return max(1, min(unet_split(precision), cores))
+    return int(threads) if threads.isdigit() and int(threads) > 0 else None
 
 
 def import_blob(core: ov.Core, blob: bytes, precision: Precision, streams: int = 1) -> ov.CompiledModel:
@@ -179,9 +183,8 @@ def compile_config(precision: Precision, streams: int = 1) -> dict[str, str]:
     if streams > 1:
         hint = {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": str(streams)}
     config = {**hint, "INFERENCE_PRECISION_HINT": _HINTS[precision]}
-    # Ray gives each worker its share of cores as OMP_NUM_THREADS (torch follows it too);
-    # without it, every worker on a machine would spread over all of its cores.
-    threads = os.environ.get("OMP_NUM_THREADS", "")
-    if threads.isdigit() and int(threads) > 0:
-        config["INFERENCE_NUM_THREADS"] = threads
+    # Without a worker's share, every Ray worker on a machine would spread over all of its cores.
+    threads = _share_of_cores()
+    if threads is not None:
+        config["INFERENCE_NUM_THREADS"] = str(threads)
     return config
