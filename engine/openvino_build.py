@@ -16,6 +16,7 @@ pipeline, so it lives here rather than in the backend, which only loads and runs
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import sys
@@ -101,29 +102,25 @@ def open_openvino(
     cache: ArtifactCache,
     precision: Precision,
     progress: bool = False,
-    split: int | None = None,
-    streams: int | None = None,
 ) -> tuple[OpenVINOBackend, list[Artifact]]:
     """The backend at `precision` (not auto), from the cache or built into it; also the
     artifacts used, so callers can tell a cold start ("built") from a warm one ("cache").
-    U-Nets compiled for one input size are opened when a call first needs them. A round of
-    rows runs as `split` requests (None: `unet_split`), `streams` at once (None: `unet_streams`,
-    one per core up to `split`)."""
+    U-Nets compiled for one input size are opened when a call first needs them; a round of
+    rows runs as `unet_split` requests, `unet_streams` of them at once."""
     core = ov.Core()
     source = cache.get(artifact_key(model, Precision.fp32), lambda: _build(core, model, progress))
     text_encoder = import_blob(core, source.files[TEXT_ENCODER], Precision.fp32)
     used = [source]
 
+    @functools.cache  # read (and its sha256 checked) once, however many sizes are compiled
     def graph() -> bytes:
         return cache.get(graph_key(model), lambda: _build_graph(model, progress)).files[UNET_GRAPH]
 
     if source.source == "built":
         graph()  # a first run traces the U-Net now, with the rest of its build, not at its first step
-    split = unet_split(precision) if split is None else split
-    streams = unet_streams(precision) if streams is None else streams
     if precision is not Precision.int8:
         unets = _sized_unets(core, model, cache, graph, precision)
-        return OpenVINOBackend(unets, text_encoder, precision, split, streams), used
+        return OpenVINOBackend(unets, text_encoder, precision, unet_split(precision), unet_streams(precision)), used
 
     def build_int8() -> Artifact:
         # The FP32 backend samples the calibration trajectories.
