@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -316,15 +317,8 @@ def backend_candidate(model, name: str, precision: str, requests: int = 1) -> Ru
     core, up to two, and fp32 one)."""
     cache = tempfile.TemporaryDirectory()  # held by `run`: sizes are compiled into it later
     source = ModelSource(backend=name, precision=precision, cache_dir=Path(cache.name))
-    saved = os.environ.get(SPLIT_ENV_VAR)
-    os.environ[SPLIT_ENV_VAR] = str(requests)  # read when the backend is opened
-    try:
+    with mock.patch.dict(os.environ, {SPLIT_ENV_VAR: str(requests)}):  # read when the backend is opened
         backend = Session.load(source, model=model).backend
-    finally:
-        if saved is None:
-            del os.environ[SPLIT_ENV_VAR]
-        else:
-            os.environ[SPLIT_ENV_VAR] = saved
     return _denoising(backend, cache)
 
 

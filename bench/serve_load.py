@@ -147,11 +147,12 @@ def main() -> None:
     args = parser.parse_args()
     cpu = cpu_info()
     parts = args.parts.split(",")
+    served = ModelSource()
     result: dict[str, object] = {
         "cpu": {"model": cpu.model, "cores": cpu.cores, "flags": list(cpu.flags)},
         # What the server runs: the embedded default at its own steps (requests name none).
-        "model": ModelSource().name,
-        "steps": GenerationSettings().resolve(ModelSource().load_model()).steps,
+        "model": served.name,
+        "steps": GenerationSettings().resolve(served.load_model()).steps,
         "seconds_per_level": args.seconds,
     }
     with tempfile.TemporaryDirectory() as tmp:
