@@ -93,6 +93,14 @@ def _openvino(model: Glyffuser, requested: Precision, cache: ArtifactCache, prog
     # The gate is read only for auto: a model with an int8 build that passed it here runs int8.
     gate = int8_gate(model, cache) if requested is Precision.auto else None
     precision = choose("openvino", "cpu", requested, int8_passed=gate is not None and gate["passed"])
+    cpu = cpu_info()
+    if precision is Precision.bf16 and not (cpu.has_bf16 or "avx512f" in cpu.flags):
+        # OpenVINO's bf16 kernels need AVX-512 (native with BF16 units, emulated without); below
+        # it the plugin either runs f32 under the bf16 name or fails at the first node it lacks.
+        raise GlyphEngineError(
+            "OpenVINO runs bf16 only on CPUs with AVX-512, and this one has none: use --precision fp32 "
+            "(what auto picks here)."
+        )
     _warn_if_emulated(precision)
     backend, artifacts = open_openvino(model, cache, precision, progress)
     logger.info("openvino %s: %s", precision.value, ", ".join(a.source for a in artifacts))

@@ -6,6 +6,11 @@ RELEVANT_FLAGS; empty: none). It changes glyph-engine's own choices only (the pr
 takes, the artifact cache's key), not the kernels OpenVINO and PyTorch pick for the real CPU:
 masking flags (e.g. "avx2,fma" on a BF16 machine) is exact; claiming flags the CPU lacks makes
 OpenVINO emulate them (slower) or refuse the model, and glyph-engine warns once.
+
+$ONEDNN_MAX_CPU_ISA, oneDNN's own cap on the instructions its kernels use, is honoured by the
+kernels of both PyTorch and OpenVINO; glyph-engine reads it too, so that one variable makes the
+whole process choose and compute as on a CPU of that kind (e.g. "avx2" on an AMX Xeon: fp32,
+AVX2 kernels). The cap is named in the CPU's model string, which every benchmark records.
 """
 
 from __future__ import annotations
@@ -23,14 +28,38 @@ from glyph_engine.errors import GlyphEngineError
 logger = logging.getLogger(__name__)
 
 ENV_VAR = "GLYPH_ENGINE_CPU_FLAGS"
+ISA_CAP_VAR = "ONEDNN_MAX_CPU_ISA"
 
 # The flags that change which precision and kernels are fastest.
 RELEVANT_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
 
+# oneDNN's ISA names (any case), each with the RELEVANT_FLAGS its kernels may still use; "all"
+# and "default" lift the cap. AVX2_VNNI is VNNI on 256-bit registers, not AVX-512 VNNI.
+_AVX2 = ("avx2", "fma")
+_AVX512 = (*_AVX2, "avx512f")
+_AVX512_VNNI = (*_AVX512, "avx512_vnni")
+_AVX512_BF16 = (*_AVX512_VNNI, "avx512_bf16")
+ISA_CAPS: dict[str, tuple[str, ...]] = {
+    "sse41": (),
+    "avx": (),
+    "avx2": _AVX2,
+    "avx2_vnni": _AVX2,
+    "avx2_vnni_2": _AVX2,
+    "avx512_core": _AVX512,
+    "avx512_core_vnni": _AVX512_VNNI,
+    "avx512_core_bf16": _AVX512_BF16,
+    "avx512_core_fp16": _AVX512_BF16,
+    "avx10_1_512": _AVX512_BF16,
+    **dict.fromkeys(
+        ("avx512_core_amx", "avx512_core_amx_fp16", "avx10_1_512_amx", "avx10_1_512_amx_fp16", "all", "default"),
+        RELEVANT_FLAGS,
+    ),
+}
+
 
 @dataclass(frozen=True)
 class CpuInfo:
-    model: str
+    model: str  # the CPU's name, and the cap on its kernels where $ONEDNN_MAX_CPU_ISA sets one
     flags: tuple[str, ...]  # the RELEVANT_FLAGS this CPU has (or $GLYPH_ENGINE_CPU_FLAGS says it has)
     cores: int  # usable by this process
 
@@ -71,14 +100,41 @@ def detected_cpu() -> CpuInfo:
 
 
 def cpu_info() -> CpuInfo:
-    """This CPU, with the flags $GLYPH_ENGINE_CPU_FLAGS gives in place of the detected ones."""
-    detected = detected_cpu()
+    """This CPU as its kernels see it (capped by $ONEDNN_MAX_CPU_ISA), with the flags
+    $GLYPH_ENGINE_CPU_FLAGS gives in place of the detected ones."""
+    detected = capped(detected_cpu(), os.environ.get(ISA_CAP_VAR, ""))
     forced = os.environ.get(ENV_VAR)
     if forced is None:
         return detected
     flags = forced_flags(forced)
     _warn_if_claimed(flags, detected.flags)
     return CpuInfo(model=detected.model, flags=flags, cores=detected.cores)
+
+
+def capped(cpu: CpuInfo, cap: str) -> CpuInfo:
+    """`cpu` with the flags above oneDNN's ISA cap `cap` removed ("", "all", "default": no cap)."""
+    name = cap.strip().lower()
+    if not name:
+        return cpu
+    allowed = ISA_CAPS.get(name)
+    if allowed is None:
+        _warn_unknown_cap(cap)
+        return cpu
+    flags = tuple(f for f in cpu.flags if f in allowed)
+    if flags == cpu.flags:
+        return cpu  # a cap at or above this CPU: its kernels run as without one
+    return CpuInfo(model=f"{cpu.model} (kernels capped at {name} by ${ISA_CAP_VAR})", flags=flags, cores=cpu.cores)
+
+
+@lru_cache(maxsize=None)
+def _warn_unknown_cap(cap: str) -> None:
+    logger.warning(
+        "%s=%s is not an ISA name oneDNN knows, so PyTorch's and OpenVINO's kernels ignore it and so does "
+        "glyph-engine; use one of %s, or unset it.",
+        ISA_CAP_VAR,
+        cap,
+        ", ".join(ISA_CAPS),
+    )
 
 
 def forced_flags(text: str) -> tuple[str, ...]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cpu_kinds import CPU_FLAGS_VAR, CPU_KINDS
+from cpu_kinds import CPU_FLAGS_VAR, CPU_KINDS, KERNEL_CAPS
 from factories import make_glyffuser_folder, make_text_encoder_folder
 
 
@@ -96,21 +96,24 @@ def pytest_addoption(parser):
     parser.addoption(
         "--cpu-kind",
         choices=sorted(CPU_KINDS),
-        help="Run as on that kind of CPU: glyph-engine sees only its flags ($GLYPH_ENGINE_CPU_FLAGS, which "
-        "subprocesses inherit). Default: this CPU's own flags.",
+        help="Run as on that kind of CPU: glyph-engine sees only its flags ($GLYPH_ENGINE_CPU_FLAGS) and "
+        "PyTorch's and OpenVINO's kernels are capped at its instructions ($ONEDNN_MAX_CPU_ISA, "
+        "$ATEN_CPU_CAPABILITY); subprocesses inherit both. Default: this CPU's own flags and kernels.",
     )
 
 
 def pytest_configure(config):
     kind = config.getoption("--cpu-kind")
     if kind is not None:
-        os.environ[CPU_FLAGS_VAR] = CPU_KINDS[kind]
+        # Before any kernel runs: both libraries read their cap once, at their first kernel.
+        os.environ.update({CPU_FLAGS_VAR: CPU_KINDS[kind], **KERNEL_CAPS[kind]})
 
 
 def pytest_report_header(config):
     forced = os.environ.get(CPU_FLAGS_VAR)
     kind = config.getoption("--cpu-kind") or ("forced" if forced is not None else "this CPU's own flags")
-    return f"cpu kind: {kind}" + (f" ({CPU_FLAGS_VAR}={forced})" if forced is not None else "")
+    caps = ", ".join(f"{k}={os.environ[k]}" for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY") if k in os.environ)
+    return f"cpu kind: {kind}" + (f" ({CPU_FLAGS_VAR}={forced})" if forced is not None else "") + (f"; {caps}" if caps else "")
 
 
 def pytest_collection_modifyitems(config, items):

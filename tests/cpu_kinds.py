@@ -9,4 +9,12 @@ CPU_KINDS = {
     "avx512": "avx2,fma,avx512f,avx512_vnni",
     "avx512-bf16": "avx2,fma,avx512f,avx512_vnni,avx512_bf16",
 }
+# The same kinds as caps on the kernels PyTorch and OpenVINO pick: oneDNN's (both libraries
+# use it) and ATen's vectorised loops. On a CPU above the kind the suite then runs that kind's
+# kernels too, not only its choices; on one below, a cap above it changes nothing.
+KERNEL_CAPS = {
+    "avx2": {"ONEDNN_MAX_CPU_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2"},
+    "avx512": {"ONEDNN_MAX_CPU_ISA": "avx512_core_vnni", "ATEN_CPU_CAPABILITY": "avx512"},
+    "avx512-bf16": {"ONEDNN_MAX_CPU_ISA": "avx512_core_bf16", "ATEN_CPU_CAPABILITY": "avx512"},
+}
 CPU_FLAGS_VAR = "GLYPH_ENGINE_CPU_FLAGS"  # spelled out, not imported: the tests check glyph_engine.cpu

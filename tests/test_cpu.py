@@ -1,7 +1,12 @@
-"""CPU feature detection: /proc/cpuinfo texts of this project's CPU kinds, and the
-$GLYPH_ENGINE_CPU_FLAGS setting that masks or fakes them."""
+"""CPU feature detection: /proc/cpuinfo texts of this project's CPU kinds, the
+$GLYPH_ENGINE_CPU_FLAGS setting that masks or fakes them, and the kernels' own cap
+($ONEDNN_MAX_CPU_ISA) that glyph-engine follows."""
 
+import json
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,7 +14,7 @@ import pytest
 from glyph_engine import cpu
 from glyph_engine.errors import GlyphEngineError
 
-from cpu_kinds import CPU_KINDS
+from cpu_kinds import CPU_KINDS, KERNEL_CAPS
 
 
 def cpuinfo(model: str, flags: str, processors: int = 2) -> str:
@@ -83,12 +88,14 @@ def test_parse_cpuinfo_without_flags():
 
 def test_detected_flags_are_this_machines(monkeypatch):
     monkeypatch.delenv(cpu.ENV_VAR, raising=False)
+    monkeypatch.delenv(cpu.ISA_CAP_VAR, raising=False)
     flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     assert set(cpu.cpu_info().flags) == set(flags.partition(":")[2].split()) & set(cpu.RELEVANT_FLAGS)
 
 
 @pytest.mark.parametrize("kind", sorted(CPU_KINDS))
 def test_the_setting_replaces_the_flags(monkeypatch, kind):
+    monkeypatch.delenv(cpu.ISA_CAP_VAR, raising=False)
     monkeypatch.setenv(cpu.ENV_VAR, CPU_KINDS[kind])
     info = cpu.cpu_info()
     assert set(info.flags) == set(CPU_KINDS[kind].split(","))
@@ -136,3 +143,90 @@ def test_info_says_when_the_flags_are_forced(monkeypatch):
     assert "forced" not in dict(environment())["cpu"]
     monkeypatch.setenv(cpu.ENV_VAR, "avx2,fma")
     assert dict(environment())["cpu"].endswith("(avx2, fma; forced by $GLYPH_ENGINE_CPU_FLAGS)")
+
+
+AMX_XEON = cpu.CpuInfo("Intel Xeon", cpu.RELEVANT_FLAGS, 2)
+
+
+@pytest.mark.parametrize(
+    ("cap", "flags"),
+    [
+        ("AVX2", ("avx2", "fma")),
+        ("avx512_core", ("avx2", "fma", "avx512f")),
+        ("avx512_core_vnni", ("avx2", "fma", "avx512f", "avx512_vnni")),
+        ("AVX512_CORE_BF16", ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16")),
+        ("avx", ()),
+    ],
+)
+def test_the_kernels_cap_masks_the_flags_above_it(monkeypatch, cap, flags):
+    """$ONEDNN_MAX_CPU_ISA keeps PyTorch's and OpenVINO's kernels below a level; glyph-engine then
+    chooses as on such a CPU (no bf16 under an AVX2 cap), and names the cap with the CPU."""
+    monkeypatch.delenv(cpu.ENV_VAR, raising=False)
+    monkeypatch.setattr(cpu, "detected_cpu", lambda: AMX_XEON)
+    monkeypatch.setenv(cpu.ISA_CAP_VAR, cap)
+    info = cpu.cpu_info()
+    assert info.flags == flags and info.cores == 2
+    assert info.has_bf16 == ("avx512_bf16" in flags)
+    assert info.model == f"Intel Xeon (kernels capped at {cap.lower()} by $ONEDNN_MAX_CPU_ISA)"
+
+
+@pytest.mark.parametrize("cap", ["", "all", "DEFAULT", "avx512_core_amx"])
+def test_no_cap_or_one_above_the_cpu_changes_nothing(monkeypatch, cap):
+    monkeypatch.delenv(cpu.ENV_VAR, raising=False)
+    monkeypatch.setattr(cpu, "detected_cpu", lambda: AMX_XEON)
+    monkeypatch.setenv(cpu.ISA_CAP_VAR, cap)
+    assert cpu.cpu_info() == AMX_XEON
+
+
+def test_an_unknown_cap_is_ignored_with_a_warning(monkeypatch, caplog):
+    """oneDNN ignores a name it does not know, so the kernels run uncapped: glyph-engine must too."""
+    monkeypatch.delenv(cpu.ENV_VAR, raising=False)
+    monkeypatch.setattr(cpu, "detected_cpu", lambda: AMX_XEON)
+    monkeypatch.setenv(cpu.ISA_CAP_VAR, "avx3")
+    cpu._warn_unknown_cap.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="glyph_engine.cpu"):
+        assert cpu.cpu_info() == AMX_XEON
+    assert "ONEDNN_MAX_CPU_ISA=avx3 is not an ISA name oneDNN knows" in caplog.text
+
+
+def test_forced_flags_still_replace_the_capped_ones(monkeypatch):
+    monkeypatch.setattr(cpu, "detected_cpu", lambda: AMX_XEON)
+    monkeypatch.setenv(cpu.ISA_CAP_VAR, "avx2")
+    monkeypatch.setenv(cpu.ENV_VAR, "avx2")
+    assert cpu.cpu_info().flags == ("avx2",)
+
+
+# Compiles one convolution in OpenVINO (in bf16 it gets AMX's kernels where nothing caps them, in
+# fp32 AVX-512's; an AVX2 cap refuses bf16) and reports which kernel OpenVINO chose, ATen's
+# vector level and what glyph-engine makes of the CPU.
+_KERNELS_PROBE = """
+import json, sys, numpy as np, openvino as ov, torch
+from openvino import opset13 as ops
+from glyph_engine.cpu import cpu_info
+x = ops.parameter([8, 32, 16, 16], np.float32)
+w = ops.constant(np.ones((32, 32, 3, 3), np.float32))
+model = ov.Model([ops.convolution(x, w, [1, 1], [1, 1], [1, 1], [1, 1])], [x])
+compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": sys.argv[1]})
+info = [op.get_rt_info() for op in compiled.get_runtime_model().get_ordered_ops()]
+kinds = [i["primitiveType"].astype(str) for i in info if i["layerType"].astype(str) == "Convolution"]
+print(json.dumps({"conv": kinds, "aten": torch.backends.cpu.get_cpu_capability(), "flags": cpu_info().flags}))
+"""
+
+
+def test_the_kernels_run_as_on_the_cpu_kind(cpu_flags):
+    """Under `--cpu-kind` (else as on the AVX2 kind), PyTorch's and OpenVINO's kernels stay at or
+    below the kind's instructions in a fresh process, and glyph-engine sees the kind's flags:
+    the kind runs are that kind's kernels, not only its choices."""
+    kind = next((k for k, flags in CPU_KINDS.items() if os.environ.get(cpu.ENV_VAR) == flags), None)
+    env = os.environ if kind else {**os.environ, **KERNEL_CAPS["avx2"]}
+    hint = "f32" if (kind or "avx2") == "avx2" else "bf16"
+    probe = [sys.executable, "-c", _KERNELS_PROBE, hint]
+    out = subprocess.run(probe, env=env, capture_output=True, text=True, check=True)
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    (conv,) = seen["conv"]
+    assert "amx" not in conv, conv  # no kind has AMX
+    if (kind or "avx2") == "avx2":
+        assert "avx512" not in conv and seen["aten"] in ("AVX2", "DEFAULT"), seen
+        assert set(seen["flags"]) <= {"avx2", "fma"}
+    if kind:
+        assert set(seen["flags"]) == cpu_flags

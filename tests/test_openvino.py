@@ -102,11 +102,16 @@ def test_the_unet_is_compiled_for_each_input_size_it_meets(model, tmp_path, buil
     length = model.prompt_tokenizer(["metal", "water"])[1].shape[1]
     assert sorted(build_count[2:]) == [("fp32", 6, length), ("fp32", 12, length)]
     assert build_count[:2] == ["model", "graph"]
+    from glyph_engine.backends.openvino import compile_config
+
+    # Imported as the backend imports it: OpenVINO's own default precision is bf16 wherever its
+    # CPUID sees BF16 units, even with the kernels capped below them (`--cpu-kind avx2`).
     compiled = ov.Core().import_model(
         (
             tmp_path / openvino_build.sized_key(model, Precision.fp32, (6, length), 1).name / openvino_build.UNET
         ).read_bytes(),
         "CPU",
+        compile_config(Precision.fp32),
     )
     expected = {
         "sample": [6, *model.image_shape],
@@ -226,6 +231,16 @@ def test_precision_needs_the_openvino_backend(model):
         create_backend("torch", model, precision="bf16")
 
 
+@pytest.mark.parametrize("flags", [("avx2", "fma"), ()])
+def test_bf16_below_avx512_is_refused_before_anything_is_built(model, tmp_path, monkeypatch, flags):
+    """OpenVINO has no bf16 kernels there: it would run f32 under the bf16 name, or fail at its
+    first node with a plugin message (seen with the kernels capped at AVX2)."""
+    monkeypatch.setattr(glyph_engine.backend_factory, "cpu_info", lambda: CpuInfo("AMD EPYC 7B12", flags, 2))
+    monkeypatch.setattr(openvino_build, "open_openvino", lambda *a: pytest.fail("opened or built"))
+    with pytest.raises(GlyphEngineError, match="OpenVINO runs bf16 only on CPUs with AVX-512, and this one has none"):
+        create_backend("openvino", model, precision="bf16", cache=ArtifactCache(tmp_path))
+
+
 def test_fp16_is_refused_before_anything_is_built(model, tmp_path, monkeypatch):
     """fp16 once fell through to the int8 build (calibration, quantization) before failing."""
     monkeypatch.setattr(openvino_build, "open_openvino", lambda *a: pytest.fail("opened or built"))
@@ -302,12 +317,14 @@ def embedded(request):
 
 
 @pytest.mark.parametrize("precision, low, limit", [("fp32", 0, 1e-4), ("bf16", 1e-4, MAX_UNET_RELATIVE_ERROR)])
-def test_quality_gate_unet_error_on_real_trajectories(embedded, artifact_cache, precision, low, limit):
+def test_quality_gate_unet_error_on_real_trajectories(embedded, artifact_cache, cpu_flags, precision, low, limit):
     """Each embedded model's U-Net against eager FP32 on what the sampler really feeds it (a
     student's guidance input included). bf16 runs emulated (slowly) on CPUs without BF16
     units, with the same rounding; its error must also be above FP32's, or the path ran in
     FP32 (as a blob imported without its precision hint once did)."""
     model, calls = embedded
+    if precision == "bf16" and "avx512f" not in cpu_flags:
+        pytest.skip("OpenVINO has no bf16 kernels below AVX-512 (refused: test_cli's test_precision_option)")
     backend = create_backend("openvino", model, precision=precision, cache=ArtifactCache(artifact_cache))
     assert backend.precision == precision
 
