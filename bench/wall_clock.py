@@ -18,8 +18,8 @@ its teacher (`--peer-ckpt`, default the embedded glyffuser-small) at 20 steps, a
 glyffuser samples.
 
 `--isa` runs every process, the peer's included, as on a smaller CPU kind: PyTorch's and
-OpenVINO's kernels capped at that instruction set ($ONEDNN_MAX_CPU_ISA, and ATen's
-$ATEN_CPU_CAPABILITY for AVX2), glyph-engine choosing as there (fp32 below BF16). Same cores,
+OpenVINO's kernels capped at that instruction set (`glyph_engine.cpu.kernel_caps`: oneDNN's,
+and for AVX2 ATen's and MKL's), glyph-engine choosing as there (fp32 below BF16). Same cores,
 caches and clock: an estimate of that kind, named as such in the results, not a measurement on it.
 """
 
@@ -34,18 +34,11 @@ import tempfile
 from pathlib import Path
 
 from glyph_engine.checkpoint import load_model
-from glyph_engine.cpu import ISA_CAP_VAR, cpu_info
+from glyph_engine.cpu import cpu_info, kernel_caps
 from glyph_engine.model import DEFAULT_CHECKPOINT, TEACHER_MODEL
 from glyph_engine.startup import time_process
 
 HERE = Path(__file__).resolve().parent
-
-# oneDNN's name of each smaller kind's instructions, and ATen's where its default would be above it.
-KERNEL_CAPS = {
-    "avx2": {ISA_CAP_VAR: "avx2", "ATEN_CPU_CAPABILITY": "avx2"},
-    "avx512_core_vnni": {ISA_CAP_VAR: "avx512_core_vnni"},
-    "avx512_core_bf16": {ISA_CAP_VAR: "avx512_core_bf16"},
-}
 
 
 def main() -> None:
@@ -62,13 +55,14 @@ def main() -> None:
         "and that cold run timed once): for backends whose first use compiles for minutes (inductor)",
     )  # fmt: skip
     parser.add_argument(
-        "--isa", choices=sorted(KERNEL_CAPS), default=None,
+        "--isa", choices=["avx2", "avx512_core_vnni", "avx512_core_bf16"], default=None,
         help="cap every process's kernels at this instruction set, as on that CPU kind (an estimate of it)",
     )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("bench-results/wall-clock.json"))
     args = parser.parse_args()
     # Set here, before any kernel runs, so this process's CPU record and every child follow it.
-    os.environ.update(KERNEL_CAPS.get(args.isa, {}))
+    caps = kernel_caps(args.isa) if args.isa else {}
+    os.environ.update(caps)
     model = load_model(args.ckpt or DEFAULT_CHECKPOINT)
     teacher = load_model(args.peer_ckpt)
     # Decided once here and handed to every process: the peer and generate at the same scale.
@@ -105,7 +99,7 @@ def main() -> None:
         "cpu": cpu.model,
         "cpu_flags": list(cpu.flags),
         "cores": cpu.cores,
-        "kernel_caps": KERNEL_CAPS.get(args.isa, {}),
+        "kernel_caps": caps,
         "command": " ".join([*generate[:-3], "--precision", args.precision]),
         "guidance": guidance,  # the peer's and generate's; generate guides the steps of the model's interval
         "model": {"source": model.source, "sha256": model.sha256, "steps": model.default_steps},

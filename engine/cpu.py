@@ -99,16 +99,35 @@ def detected_cpu() -> CpuInfo:
     )
 
 
+def kernel_cpu() -> CpuInfo:
+    """This CPU as PyTorch's and OpenVINO's kernels see it: capped by $ONEDNN_MAX_CPU_ISA,
+    whatever $GLYPH_ENGINE_CPU_FLAGS says (it changes glyph-engine's choices, not the kernels)."""
+    return capped(detected_cpu(), os.environ.get(ISA_CAP_VAR, ""))
+
+
 def cpu_info() -> CpuInfo:
-    """This CPU as its kernels see it (capped by $ONEDNN_MAX_CPU_ISA), with the flags
-    $GLYPH_ENGINE_CPU_FLAGS gives in place of the detected ones."""
-    detected = capped(detected_cpu(), os.environ.get(ISA_CAP_VAR, ""))
+    """This CPU as its kernels see it (`kernel_cpu`), with the flags $GLYPH_ENGINE_CPU_FLAGS
+    gives in place of those."""
+    detected = kernel_cpu()
     forced = os.environ.get(ENV_VAR)
     if forced is None:
         return detected
     flags = forced_flags(forced)
     _warn_if_claimed(flags, detected.flags)
     return CpuInfo(model=detected.model, flags=flags, cores=detected.cores)
+
+
+def kernel_caps(isa: str) -> dict[str, str]:
+    """The environment that caps PyTorch's and OpenVINO's kernels at oneDNN's ISA `isa` (a key
+    of ISA_CAPS), to be set before either runs a kernel: oneDNN's own cap, which both follow,
+    and below AVX-512 those of PyTorch's vector loops (ATen) and of MKL (its fp32 matrix
+    products), which do not follow oneDNN's."""
+    caps = {ISA_CAP_VAR: isa}
+    if "avx512f" not in ISA_CAPS[isa]:
+        avx2 = "avx2" in ISA_CAPS[isa]
+        caps["ATEN_CPU_CAPABILITY"] = "avx2" if avx2 else "default"
+        caps["MKL_ENABLE_INSTRUCTIONS"] = "AVX2" if avx2 else "SSE4_2"
+    return caps
 
 
 def capped(cpu: CpuInfo, cap: str) -> CpuInfo:

@@ -15,7 +15,7 @@ from typing import TypeVar
 
 import torch
 
-from glyph_engine.cpu import detected_cpu
+from glyph_engine.cpu import kernel_cpu
 
 T = TypeVar("T")
 
@@ -75,9 +75,10 @@ def matmul_peak(device: torch.device | str, precision: str, repeats: int = 5) ->
 
     A U-Net's rate is only comparable with the peak of the precision it computes in: a bf16
     U-Net divided by the fp32 rate reads above 100%. On a CPU, bf16 and int8 are measured only
-    where the CPU has units for them (detected, not $GLYPH_ENGINE_CPU_FLAGS: the kernels run
-    on the real CPU), and int8 only when torch's int8 product beats the CPU's fastest float
-    one, i.e. uses those units; otherwise the peak is None and its note says why.
+    where the CPU has units for them as its kernels see it (`kernel_cpu`: capped by
+    $ONEDNN_MAX_CPU_ISA, not masked by $GLYPH_ENGINE_CPU_FLAGS), and int8 only when torch's
+    int8 product beats the CPU's fastest float one, i.e. uses those units; otherwise the peak
+    is None and its note says why.
     """
     device = torch.device(device)
     size, per_call = MATMUL_SHAPES["cuda" if device.type == "cuda" else "cpu"]
@@ -87,7 +88,7 @@ def matmul_peak(device: torch.device | str, precision: str, repeats: int = 5) ->
 
     if precision not in _DTYPES:
         raise ValueError(f"unknown precision {precision!r}; one of {', '.join(_DTYPES)}")
-    cpu = detected_cpu()
+    cpu = kernel_cpu()
     if device.type == "cpu":
         if precision == "fp16":
             return unmeasured("no backend computes in fp16 on a CPU")

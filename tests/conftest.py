@@ -112,8 +112,9 @@ def pytest_configure(config):
 def pytest_report_header(config):
     forced = os.environ.get(CPU_FLAGS_VAR)
     kind = config.getoption("--cpu-kind") or ("forced" if forced is not None else "this CPU's own flags")
-    caps = ", ".join(f"{k}={os.environ[k]}" for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY") if k in os.environ)
-    return f"cpu kind: {kind}" + (f" ({CPU_FLAGS_VAR}={forced})" if forced is not None else "") + (f"; {caps}" if caps else "")
+    caps = ", ".join(f"{k}={v}" for k, v in os.environ.items() if k in {k for c in KERNEL_CAPS.values() for k in c})
+    header = f"cpu kind: {kind}" + (f" ({CPU_FLAGS_VAR}={forced})" if forced is not None else "")
+    return header + (f"; kernels capped: {caps}" if caps else "")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -299,7 +299,7 @@ def test_each_row_is_held_to_the_peak_of_its_own_precision(model, monkeypatch):
 def test_no_peak_without_the_units_of_its_precision(monkeypatch):
     """bf16 and int8 on a CPU without their units, and fp16 on a CPU, get no peak (and nothing
     is timed): dividing by an emulated rate would flatter a backend."""
-    monkeypatch.setattr(timing, "detected_cpu", lambda: CpuInfo(model="x", flags=("avx2", "fma"), cores=2))
+    monkeypatch.setattr(timing, "kernel_cpu", lambda: CpuInfo(model="x", flags=("avx2", "fma"), cores=2))
     monkeypatch.setattr(timing, "median_seconds", lambda *_, **__: pytest.fail("nothing should be timed"))
     for precision in ("bf16", "int8", "fp16"):
         peak = matmul_peak("cpu", precision)
@@ -308,7 +308,7 @@ def test_no_peak_without_the_units_of_its_precision(monkeypatch):
 
 def test_an_int8_product_no_faster_than_the_floats_beside_it_is_no_int8_peak(monkeypatch):
     cpu = CpuInfo(model="x", flags=("avx512_bf16", "avx512_vnni"), cores=2)
-    monkeypatch.setattr(timing, "detected_cpu", lambda: cpu)
+    monkeypatch.setattr(timing, "kernel_cpu", lambda: cpu)
     rates = {torch.int8: 300e9, torch.bfloat16: 400e9}
     monkeypatch.setattr(timing, "_timed_products", lambda device, dtype, *_: rates[dtype])
     slow = matmul_peak("cpu", "int8")

@@ -189,11 +189,22 @@ def test_an_unknown_cap_is_ignored_with_a_warning(monkeypatch, caplog):
     assert "ONEDNN_MAX_CPU_ISA=avx3 is not an ISA name oneDNN knows" in caplog.text
 
 
-def test_forced_flags_still_replace_the_capped_ones(monkeypatch):
+def test_forced_flags_replace_the_capped_ones_for_choices_not_for_kernels(monkeypatch):
     monkeypatch.setattr(cpu, "detected_cpu", lambda: AMX_XEON)
-    monkeypatch.setenv(cpu.ISA_CAP_VAR, "avx2")
+    monkeypatch.setenv(cpu.ISA_CAP_VAR, "avx512_core")
     monkeypatch.setenv(cpu.ENV_VAR, "avx2")
     assert cpu.cpu_info().flags == ("avx2",)
+    assert cpu.kernel_cpu().flags == ("avx2", "fma", "avx512f")  # what the matmul peaks are measured on
+
+
+def test_kernel_caps_below_avx512_also_cap_aten_and_mkl():
+    """PyTorch's vector loops and MKL's fp32 products ignore oneDNN's cap: an AVX2 kind left
+    them on AVX-512 (a 2-core Xeon's fp32 matmul ran at 331 GFLOP/s so, 200 with MKL capped)."""
+    assert cpu.kernel_caps("avx2") == {
+        "ONEDNN_MAX_CPU_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"
+    }  # fmt: skip
+    assert cpu.kernel_caps("avx512_core_bf16") == {"ONEDNN_MAX_CPU_ISA": "avx512_core_bf16"}
+    assert cpu.kernel_caps("avx")["MKL_ENABLE_INSTRUCTIONS"] == "SSE4_2"
 
 
 # Compiles one convolution in OpenVINO (in bf16 it gets AMX's kernels where nothing caps them, in

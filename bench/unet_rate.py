@@ -1,0 +1,93 @@
+"""The U-Net's rate against this CPU's matrix-multiply peak, as `generate` runs it, for the
+embedded model and the full-size glyffuser configuration, in one run.
+
+    python bench/unet_rate.py [--sizes small,full] [--repeats 3] [--out bench-results/unet-rate.json]
+
+Each model runs through the engine's own route (`Session`, backend and precision `auto`, a
+cache of its own), one U-Net call at the rows one round of `generate` gives it: 128 and 64
+for the embedded 32x32 model (its guided and unguided steps at `-n 64`), 4 for the full-size
+128x128 one (a round holds as many pixels as 64 small glyphs). Its FLOPs (torch's counter)
+over the call's median time, against the same run's matmul peak in the precision the backend
+runs (`timing.matmul_peak`). The full-size model has random weights: speed does not depend
+on their values. The CPU, its flags and any cap on its kernels are recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from glyph_engine.benchmark import unet_flops_per_image
+from glyph_engine.checkpoint import load_model
+from glyph_engine.cpu import kernel_cpu
+from glyph_engine.model import GLYFFUSER_UNET_CONFIG, TEACHER_CHECKPOINT
+from glyph_engine.session import ModelSource, Session
+from glyph_engine.timing import matmul_peak, median_seconds
+
+from factories import T5_SMALL_CONFIG, make_glyffuser_folder, make_text_encoder_folder
+
+ROWS = {"small": (128, 64), "full": (4,)}
+
+
+def load(size: str, root: Path):
+    if size == "small":
+        return load_model(TEACHER_CHECKPOINT)
+    ckpt = make_glyffuser_folder(root / "glyffuser", GLYFFUSER_UNET_CONFIG)
+    return load_model(ckpt, str(make_text_encoder_folder(root / "t5", T5_SMALL_CONFIG)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="small,full")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("bench-results/unet-rate.json"))
+    args = parser.parse_args()
+    rows, peaks = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in args.sizes.split(","):
+            model = load(size, Path(tmp) / size)
+            backend = Session.load(ModelSource(cache_dir=Path(tmp) / f"cache-{size}"), model=model).backend
+            ids, mask = model.prompt_tokenizer(["metal"])
+            text = backend.encode_text(ids, mask)
+            flops = unet_flops_per_image(model, text_length=ids.shape[1])
+            for batch in ROWS[size]:
+                x = torch.randn(batch, *model.image_shape, generator=torch.Generator().manual_seed(0))
+                texts, masks = text.expand(batch, -1, -1), mask.expand(batch, -1)
+                # The first call compiles this size (OpenVINO): a warm-up, not timed.
+                call = lambda b=backend, x=x, t=texts, m=masks: b.denoise(x, 500, t, m)  # noqa: E731
+                seconds = median_seconds(call, args.repeats, warmup=1, device="cpu")
+                if backend.precision not in peaks:
+                    peaks[backend.precision] = matmul_peak("cpu", backend.precision)
+                peak = peaks[backend.precision].flops_per_s
+                rate = flops * batch / seconds
+                rows.append({
+                    "model": size, "image": list(model.image_shape), "rows": batch, "backend": backend.name,
+                    "precision": backend.precision, "gflop_per_image": flops / 1e9, "call_s": seconds,
+                    "gflop_per_s": rate / 1e9, "of_peak": None if peak is None else rate / peak,
+                })  # fmt: skip
+                print(json.dumps(rows[-1]))
+    cpu = kernel_cpu()
+    report = {
+        "cpu": cpu.model, "cpu_flags": list(cpu.flags), "cores": cpu.cores, "torch": torch.__version__,
+        "peaks_gflop_per_s": {p: None if k.flops_per_s is None else k.flops_per_s / 1e9 for p, k in peaks.items()},
+        "rows": rows,
+    }  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"CPU: {cpu.model}, {cpu.cores} cores; peaks (GFLOP/s): {report['peaks_gflop_per_s']}")
+    print("| model | rows | backend | precision | GFLOP/image | call (s) | GFLOP/s | of its precision's peak |")
+    print("| --- | ---: | --- | --- | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        share = "-" if r["of_peak"] is None else f"{r['of_peak']:.1%}"
+        print(
+            f"| {r['model']} | {r['rows']} | {r['backend']} | {r['precision']} | {r['gflop_per_image']:.2f} | "
+            f"{r['call_s']:.3f} | {r['gflop_per_s']:.0f} | {share} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
