@@ -1,7 +1,7 @@
 """The U-Net's rate against this CPU's matrix-multiply peak, as `generate` runs it, for the
 embedded model and the full-size glyffuser configuration, in one run.
 
-    python bench/unet_rate.py [--sizes small,full] [--repeats 3] [--out bench-results/unet-rate.json]
+    python bench/unet_rate.py [--sizes small,full] [--isa avx2] [--repeats 3] [--out bench-results/unet-rate.json]
 
 Each model runs through the engine's own route (`Session`, backend and precision `auto`, a
 cache of its own), one U-Net call at the rows one round of `generate` gives it: 128 and 64
@@ -9,13 +9,16 @@ for the embedded 32x32 model (its guided and unguided steps at `-n 64`), 4 for t
 128x128 one (a round holds as many pixels as 64 small glyphs). Its FLOPs (torch's counter)
 over the call's median time, against the same run's matmul peak in the precision the backend
 runs (`timing.matmul_peak`). The full-size model has random weights: speed does not depend
-on their values. The CPU, its flags and any cap on its kernels are recorded.
+on their values. `--isa` caps the kernels at a smaller CPU kind's instructions, as
+`bench/wall_clock.py --isa` does (an estimate of that kind). The CPU, its flags and any cap on
+its kernels are recorded.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -23,7 +26,7 @@ import torch
 
 from glyph_engine.benchmark import unet_flops_per_image
 from glyph_engine.checkpoint import load_model
-from glyph_engine.cpu import kernel_cpu
+from glyph_engine.cpu import kernel_caps, kernel_cpu
 from glyph_engine.model import GLYFFUSER_UNET_CONFIG, TEACHER_CHECKPOINT
 from glyph_engine.session import ModelSource, Session
 from glyph_engine.timing import matmul_peak, median_seconds
@@ -44,8 +47,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="small,full")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--isa", choices=["avx2", "avx512_core_vnni", "avx512_core_bf16"], default=None)
     parser.add_argument("--out", type=Path, default=Path("bench-results/unet-rate.json"))
     args = parser.parse_args()
+    caps = kernel_caps(args.isa) if args.isa else {}
+    os.environ.update(caps)  # before any kernel runs: each library reads its cap once
     rows, peaks = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes.split(","):
@@ -72,7 +78,8 @@ def main() -> None:
                 print(json.dumps(rows[-1]))
     cpu = kernel_cpu()
     report = {
-        "cpu": cpu.model, "cpu_flags": list(cpu.flags), "cores": cpu.cores, "torch": torch.__version__,
+        "cpu": cpu.model, "cpu_flags": list(cpu.flags), "cores": cpu.cores, "kernel_caps": caps,
+        "torch": torch.__version__,
         "peaks_gflop_per_s": {p: None if k.flops_per_s is None else k.flops_per_s / 1e9 for p, k in peaks.items()},
         "rows": rows,
     }  # fmt: skip
