@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -31,7 +32,8 @@ from glyph_engine.model import GLYFFUSER_UNET_CONFIG, TEACHER_CHECKPOINT
 from glyph_engine.session import ModelSource, Session
 from glyph_engine.timing import matmul_peak, median_seconds
 
-from factories import T5_SMALL_CONFIG, make_glyffuser_folder, make_text_encoder_folder
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the full-size model's factories
+from factories import T5_SMALL_CONFIG, make_glyffuser_folder, make_text_encoder_folder  # noqa: E402
 
 ROWS = {"small": (128, 64), "full": (4,)}
 
