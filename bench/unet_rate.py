@@ -17,6 +17,7 @@ its kernels are recorded.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -27,7 +28,7 @@ import torch
 
 from glyph_engine.benchmark import unet_flops_per_image
 from glyph_engine.checkpoint import load_model
-from glyph_engine.cpu import kernel_caps, kernel_cpu
+from glyph_engine.cpu import CPU_KIND_ISAS, kernel_caps, kernel_cpu
 from glyph_engine.model import GLYFFUSER_UNET_CONFIG, TEACHER_CHECKPOINT
 from glyph_engine.session import ModelSource, Session
 from glyph_engine.timing import matmul_peak, median_seconds
@@ -49,7 +50,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="small,full")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--isa", choices=["avx2", "avx512_core_vnni", "avx512_core_bf16"], default=None)
+    parser.add_argument("--isa", choices=sorted(CPU_KIND_ISAS.values()), default=None)
     parser.add_argument("--out", type=Path, default=Path("bench-results/unet-rate.json"))
     args = parser.parse_args()
     caps = kernel_caps(args.isa) if args.isa else {}
@@ -66,7 +67,7 @@ def main() -> None:
                 x = torch.randn(batch, *model.image_shape, generator=torch.Generator().manual_seed(0))
                 texts, masks = text.expand(batch, -1, -1), mask.expand(batch, -1)
                 # The first call compiles this size (OpenVINO): a warm-up, not timed.
-                call = lambda b=backend, x=x, t=texts, m=masks: b.denoise(x, 500, t, m)  # noqa: E731
+                call = functools.partial(backend.denoise, x, 500, texts, masks)
                 seconds = median_seconds(call, args.repeats, warmup=1, device="cpu")
                 if backend.precision not in peaks:
                     peaks[backend.precision] = matmul_peak("cpu", backend.precision)

@@ -34,7 +34,7 @@ import tempfile
 from pathlib import Path
 
 from glyph_engine.checkpoint import load_model
-from glyph_engine.cpu import cpu_info, kernel_caps
+from glyph_engine.cpu import CPU_KIND_ISAS, cpu_info, kernel_caps
 from glyph_engine.model import DEFAULT_CHECKPOINT, TEACHER_MODEL
 from glyph_engine.startup import time_process
 
@@ -55,7 +55,7 @@ def main() -> None:
         "and that cold run timed once): for backends whose first use compiles for minutes (inductor)",
     )  # fmt: skip
     parser.add_argument(
-        "--isa", choices=["avx2", "avx512_core_vnni", "avx512_core_bf16"], default=None,
+        "--isa", choices=sorted(CPU_KIND_ISAS.values()), default=None,
         help="cap every process's kernels at this instruction set, as on that CPU kind (an estimate of it)",
     )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("bench-results/wall-clock.json"))

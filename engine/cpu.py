@@ -56,6 +56,10 @@ ISA_CAPS: dict[str, tuple[str, ...]] = {
     ),
 }
 
+# The smaller CPU kinds of this project's machines (`pytest --cpu-kind`), by oneDNN's name of
+# their instructions: what `kernel_caps` takes to run a process as on one of them.
+CPU_KIND_ISAS = {"avx2": "avx2", "avx512": "avx512_core_vnni", "avx512-bf16": "avx512_core_bf16"}
+
 
 @dataclass(frozen=True)
 class CpuInfo:

@@ -112,7 +112,8 @@ def pytest_configure(config):
 def pytest_report_header(config):
     forced = os.environ.get(CPU_FLAGS_VAR)
     kind = config.getoption("--cpu-kind") or ("forced" if forced is not None else "this CPU's own flags")
-    caps = ", ".join(f"{k}={v}" for k, v in os.environ.items() if k in {k for c in KERNEL_CAPS.values() for k in c})
+    names = {name for caps in KERNEL_CAPS.values() for name in caps}
+    caps = ", ".join(f"{k}={v}" for k, v in os.environ.items() if k in names)
     header = f"cpu kind: {kind}" + (f" ({CPU_FLAGS_VAR}={forced})" if forced is not None else "")
     return header + (f"; kernels capped: {caps}" if caps else "")
 

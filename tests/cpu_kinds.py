@@ -1,7 +1,7 @@
 """The CPU kinds the suite runs as (`pytest --cpu-kind`): a helper module, since `conftest`
 names two modules (tests/ and bench/) when both folders are collected."""
 
-from glyph_engine.cpu import kernel_caps
+from glyph_engine.cpu import CPU_KIND_ISAS, kernel_caps
 
 # The CPUs of this project's machines, as the $GLYPH_ENGINE_CPU_FLAGS that makes glyph-engine
 # choose as it would there (precision, cache keys): AMD EPYC with AVX2 only; Intel Xeon with
@@ -14,8 +14,5 @@ CPU_KINDS = {
 # The same kinds as caps on the kernels PyTorch and OpenVINO pick (`kernel_caps`): on a CPU
 # above the kind the suite then runs that kind's kernels too, not only its choices; on one
 # below, a cap above it changes nothing.
-KERNEL_CAPS = {
-    kind: kernel_caps(isa)
-    for kind, isa in {"avx2": "avx2", "avx512": "avx512_core_vnni", "avx512-bf16": "avx512_core_bf16"}.items()
-}
+KERNEL_CAPS = {kind: kernel_caps(CPU_KIND_ISAS[kind]) for kind in CPU_KINDS}
 CPU_FLAGS_VAR = "GLYPH_ENGINE_CPU_FLAGS"  # spelled out, not imported: the tests check glyph_engine.cpu

@@ -142,18 +142,15 @@ def test_overload_gets_503_with_retry_after_not_a_longer_queue(server):
     def client(i: int) -> requests.Response:
         return server.post({"prompt": "metal", "n": 16, "seed": i, "steps": 5})
 
-    def overload() -> tuple[list[requests.Response], dict]:
-        before = server.metrics()
-        with ThreadPoolExecutor(12) as pool:  # 192 images against a queue of 64
-            return list(pool.map(client, range(12))), before
-
     # Every batch the overload can form (16 to 64 images) once first: a size the replica has
     # not met compiles the U-Net for it, and that time would count as sampling in the rate
     # below but not in the one Retry-After uses. A first overload left some sizes out, by chance.
     for n in (64, 48, 32):
         assert server.post({"prompt": "metal", "n": n, "seed": 99, "steps": 5}).status_code == 200
     assert client(99).status_code == 200  # a run of this size and steps: Retry-After's time per image-step
-    replies, before = overload()
+    before = server.metrics()
+    with ThreadPoolExecutor(12) as pool:  # 192 images against a queue of 64
+        replies = list(pool.map(client, range(12)))
     refused = [r for r in replies if r.status_code == 503]
     assert refused and all(r.status_code in (200, 503) for r in replies)
     assert all("busy" in r.json()["error"] for r in refused)
