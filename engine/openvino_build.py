@@ -2,7 +2,8 @@
 imports them into `glyph_engine.backends.openvino`):
 - the model's entry: the T5 encoder compiled for this CPU;
 - the U-Net traced to ONNX (its graph for any input size), an entry of its own: read only to
-  compile a size not met before, so a warm start does not read and hash its 18 MB;
+  compile a size not met before, so a warm start does not read and hash its 18 MB. In fp32
+  its GroupNorms are traced as per-channel sums (`graph_form`);
 - one entry per U-Net input size met (rows, text length) and precision: the graph compiled
   for exactly that size, which runs 1.2-1.5x faster than one compiled for any size
   (docs/bench-cpu.md). Compiling one takes under a second and never needs torch's model;
@@ -16,6 +17,7 @@ pipeline, so it lives here rather than in the backend, which only loads and runs
 
 from __future__ import annotations
 
+import copy
 import functools
 import io
 import logging
@@ -41,6 +43,7 @@ from glyph_engine.backends.openvino import (
 from glyph_engine.cache import Artifact, ArtifactCache, ArtifactKey
 from glyph_engine.cpu import cpu_info
 from glyph_engine.errors import GlyphEngineError
+from glyph_engine.group_norm import use_sums_group_norm
 from glyph_engine.model import Glyffuser
 from glyph_engine.quality import (
     CALIBRATION_PROMPTS,
@@ -58,9 +61,13 @@ from glyph_engine.to_onnx import TextEncoderForExport, UNetForExport, export_onn
 logger = logging.getLogger(__name__)
 
 KIND = "openvino"
-GRAPH_KIND = "openvino-graph"  # the U-Net's ONNX graph
+GRAPH_KIND = "openvino-graph"  # the U-Net's ONNX graph ("-fp32": fp32's, `graph_form`)
+# How far the U-Net with GroupNorm as sums may stray from torch's GroupNorm, relative to the
+# output's largest value: fp32 rounding gives about 2e-7 on the embedded models; groups whose
+# mean is many standard deviations from zero make E[x^2] - E[x]^2 lose more (3e-4 at 30).
+SUMS_TOLERANCE = 1e-5
 SIZED_KIND = "openvino-unet"  # entries of the U-Net compiled for one input size
-BUILD_FORMAT = 3  # bump when what a build does changes: older entries are then not used
+BUILD_FORMAT = 4  # bump when what a build does changes: older entries are then not used
 UNET_GRAPH, UNET, TEXT_ENCODER = "unet.onnx", "unet.blob", "text_encoder.blob"
 # Sized U-Net entries kept in a cache (about 19 MB each for the embedded model): generate's
 # sizes and a serve replica's batch sizes, for a few prompt lengths.
@@ -92,9 +99,25 @@ def sized_key(model: Glyffuser, precision: Precision, size: tuple[int, int], str
     return replace(artifact_key(model, precision), kind=f"{SIZED_KIND}-{rows}x{length}-{streams}s")
 
 
-def graph_key(model: Glyffuser) -> ArtifactKey:
-    """The entry of the U-Net's ONNX graph, for any input size."""
-    return replace(artifact_key(model, Precision.fp32), kind=GRAPH_KIND)
+def graph_form(precision: Precision) -> str:
+    """How the U-Net's graph at `precision` computes its GroupNorms: "sums" in fp32, where they
+    agree with torch's on the model (`_sums_unet`; the graph entry's meta says which was
+    traced), else "torch" (torch's GroupNorm as the ONNX exporter writes it).
+
+    "sums" (`glyph_engine.group_norm`) has no reshape to groups, so OpenVINO keeps the
+    convolutions' channels-last layout through it instead of reordering each norm's input
+    and output: 1.04-1.06x per fp32 call on the embedded U-Net, uncapped and with AVX2
+    kernels (docs/bench-cpu.md). Not in bf16: OpenVINO runs the sums' operations in bf16,
+    and E[x^2] - E[x]^2 cancels (errors of 2% at mean 0, and far beyond at a mean of three
+    standard deviations), where its own normalisation keeps float32 statistics. Not for
+    int8: NNCF would quantize the statistics' products."""
+    return "sums" if precision is Precision.fp32 else "torch"
+
+
+def graph_key(model: Glyffuser, precision: Precision) -> ArtifactKey:
+    """The entry of the U-Net's ONNX graph in `precision`'s form, for any input size."""
+    form = graph_form(precision)
+    return replace(artifact_key(model, Precision.fp32), kind=GRAPH_KIND + ("-fp32" if form == "sums" else ""))
 
 
 def open_openvino(
@@ -113,21 +136,24 @@ def open_openvino(
     used = [source]
 
     @functools.cache  # read (and its sha256 checked) once, however many sizes are compiled
-    def graph() -> bytes:
-        return cache.get(graph_key(model), lambda: _build_graph(model, progress)).files[UNET_GRAPH]
+    def graph(precision: Precision) -> bytes:  # in `precision`'s form (`graph_form`)
+        entry = cache.get(graph_key(model, precision), lambda: _build_graph(model, precision, progress))
+        return entry.files[UNET_GRAPH]
 
     if source.source == "built":
-        graph()  # a first run traces the U-Net now, with the rest of its build, not at its first step
+        graph(precision)  # a first run traces the U-Net now, with the rest of its build, not at its first step
     if precision is not Precision.int8:
-        unets = _sized_unets(core, model, cache, graph, precision)
+        unets = _sized_unets(core, model, cache, functools.partial(graph, precision), precision)
         return OpenVINOBackend(unets, text_encoder, precision, unet_split(precision), unet_streams(precision)), used
 
     def build_int8() -> Artifact:
         # The FP32 backend samples the calibration trajectories.
         reference = OpenVINOBackend(
-            _sized_unets(core, model, cache, graph, Precision.fp32), text_encoder, Precision.fp32
+            _sized_unets(core, model, cache, functools.partial(graph, Precision.fp32), Precision.fp32),
+            text_encoder,
+            Precision.fp32,
         )
-        return _build_int8(core, model, graph(), reference, progress)
+        return _build_int8(core, model, graph(Precision.int8), reference, progress)
 
     unet = cache.get(artifact_key(model, Precision.int8), build_int8)
     used.append(unet)
@@ -191,10 +217,12 @@ def int8_gate(model: Glyffuser, cache: ArtifactCache) -> dict | None:
     return meta.get("gate") if meta else None
 
 
-def onnx_bytes(model: Glyffuser, component: str) -> bytes:
-    """The component traced to ONNX in memory, with the export's names and dynamic axes."""
+def onnx_bytes(model: Glyffuser, component: str, unet: torch.nn.Module | None = None) -> bytes:
+    """The component traced to ONNX in memory, with the export's names and dynamic axes;
+    `unet`: a rewritten copy of the U-Net to trace in place of the model's own."""
     if component == "unet":
-        module, spec = UNetForExport(model.unet), unet_spec(model, 1, 1, model.max_text_length)
+        module = UNetForExport(model.unet if unet is None else unet)
+        spec = unet_spec(model, 1, 1, model.max_text_length)
     else:
         module, spec = TextEncoderForExport(model.text_encoder), text_encoder_spec(model, 1, model.max_text_length)
     buffer = io.BytesIO()
@@ -225,12 +253,32 @@ def _build(core: ov.Core, model: Glyffuser, progress: bool) -> Artifact:
     return Artifact(files={TEXT_ENCODER: blob}, meta={"precision": Precision.fp32.value})
 
 
-def _build_graph(model: Glyffuser, progress: bool) -> Artifact:
-    """The U-Net's graph entry: the U-Net traced to ONNX, for any input size."""
+def _build_graph(model: Glyffuser, precision: Precision, progress: bool) -> Artifact:
+    """The U-Net's graph entry: the U-Net traced to ONNX in `precision`'s form, for any input size."""
     with _stages("U-Net graph", 1, progress) as bar:
-        graph = onnx_bytes(model, "unet")
+        unet = _sums_unet(model) if graph_form(precision) == "sums" else None
+        graph = onnx_bytes(model, "unet", unet)
         bar.update()
-    return Artifact(files={UNET_GRAPH: graph}, meta={"precision": Precision.fp32.value})
+    form = "torch" if unet is None else "sums"
+    return Artifact(files={UNET_GRAPH: graph}, meta={"precision": Precision.fp32.value, "group_norm": form})
+
+
+def _sums_unet(model: Glyffuser) -> torch.nn.Module | None:
+    """A copy of the U-Net with its GroupNorms as per-channel sums, if it computes what the
+    U-Net does on this model's weights (within `SUMS_TOLERANCE`, FP32, random images and
+    text); else None, and the graph keeps torch's GroupNorm."""
+    sums = copy.deepcopy(model.unet)
+    use_sums_group_norm(sums)
+    feed = unet_spec(model, 1, 1, model.max_text_length).make_inputs(
+        {"batch": 2, "text_length": min(4, model.max_text_length)}, torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():
+        reference = UNetForExport(model.unet)(*feed.values())
+        error = float((UNetForExport(sums)(*feed.values()) - reference).abs().max() / reference.abs().max())
+    if error <= SUMS_TOLERANCE:
+        return sums
+    logger.info("GroupNorm as sums strays %.1e from torch's on this model: the fp32 graph keeps torch's", error)
+    return None
 
 
 def _build_int8(core: ov.Core, model: Glyffuser, graph: bytes, reference: OpenVINOBackend, progress: bool) -> Artifact:

@@ -115,6 +115,9 @@ PUBLIC_MODULES = {
     # export's own U-Net wrapper (the model as diffusers runs it).
     "glyph_engine.inductor_build",
     "glyph_engine.to_onnx",
+    # Which GroupNorm form the OpenVINO U-Net graph takes (`graph_form`), set by
+    # bench/group_norm_forms.py to time both forms through the engine's own route.
+    "glyph_engine.openvino_build",
     # The radical evaluation and the student's gate, as `eval` runs them.
     "glyph_engine.training.dataset",
     "glyph_engine.training.evaluate",

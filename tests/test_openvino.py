@@ -4,6 +4,7 @@ Numerics are checked against eager PyTorch FP32; the embedded model's quality ga
 relative error on real trajectories) runs here for every precision that can run.
 """
 
+import collections
 import dataclasses
 import logging
 import shutil
@@ -18,6 +19,7 @@ from factories import record_builds
 
 pytest.importorskip("openvino", reason="the CPU default needs OpenVINO (not on the GPU machines)")
 
+import onnx  # noqa: E402
 import openvino as ov  # noqa: E402 - after the skip
 
 import glyph_engine.backend_factory  # noqa: E402 - after the skip: these import OpenVINO
@@ -46,7 +48,9 @@ def build_count(monkeypatch):
     stream, so that a call's rows are one request's, on every machine."""
     monkeypatch.setattr(openvino_build, "unet_streams", lambda precision: 1)
     calls = record_builds(monkeypatch, openvino_build, lambda core, model, progress: "model")
-    record_builds(monkeypatch, openvino_build, lambda model, progress: "graph", builder="_build_graph", calls=calls)
+    record_builds(
+        monkeypatch, openvino_build, lambda model, precision, progress: "graph", builder="_build_graph", calls=calls
+    )
     return record_builds(
         monkeypatch,
         openvino_build,
@@ -130,12 +134,43 @@ def test_a_warm_start_reads_the_graph_only_to_compile_a_new_size(model, tmp_path
     cache = ArtifactCache(tmp_path)
     settings = GenerationSettings(steps=2, guidance=1.0)
     generate(model, create_backend("openvino", model, precision="fp32", cache=cache), ["metal"], 2, settings)
-    shutil.rmtree(tmp_path / openvino_build.graph_key(model).name)
+    shutil.rmtree(tmp_path / openvino_build.graph_key(model, Precision.fp32).name)
     generate(model, create_backend("openvino", model, precision="fp32", cache=cache), ["metal"], 2, settings)
     length = model.prompt_tokenizer(["metal"])[1].shape[1]
     assert build_count == ["model", "graph", ("fp32", 2, length)]
     generate(model, create_backend("openvino", model, precision="fp32", cache=cache), ["metal"], 3, settings)
     assert build_count[3:] == ["graph", ("fp32", 3, length)]
+
+
+def onnx_ops(graph: bytes) -> collections.Counter:
+    return collections.Counter(node.op_type for node in onnx.load_from_string(graph).graph.node)
+
+
+def test_fp32_runs_the_graph_with_group_norm_as_sums(model, tmp_path):
+    """fp32's graph has no GroupNorm reshaped into groups (so OpenVINO keeps the convolutions'
+    channels-last layout through it): each is per-channel sums; the other precisions' graphs
+    keep torch's GroupNorm (its float32 statistics: the sums cancel in bf16)."""
+    cache = ArtifactCache(tmp_path)
+    create_backend("openvino", model, precision="fp32", cache=cache)
+    norms = sum(isinstance(m, torch.nn.GroupNorm) for m in model.unet.modules())
+    entry = cache.get(openvino_build.graph_key(model, Precision.fp32), lambda: pytest.fail("fp32 built no graph"))
+    assert entry.meta["group_norm"] == "sums"
+    sums = onnx_ops(entry.files[openvino_build.UNET_GRAPH])
+    assert sums["InstanceNormalization"] == 0 and sums["ReduceSum"] >= 2 * norms, sums
+    for precision in (Precision.bf16, Precision.int8):
+        assert openvino_build.graph_key(model, precision) != openvino_build.graph_key(model, Precision.fp32)
+        graph = openvino_build._build_graph(model, precision, progress=False)
+        assert onnx_ops(graph.files[openvino_build.UNET_GRAPH])["InstanceNormalization"] == norms
+        assert graph.meta["group_norm"] == "torch"
+
+
+def test_group_norm_stays_torchs_where_sums_would_stray(model):
+    """A model whose groups sit far from zero (mean 300 standard deviations out, through
+    conv_in's bias) loses precision in E[x^2] - E[x]^2: its fp32 graph keeps torch's GroupNorm."""
+    assert openvino_build._build_graph(model, Precision.fp32, progress=False).meta["group_norm"] == "sums"
+    with torch.no_grad():
+        model.unet.conv_in.bias += 300
+    assert openvino_build._build_graph(model, Precision.fp32, progress=False).meta["group_norm"] == "torch"
 
 
 def test_sizes_beyond_those_kept_leave_the_cache(model, tmp_path, build_count, monkeypatch):
@@ -291,7 +326,10 @@ def test_a_masked_bf16_cpu_runs_fp32(ckpt_path, tmp_path, monkeypatch, kind, exp
     entries = {e.name for e in cache.iterdir() if e.name.startswith("openvino-")}
     shared = {
         dataclasses.replace(key, cpu_flags=masked).name
-        for key in (openvino_build.artifact_key(model, Precision.fp32), openvino_build.graph_key(model))
+        for key in (
+            openvino_build.artifact_key(model, Precision.fp32),
+            openvino_build.graph_key(model, Precision(expected)),
+        )
     }
     sized = {
         dataclasses.replace(openvino_build.sized_key(model, Precision(expected), size, 1), cpu_flags=masked).name
