@@ -24,7 +24,7 @@ from glyph_engine.backends.inductor import InductorBackend, load_inductor
 from glyph_engine.cache import Artifact, ArtifactCache, ArtifactKey
 from glyph_engine.cpu import cpu_info
 from glyph_engine.errors import GlyphEngineError
-from glyph_engine.group_norm import use_sums_group_norm
+from glyph_engine.group_norm import use_group_norm
 from glyph_engine.model import Glyffuser, placed
 from glyph_engine.settings import Precision
 from glyph_engine.specs import ComponentSpec, text_encoder_spec, unet_spec
@@ -122,7 +122,7 @@ def unet_module(model: Glyffuser, precision: Precision) -> torch.nn.Module:
 
     unet = copy.deepcopy(model.unet)
     use_einsum_cross_attention(unet)
-    use_sums_group_norm(unet)
+    use_group_norm(unet, "sums")
     return at_precision(UNetForExport(unet), precision)
 
 

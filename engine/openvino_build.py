@@ -2,8 +2,9 @@
 imports them into `glyph_engine.backends.openvino`):
 - the model's entry: the T5 encoder compiled for this CPU;
 - the U-Net traced to ONNX (its graph for any input size), an entry of its own: read only to
-  compile a size not met before, so a warm start does not read and hash its 18 MB. In fp32
-  its GroupNorms are traced as per-channel sums (`graph_form`);
+  compile a size not met before, so a warm start does not read and hash its 18 MB. Its
+  GroupNorms are traced without a reshape to groups, in a form chosen per precision
+  (`graph_form`);
 - one entry per U-Net input size met (rows, text length) and precision: the graph compiled
   for exactly that size, which runs 1.2-1.5x faster than one compiled for any size
   (docs/bench-cpu.md). Compiling one takes under a second and never needs torch's model;
@@ -43,7 +44,7 @@ from glyph_engine.backends.openvino import (
 from glyph_engine.cache import Artifact, ArtifactCache, ArtifactKey
 from glyph_engine.cpu import cpu_info
 from glyph_engine.errors import GlyphEngineError
-from glyph_engine.group_norm import use_sums_group_norm
+from glyph_engine.group_norm import use_group_norm
 from glyph_engine.model import Glyffuser
 from glyph_engine.quality import (
     CALIBRATION_PROMPTS,
@@ -61,13 +62,19 @@ from glyph_engine.to_onnx import TextEncoderForExport, UNetForExport, export_onn
 logger = logging.getLogger(__name__)
 
 KIND = "openvino"
-GRAPH_KIND = "openvino-graph"  # the U-Net's ONNX graph ("-fp32": fp32's, `graph_form`)
-# How far the U-Net with GroupNorm as sums may stray from torch's GroupNorm, relative to the
-# output's largest value: fp32 rounding gives about 2e-7 on the embedded models; groups whose
-# mean is many standard deviations from zero make E[x^2] - E[x]^2 lose more (3e-4 at 30).
-SUMS_TOLERANCE = 1e-5
+GRAPH_KIND = "openvino-graph"  # the U-Net's ONNX graph (with "-<form>" unless torch's, `graph_form`)
+# How far the U-Net with GroupNorm rewritten may stray from torch's GroupNorm in FP32, relative
+# to the output's largest value: fp32 rounding gives about 2e-7 on the embedded models; groups
+# whose mean is many standard deviations from zero make the sums' E[x^2] - E[x]^2 lose more
+# (3e-4 at 30).
+REWRITE_TOLERANCE = 1e-5
+# The centred form in bf16 rounds x before taking its group's mean away, so its error grows with
+# how far a group's mean sits from zero, in the group's standard deviations: on one conv+GN
+# layer 0.55% at about 5 (torch's form: 0.34%), 1.5% at about 15. The embedded models' farthest
+# group on the check's inputs sits at 4.8; beyond this, bf16 keeps torch's form.
+CENTRED_MAX_MEAN = 8.0
 SIZED_KIND = "openvino-unet"  # entries of the U-Net compiled for one input size
-BUILD_FORMAT = 4  # bump when what a build does changes: older entries are then not used
+BUILD_FORMAT = 5  # bump when what a build does changes: older entries are then not used
 UNET_GRAPH, UNET, TEXT_ENCODER = "unet.onnx", "unet.blob", "text_encoder.blob"
 # Sized U-Net entries kept in a cache (about 19 MB each for the embedded model): generate's
 # sizes and a serve replica's batch sizes, for a few prompt lengths.
@@ -100,24 +107,25 @@ def sized_key(model: Glyffuser, precision: Precision, size: tuple[int, int], str
 
 
 def graph_form(precision: Precision) -> str:
-    """How the U-Net's graph at `precision` computes its GroupNorms: "sums" in fp32, where they
-    agree with torch's on the model (`_sums_unet`; the graph entry's meta says which was
-    traced), else "torch" (torch's GroupNorm as the ONNX exporter writes it).
+    """How the U-Net's graph at `precision` computes its GroupNorms, where the rewrite agrees
+    with torch's GroupNorm on the model (`_rewritten_unet`; the graph entry's meta says which
+    was traced): "sums" in fp32, "centred" in bf16 (`glyph_engine.group_norm`); "torch" (torch's
+    GroupNorm as the ONNX exporter writes it) for int8, whose statistics NNCF would quantize.
 
-    "sums" (`glyph_engine.group_norm`) has no reshape to groups, so OpenVINO keeps the
-    convolutions' channels-last layout through it instead of reordering each norm's input
-    and output: 1.04-1.06x per fp32 call on the embedded U-Net, uncapped and with AVX2
-    kernels (docs/bench-cpu.md). Not in bf16: OpenVINO runs the sums' operations in bf16,
-    and E[x^2] - E[x]^2 cancels (errors of 2% at mean 0, and far beyond at a mean of three
-    standard deviations), where its own normalisation keeps float32 statistics. Not for
-    int8: NNCF would quantize the statistics' products."""
-    return "sums" if precision is Precision.fp32 else "torch"
+    The rewrites have no reshape to groups, so OpenVINO keeps the convolutions' channels-last
+    layout through them instead of reordering each norm's input and output: 1.04-1.06x per
+    call on the embedded U-Net in fp32 and bf16, 1.12x on the full-size one in bf16
+    (docs/bench-cpu.md). bf16 takes the centred form: OpenVINO runs the statistics in bf16,
+    where the sums' E[x^2] - E[x]^2 cancels; in fp32 the sums are faster (1.06x against 1.045x
+    at 128 rows)."""
+    return {Precision.fp32: "sums", Precision.bf16: "centred"}.get(precision, "torch")
 
 
 def graph_key(model: Glyffuser, precision: Precision) -> ArtifactKey:
     """The entry of the U-Net's ONNX graph in `precision`'s form, for any input size."""
     form = graph_form(precision)
-    return replace(artifact_key(model, Precision.fp32), kind=GRAPH_KIND + ("-fp32" if form == "sums" else ""))
+    kind = GRAPH_KIND if form == "torch" else f"{GRAPH_KIND}-{form}"
+    return replace(artifact_key(model, Precision.fp32), kind=kind)
 
 
 def open_openvino(
@@ -256,29 +264,49 @@ def _build(core: ov.Core, model: Glyffuser, progress: bool) -> Artifact:
 def _build_graph(model: Glyffuser, precision: Precision, progress: bool) -> Artifact:
     """The U-Net's graph entry: the U-Net traced to ONNX in `precision`'s form, for any input size."""
     with _stages("U-Net graph", 1, progress) as bar:
-        unet = _sums_unet(model) if graph_form(precision) == "sums" else None
+        form = graph_form(precision)
+        unet = None if form == "torch" else _rewritten_unet(model, form)
         graph = onnx_bytes(model, "unet", unet)
         bar.update()
-    form = "torch" if unet is None else "sums"
-    return Artifact(files={UNET_GRAPH: graph}, meta={"precision": Precision.fp32.value, "group_norm": form})
+    return Artifact(
+        files={UNET_GRAPH: graph},
+        meta={"precision": Precision.fp32.value, "group_norm": "torch" if unet is None else form},
+    )
 
 
-def _sums_unet(model: Glyffuser) -> torch.nn.Module | None:
-    """A copy of the U-Net with its GroupNorms as per-channel sums, if it computes what the
-    U-Net does on this model's weights (within `SUMS_TOLERANCE`, FP32, random images and
-    text); else None, and the graph keeps torch's GroupNorm."""
-    sums = copy.deepcopy(model.unet)
-    use_sums_group_norm(sums)
+def _rewritten_unet(model: Glyffuser, form: str) -> torch.nn.Module | None:
+    """A copy of the U-Net with its GroupNorms in `form`, if it computes what the U-Net does
+    on this model's weights (within `REWRITE_TOLERANCE`, FP32, random images and text) and,
+    for "centred", no group's mean sits beyond `CENTRED_MAX_MEAN` of its standard deviations
+    from zero; else None, and the graph keeps torch's GroupNorm."""
+    rewritten = copy.deepcopy(model.unet)
+    use_group_norm(rewritten, form)
     feed = unet_spec(model, 1, 1, model.max_text_length).make_inputs(
         {"batch": 2, "text_length": min(4, model.max_text_length)}, torch.Generator().manual_seed(0)
     )
-    with torch.no_grad():
-        reference = UNetForExport(model.unet)(*feed.values())
-        error = float((UNetForExport(sums)(*feed.values()) - reference).abs().max() / reference.abs().max())
-    if error <= SUMS_TOLERANCE:
-        return sums
-    logger.info("GroupNorm as sums strays %.1e from torch's on this model: the fp32 graph keeps torch's", error)
-    return None
+    farthest = 0.0
+
+    def measure(norm: torch.nn.Module, inputs: tuple[Tensor, ...]) -> None:
+        nonlocal farthest
+        groups = inputs[0].float().reshape(len(inputs[0]), norm.num_groups, -1)
+        farthest = max(farthest, float((groups.mean(-1).abs() / groups.std(-1).clamp_min(1e-12)).max()))
+
+    norms = [m for m in model.unet.modules() if isinstance(m, torch.nn.GroupNorm)]
+    hooks = [norm.register_forward_pre_hook(measure) for norm in norms]
+    try:
+        with torch.no_grad():
+            reference = UNetForExport(model.unet)(*feed.values())
+            error = float((UNetForExport(rewritten)(*feed.values()) - reference).abs().max() / reference.abs().max())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if error > REWRITE_TOLERANCE:
+        logger.info("GroupNorm as %s strays %.1e from torch's on this model: the graph keeps torch's", form, error)
+        return None
+    if form == "centred" and farthest > CENTRED_MAX_MEAN:
+        logger.info("A group's mean sits %.0f standard deviations out: bf16 keeps torch's GroupNorm", farthest)
+        return None
+    return rewritten
 
 
 def _build_int8(core: ov.Core, model: Glyffuser, graph: bytes, reference: OpenVINOBackend, progress: bool) -> Artifact:

@@ -146,31 +146,55 @@ def onnx_ops(graph: bytes) -> collections.Counter:
     return collections.Counter(node.op_type for node in onnx.load_from_string(graph).graph.node)
 
 
-def test_fp32_runs_the_graph_with_group_norm_as_sums(model, tmp_path):
-    """fp32's graph has no GroupNorm reshaped into groups (so OpenVINO keeps the convolutions'
-    channels-last layout through it): each is per-channel sums; the other precisions' graphs
-    keep torch's GroupNorm (its float32 statistics: the sums cancel in bf16)."""
-    cache = ArtifactCache(tmp_path)
-    create_backend("openvino", model, precision="fp32", cache=cache)
+@pytest.mark.parametrize(
+    ("precision", "form", "reduction"), [("fp32", "sums", "ReduceSum"), ("bf16", "centred", "ReduceMean")]
+)
+def test_graph_has_group_norm_without_a_reshape(model, precision, form, reduction):
+    """fp32's and bf16's graphs have no GroupNorm reshaped into groups (so OpenVINO keeps the
+    convolutions' channels-last layout through it): fp32's as per-channel sums, bf16's centred
+    (the sums cancel in bf16); int8's keeps torch's GroupNorm (NNCF would quantize the rest)."""
+    precision = Precision(precision)
     norms = sum(isinstance(m, torch.nn.GroupNorm) for m in model.unet.modules())
-    entry = cache.get(openvino_build.graph_key(model, Precision.fp32), lambda: pytest.fail("fp32 built no graph"))
-    assert entry.meta["group_norm"] == "sums"
-    sums = onnx_ops(entry.files[openvino_build.UNET_GRAPH])
-    assert sums["InstanceNormalization"] == 0 and sums["ReduceSum"] >= 2 * norms, sums
-    for precision in (Precision.bf16, Precision.int8):
-        assert openvino_build.graph_key(model, precision) != openvino_build.graph_key(model, Precision.fp32)
-        graph = openvino_build._build_graph(model, precision, progress=False)
-        assert onnx_ops(graph.files[openvino_build.UNET_GRAPH])["InstanceNormalization"] == norms
-        assert graph.meta["group_norm"] == "torch"
+    graph = openvino_build._build_graph(model, precision, progress=False)
+    assert graph.meta["group_norm"] == form
+    ops = onnx_ops(graph.files[openvino_build.UNET_GRAPH])
+    assert ops["InstanceNormalization"] == 0 and ops[reduction] >= 2 * norms, ops
+    forms = (Precision.fp32, Precision.bf16, Precision.int8)
+    assert len({openvino_build.graph_key(model, p) for p in forms}) == 3  # one graph entry per form
+    int8 = openvino_build._build_graph(model, Precision.int8, progress=False)
+    assert onnx_ops(int8.files[openvino_build.UNET_GRAPH])["InstanceNormalization"] == norms
+    assert int8.meta["group_norm"] == "torch"
 
 
-def test_group_norm_stays_torchs_where_sums_would_stray(model):
+@pytest.mark.parametrize(("precision", "form"), [("fp32", "sums"), ("bf16", "centred")])
+def test_backend_runs_the_graph_of_its_precisions_form(model, tmp_path, cpu_flags, precision, form):
+    if precision == "bf16" and "avx512f" not in cpu_flags:
+        pytest.skip("OpenVINO has no bf16 kernels below AVX-512")
+    cache = ArtifactCache(tmp_path)
+    create_backend("openvino", model, precision=precision, cache=cache)
+    key = openvino_build.graph_key(model, Precision(precision))
+    assert cache.get(key, lambda: pytest.fail(f"{precision} built no graph")).meta["group_norm"] == form
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_group_norm_stays_torchs_where_a_rewrite_would_stray(model, precision):
     """A model whose groups sit far from zero (mean 300 standard deviations out, through
-    conv_in's bias) loses precision in E[x^2] - E[x]^2: its fp32 graph keeps torch's GroupNorm."""
-    assert openvino_build._build_graph(model, Precision.fp32, progress=False).meta["group_norm"] == "sums"
+    conv_in's bias) loses precision in the sums' E[x^2] - E[x]^2 (fp32) and in bf16's rounding
+    of x before its mean is taken away (centred): both graphs keep torch's GroupNorm."""
+    precision = Precision(precision)
+    assert openvino_build._build_graph(model, precision, progress=False).meta["group_norm"] != "torch"
     with torch.no_grad():
         model.unet.conv_in.bias += 300
-    assert openvino_build._build_graph(model, Precision.fp32, progress=False).meta["group_norm"] == "torch"
+    assert openvino_build._build_graph(model, precision, progress=False).meta["group_norm"] == "torch"
+
+
+def test_centred_form_is_refused_on_how_far_a_group_sits_not_only_on_fp32_error(model, monkeypatch):
+    """The centred form agrees with torch's in FP32 however far out the groups sit, so bf16's
+    fallback rests on the groups' measured distance from zero."""
+    assert openvino_build._build_graph(model, Precision.bf16, progress=False).meta["group_norm"] == "centred"
+    monkeypatch.setattr(openvino_build, "CENTRED_MAX_MEAN", 0.1)
+    assert openvino_build._build_graph(model, Precision.bf16, progress=False).meta["group_norm"] == "torch"
+    assert openvino_build._build_graph(model, Precision.fp32, progress=False).meta["group_norm"] == "sums"
 
 
 def test_sizes_beyond_those_kept_leave_the_cache(model, tmp_path, build_count, monkeypatch):
